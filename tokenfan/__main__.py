@@ -1,0 +1,3 @@
+from tokenfan.ops.cli import main
+
+raise SystemExit(main())

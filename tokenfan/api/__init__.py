@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, SSE relay, resume, the ops page."""

@@ -1,0 +1,313 @@
+"""The FastAPI application: routes, error mapping, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenfan.api import ops
+from tokenfan.api.edge import Edge
+from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
+from tokenfan.api.middleware import BodyLimit, RequestMetrics
+from tokenfan.api.streams import (
+    ANONYMOUS,
+    Follower,
+    cancel_stream,
+    load_state,
+    parse_last_id,
+    start_stream,
+)
+from tokenfan.shared import events, keys
+from tokenfan.shared.errors import InvalidRequest, NotFound, TokenfanError, Unavailable
+from tokenfan.shared.redisconn import redacted
+from tokenfan.shared.schema import ChatRequest
+from tokenfan.shared.settings import Settings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+SSE_TYPE = "text/event-stream; charset=utf-8"
+
+
+def error_body(exc: TokenfanError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def error_response(exc: TokenfanError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        edge = await Edge.open(settings)
+        app.state.edge = edge
+        log.info("API %s: serving %s, Redis at %s", edge.name, ", ".join(settings.served_models()),
+                 redacted(settings.redis_url))
+        try:
+            yield
+        finally:
+            await edge.close()
+
+    app = FastAPI(title="tokenfan", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    _errors(app)
+    _routes(app)
+    ops.install(app)
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(TokenfanError)
+    async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        msg = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            return error_response(InvalidRequest("the body is not valid JSON", code="invalid_json"))
+        param = ".".join(loc) or None
+        text = f"{param}: {msg}" if param else msg
+        return error_response(InvalidRequest(text, code="invalid_value", param=param))
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("API: Redis failed during %s %s: %s", request.method, request.url.path, exc)
+        return error_response(Unavailable("Redis is unreachable; try again shortly", code="redis_unavailable"),
+                              headers={"Retry-After": "2"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = TokenfanError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        err.status, err.type = exc.status_code, "invalid_request_error"
+        return error_response(err)
+
+
+def edge_of(request: Request) -> Edge:
+    edge: Edge = request.app.state.edge
+    return edge
+
+
+def owner(request: Request) -> str:
+    return ANONYMOUS
+
+
+def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatRequest, request: Request) -> Response:
+        t0 = time.time()
+        edge = edge_of(request)
+        started = await start_stream(edge, req, owner(request))
+        state = {"status": "queued", "model": started.model, "cancel_on_disconnect": str(int(req.cancel_on_disconnect))}
+        follower = Follower(edge, started.stream_id, 0, state, started.sub)
+        if not req.stream:
+            return await _collect(edge, follower, started.model, started.created)
+        writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
+        body = relay(edge, follower, writer, t0=t0, native=False)
+        headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": started.stream_id}
+        return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
+
+    @app.post("/v1/streams", status_code=201)
+    async def create_stream(req: ChatRequest, request: Request) -> JSONResponse:
+        edge = edge_of(request)
+        started = await start_stream(edge, req, owner(request))
+        await edge.hub.unsubscribe(started.sub)
+        url = f"/v1/streams/{started.stream_id}"
+        return JSONResponse(
+            {"id": started.stream_id, "url": url, "model": started.model, "status": "queued",
+             "created": started.created},
+            status_code=201, headers={"Location": url},
+        )
+
+    @app.get("/v1/streams/{stream_id}", response_model=None)
+    async def follow_stream(stream_id: str, request: Request, format: str = "native",
+                            last_event_id: str | None = None) -> Response:
+        edge = edge_of(request)
+        if format not in ("native", "openai"):
+            raise InvalidRequest("format must be 'native' or 'openai'", code="invalid_value", param="format")
+        last = parse_last_id(request.headers.get("last-event-id"), last_event_id)
+        state = await load_state(edge, stream_id, owner(request))
+        if state.get("status") == "finished" and last >= await _terminal_seq(edge, stream_id):
+            return Response(status_code=204)
+        if last:
+            edge.metrics.resumes.inc()
+        follower = Follower(edge, stream_id, last, state)
+        writer = _writer(format, stream_id, state, request)
+        body = relay(edge, follower, writer, t0=time.time(), native=format == "native")
+        headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": stream_id}
+        return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
+
+    @app.delete("/v1/streams/{stream_id}", status_code=202)
+    async def delete_stream(stream_id: str, request: Request) -> JSONResponse:
+        status = await cancel_stream(edge_of(request), stream_id, owner(request))
+        return JSONResponse({"id": stream_id, "status": status}, status_code=202)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        names = await edge_of(request).models()
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenfan"} for n in names]
+        return {"object": "list", "data": data}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz(request: Request) -> JSONResponse:
+        edge = edge_of(request)
+        try:
+            await edge.redis.ping()
+        except redis.RedisError as exc:
+            return JSONResponse({"status": "unready", "reason": f"Redis unreachable: {exc}"}, status_code=503)
+        missing = [m for m in edge.settings.served_models() if not await edge.live_workers(m)]
+        if missing:
+            return JSONResponse({"status": "unready", "reason": f"no live worker for: {', '.join(missing)}"},
+                                status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        edge = edge_of(request)
+        try:
+            await ops.refresh_gauges(edge)
+        except redis.RedisError as exc:
+            log.debug("API %s: queue gauges not refreshed: %s", edge.name, exc)
+        return Response(generate_latest(edge.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def index() -> Response:
+        page = STATIC / "index.html"
+        if not page.is_file():
+            raise NotFound("the chat page is not installed")
+        return FileResponse(page)
+
+
+def _writer(fmt: str, sid: str, state: dict[str, str], request: Request) -> NativeWriter | OpenAIWriter:
+    if fmt == "native":
+        return NativeWriter()
+    created = int(float(state.get("created", "0") or 0))
+    include_usage = request.query_params.get("include_usage", "") in ("1", "true")
+    return OpenAIWriter(sid, state.get("model", ""), created, include_usage)
+
+
+async def _terminal_seq(edge: Edge, sid: str) -> int:
+    last = await edge.redis.xrevrange(keys.log(sid), "+", "-", count=1)
+    if not last:
+        return 0
+    return int(last[0][0].split(b"-")[0])
+
+
+async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWriter, *, t0: float,
+                native: bool) -> AsyncIterator[bytes]:
+    """The body of every streaming response: one flushed write per batch of events."""
+    m = edge.metrics
+    m.active.inc()
+    first = follower.last == 0
+    last_write = time.monotonic()
+    try:
+        async for batch in follower.batches():
+            if batch is None:
+                extra = await _idle_bytes(edge, follower, native, time.monotonic() - last_write)
+                if extra:
+                    last_write = time.monotonic()
+                    yield extra
+                continue
+            now = time.time()
+            for e in batch:
+                m.relay_lag.observe(max(0.0, now - e.ts))
+            if first and any(e.type == events.TOKEN for e in batch):
+                first = False
+                m.first_token.observe(now - t0)
+            data = writer.write(batch)
+            m.relayed.inc(len(batch))
+            if data:
+                last_write = time.monotonic()
+                yield data
+    except (Unavailable, redis.RedisError) as exc:
+        yield _local_error(follower, native, exc)
+    except asyncio.CancelledError:
+        m.disconnects.inc()
+        raise
+    finally:
+        m.active.dec()
+        if not follower.finished:
+            await follower.leave()
+
+
+async def _idle_bytes(edge: Edge, follower: Follower, native: bool, silent_s: float) -> bytes:
+    if native and follower.state.get("status") == "queued":
+        return events.sse_named(events.QUEUED, follower.last, {"position": await follower.queue_position()})
+    if silent_s >= edge.settings.heartbeat_s:
+        return events.sse_comment("ping")
+    return b""
+
+
+def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
+    """Redis failed or lost the stream: end it with an error, never silence."""
+    follower.finished = True
+    if isinstance(exc, TokenfanError):
+        code, message = exc.code, exc.message
+    else:
+        code, message = "redis_unavailable", "Redis is unreachable; reconnect to resume"
+    data = {"code": code, "message": message, "retryable": True}
+    if native:
+        return events.sse_named(events.ERROR, follower.last, data)
+    err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
+    import orjson
+
+    return b"data: " + orjson.dumps(err) + b"\n\n" + b"data: [DONE]\n\n"
+
+
+async def _collect(edge: Edge, follower: Follower, model: str, created: int) -> JSONResponse:
+    """`"stream": false`: gather the events into one chat.completion."""
+    parts: list[str] = []
+    try:
+        async with asyncio.timeout(edge.settings.request_timeout_s):
+            async for batch in follower.batches():
+                for e in batch or ():
+                    if e.type == events.TOKEN:
+                        parts.append(e.data.get("text", ""))
+                    elif e.type == events.DONE:
+                        return JSONResponse(completion(follower.sid, model, created, "".join(parts), e))
+                    elif e.type == events.ERROR:
+                        return _error_event_response(e)
+    except TimeoutError:
+        await cancel_stream(edge, follower.sid, ANONYMOUS, "timeout")
+        err = TokenfanError("the answer took longer than the request timeout", code="timeout")
+        err.status = 504
+        return error_response(err)
+    finally:
+        if not follower.finished:
+            await follower.leave()
+    raise Unavailable("the stream ended without an answer", code="stream_lost")
+
+
+ERROR_STATUS = {"context_length_exceeded": 400, "invalid_job": 400, "worker_lost": 503, "timeout": 504}
+
+
+def _error_event_response(e: events.Event) -> JSONResponse:
+    code = str(e.data.get("code", "engine_error"))
+    err = TokenfanError(str(e.data.get("message", "")), code=code)
+    err.status = ERROR_STATUS.get(code, 502)
+    err.type = "invalid_request_error" if err.status == 400 else "server_error"
+    return error_response(err)

@@ -1,0 +1,83 @@
+"""What one API process makes at startup and closes at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aredis
+
+from tokenfan.api.hub import Hub
+from tokenfan.api.metrics import ApiMetrics
+from tokenfan.shared import keys
+from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
+from tokenfan.shared.defaults import WORKER_LIVE_S
+from tokenfan.shared.reaper import reap
+from tokenfan.shared.redisconn import async_client, sync_client
+from tokenfan.shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Edge:
+    settings: Settings
+    redis: aredis.Redis
+    sync_redis: redis.Redis
+    bus: AsyncBus
+    sync_bus: SyncBus
+    hub: Hub
+    metrics: ApiMetrics
+    name: str
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Edge:
+        cfg = BusConfig(settings.log_maxlen, settings.log_active_ttl_s, settings.log_ttl_s, settings.redis_cluster)
+        r = async_client(settings.redis_url)
+        sr = sync_client(settings.redis_url)
+        metrics = ApiMetrics()
+        hub = Hub(r, sharded=settings.redis_cluster, buffer=settings.subscriber_buffer,
+                  on_reconnect=metrics.reconnects.inc)
+        name = f"api:{socket.gethostname()}.{secrets.token_hex(3)}"
+        edge = cls(settings, r, sr, AsyncBus(r, cfg), SyncBus(sr, cfg), hub, metrics, name)
+        await hub.start()
+        edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
+        return edge
+
+    async def close(self) -> None:
+        self.closing.set()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.hub.close()
+        await self.redis.aclose()
+        self.sync_redis.close()
+
+    async def _reaper(self) -> None:
+        """Lapsed leases end even when no worker is left to reap them."""
+        while True:
+            await asyncio.sleep(self.settings.keeper_interval_s)
+            try:
+                await asyncio.to_thread(reap, self.sync_bus, self.settings, f"reaper:{self.name}")
+            except redis.RedisError as exc:
+                log.debug("API %s: reaper cannot reach Redis: %s", self.name, exc)
+
+    async def live_workers(self, model: str) -> int:
+        since = int((time.time() - WORKER_LIVE_S) * 1000)
+        return int(await self.redis.zcount(keys.workers(model), since, "+inf"))
+
+    async def models(self) -> list[str]:
+        """Configured models, then any model a live worker serves."""
+        found = list(self.settings.served_models())
+        async for key in self.redis.scan_iter(match=keys.workers("*"), count=100):
+            model = key.decode().removeprefix(keys.workers(""))
+            if model not in found and await self.live_workers(model):
+                found.append(model)
+        return found

@@ -1,0 +1,83 @@
+"""Writing events to a client: tokenfan's named SSE events or OpenAI's chunks.
+
+Both writers turn a batch of events into one bytes object, so events that
+queued up for a slow client go out in one write (coalescing) while every
+event keeps its own SSE frame and `id:`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from tokenfan.shared import events
+from tokenfan.shared.events import Event
+
+DONE_LINE = b"data: [DONE]\n\n"
+
+
+class NativeWriter:
+    def write(self, batch: list[Event]) -> bytes:
+        return b"".join(e.sse() for e in batch)
+
+
+class OpenAIWriter:
+    """chat.completion.chunk frames; the stream id is the chunk id."""
+
+    def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.head = orjson.dumps(
+            {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        )[:-1] + b',"choices":['
+        self.usage_head = orjson.dumps(
+            {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        )[:-1]
+
+    def _frame(self, seq: int, body: bytes) -> bytes:
+        return b"id: %d\ndata: %s\n\n" % (seq, body)
+
+    def _choice(self, delta: dict[str, Any], finish: str | None) -> bytes:
+        choice = orjson.dumps({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
+        return self.head + choice + b"]}"
+
+    def write(self, batch: list[Event]) -> bytes:
+        return b"".join(self.one(e) for e in batch)
+
+    def one(self, e: Event) -> bytes:
+        if e.type == events.TOKEN:
+            return self._frame(e.seq, self._choice({"content": e.data.get("text", "")}, None))
+        if e.type == events.META and not e.data.get("resumed"):
+            return self._frame(e.seq, self._choice({"role": "assistant", "content": ""}, None))
+        if e.type == events.DONE:
+            return self._done(e)
+        if e.type == events.ERROR:
+            err = {"error": {"message": e.data.get("message", ""), "type": "server_error",
+                             "code": e.data.get("code"), "param": None}}
+            return self._frame(e.seq, orjson.dumps(err)) + DONE_LINE
+        return b""
+
+    def _done(self, e: Event) -> bytes:
+        out = self._frame(e.seq, self._choice({}, e.data.get("finish_reason", "stop")))
+        if self.include_usage:
+            out += self._frame(e.seq, self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage"))
+                               + b"}")
+        return out + DONE_LINE
+
+
+def completion(stream_id: str, model: str, created: int, text: str, done: Event) -> dict[str, Any]:
+    """The non-streaming answer, OpenAI's chat.completion."""
+    return {
+        "id": stream_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": done.data.get("finish_reason", "stop"),
+        }],
+        "usage": done.data.get("usage"),
+        "tokenfan": {"timings": done.data.get("timings")},
+    }

@@ -1,0 +1,178 @@
+"""One pub/sub connection per API process, shared by all its streams.
+
+The reader task receives every message and appends it to the buffers of
+that channel's subscriptions; a response waits on its own buffer. The hub
+never waits for a slow client: a buffer over its limit is dropped and
+marked, and that response catches up from the stream's log, so Redis never
+sees a slow pub/sub reader (and never disconnects it for its output buffer).
+After a reconnect, redis-py re-subscribes every channel and each
+subscription is marked to re-read the log, so a message published while
+disconnected is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import redis
+import redis.asyncio as aredis
+
+log = logging.getLogger(__name__)
+
+# How long to wait for Redis to confirm a SUBSCRIBE before giving up.
+SUBSCRIBE_TIMEOUT_S = 5.0
+# Backoff after the pub/sub connection fails, before trying again.
+RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class Subscription:
+    __slots__ = ("buf", "channel", "gap", "limit", "wake")
+
+    def __init__(self, channel: str, limit: int) -> None:
+        self.channel = channel
+        self.limit = limit
+        self.buf: deque[bytes] = deque()
+        self.wake = asyncio.Event()
+        self.gap = False
+
+    def push(self, raw: bytes) -> None:
+        if len(self.buf) >= self.limit:
+            self.buf.clear()
+            self.gap = True
+        else:
+            self.buf.append(raw)
+        self.wake.set()
+
+    def mark_gap(self) -> None:
+        self.gap = True
+        self.wake.set()
+
+    async def get(self, timeout: float) -> tuple[list[bytes], bool] | None:
+        """What arrived (and whether something may be missing), or None after `timeout`."""
+        if not self.buf and not self.gap:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                return None
+        items = list(self.buf)
+        self.buf.clear()
+        gap, self.gap = self.gap, False
+        return items, gap
+
+
+class Hub:
+    def __init__(self, client: aredis.Redis, *, sharded: bool = False, buffer: int = 1024,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
+        self.client = client
+        self.sharded = sharded
+        self.buffer = buffer
+        self.on_reconnect = on_reconnect
+        self.subs: dict[str, set[Subscription]] = {}
+        self.confirmed: dict[str, asyncio.Future[None]] = {}
+        self.pubsub = client.pubsub()
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._reader(), name="tokenfan-hub")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pubsub.aclose()
+
+    async def subscribe(self, channel: str) -> Subscription:
+        sub = Subscription(channel, self.buffer)
+        subs = self.subs.setdefault(channel, set())
+        subs.add(sub)
+        fut = self.confirmed.get(channel)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self.confirmed[channel] = fut
+            try:
+                await self._send_subscribe(channel)
+            except BaseException:
+                self._drop(sub)
+                raise
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), SUBSCRIBE_TIMEOUT_S)
+        except BaseException:
+            self._drop(sub)
+            raise
+        return sub
+
+    async def _send_subscribe(self, channel: str) -> None:
+        if self.sharded:
+            await self.pubsub.ssubscribe(channel)
+        else:
+            await self.pubsub.subscribe(channel)
+        self._kick.set()
+
+    def _drop(self, sub: Subscription) -> bool:
+        """Forget a subscription; True when its channel has no subscriber left."""
+        subs = self.subs.get(sub.channel)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if subs:
+            return False
+        del self.subs[sub.channel]
+        fut = self.confirmed.pop(sub.channel, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        return True
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if self._drop(sub):
+            try:
+                if self.sharded:
+                    await self.pubsub.sunsubscribe(sub.channel)
+                else:
+                    await self.pubsub.unsubscribe(sub.channel)
+            except redis.RedisError as exc:
+                log.debug("Hub: unsubscribe from %s failed: %s", sub.channel, exc)
+
+    async def _reader(self) -> None:
+        failures = 0
+        while True:
+            if not self.pubsub.subscribed:
+                self._kick.clear()
+                await self._kick.wait()
+                continue
+            try:
+                msg = await self.pubsub.get_message(timeout=1.0)
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                failures += 1
+                await self._after_failure(exc, failures)
+                continue
+            if msg is not None:
+                self._dispatch(msg)
+
+    async def _after_failure(self, exc: Exception, failures: int) -> None:
+        # redis-py reconnects and re-subscribes on the next read; each channel's
+        # re-subscribe confirmation then sends its subscriptions back to the log.
+        log.warning("Hub: pub/sub connection failed (%s); reconnecting", exc)
+        if self.on_reconnect:
+            self.on_reconnect()
+        await asyncio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
+
+    def _dispatch(self, msg: dict[str, object]) -> None:
+        kind = msg["type"]
+        channel = msg["channel"]
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if kind in ("message", "smessage"):
+            for sub in self.subs.get(name, ()):
+                sub.push(msg["data"])  # type: ignore[arg-type]
+        elif kind in ("subscribe", "ssubscribe"):
+            fut = self.confirmed.get(name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            elif fut is not None:
+                for sub in self.subs.get(name, ()):
+                    sub.mark_gap()

@@ -1,0 +1,255 @@
+"""Starting, following and cancelling streams from the API's side.
+
+Following a stream is the resume contract of docs/protocol.md: subscribe
+first, read the log after the last id the client has, then pass only live
+events with a higher `seq`; any sign of a gap (a `seq` that jumps, a
+buffer that overflowed, a pub/sub reconnect) sends the follower back to
+the log. A follower also keeps the stream's viewer entry fresh and, while
+the stream waits in its queue, reports the position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+
+from tokenfan.api.edge import Edge
+from tokenfan.api.hub import Subscription
+from tokenfan.shared import events, keys
+from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
+from tokenfan.shared.events import Event
+from tokenfan.shared.jobs import enqueue
+from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
+
+log = logging.getLogger(__name__)
+
+# A viewer entry lives this long unless refreshed; refreshed at a third of it.
+VIEWER_TTL_S = 10.0
+# Silence after which a follower checks that its stream still exists.
+LIVENESS_S = 5.0
+ANONYMOUS = "anonymous"
+
+
+def new_stream_id() -> str:
+    """144 random bits, URL-safe."""
+    return secrets.token_urlsafe(18)
+
+
+def owner_of(api_key: str | None) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ANONYMOUS
+
+
+@dataclass
+class Started:
+    stream_id: str
+    model: str
+    created: int
+    sub: Subscription
+
+
+async def start_stream(edge: Edge, req: ChatRequest, owner: str) -> Started:
+    """Validate, subscribe, then enqueue: no first token can be missed."""
+    model = await resolve_model(edge, req.model)
+    check_caps(req, edge.settings)
+    sid = new_stream_id()
+    now = time.time()
+    payload = JobPayload.from_request(req, stream_id=sid, model=model, settings=edge.settings, now=now)
+    sub = await edge.hub.subscribe(keys.channel(sid))
+    try:
+        await _create_state(edge, payload, owner, req.cancel_on_disconnect)
+        await asyncio.to_thread(enqueue, edge.sync_redis, payload, timeout_s=edge.settings.job_timeout_s)
+    except BaseException:
+        await edge.hub.unsubscribe(sub)
+        raise
+    return Started(sid, model, int(now), sub)
+
+
+async def resolve_model(edge: Edge, name: str | None) -> str:
+    served = edge.settings.served_models()
+    if name is None:
+        return served[0]
+    if name in served or await edge.live_workers(name):
+        return name
+    raise NotFound(f"the model '{name}' does not exist or is not served here", code="model_not_found",
+                   param="model")
+
+
+async def _create_state(edge: Edge, payload: JobPayload, owner: str, cancel_on_disconnect: bool) -> None:
+    s = edge.settings
+    sid = payload.stream_id
+    ticket = await edge.redis.incr(keys.queue_ticket(payload.model))
+    pipe = edge.redis.pipeline(transaction=False)
+    pipe.hset(keys.state(sid), mapping={
+        "model": payload.model, "owner": owner, "status": "queued", "worker": "",
+        "created": payload.enqueued_at, "ticket": ticket, "attempt": 0,
+        "cancel_on_disconnect": int(cancel_on_disconnect), "request": orjson.dumps(payload.dump()),
+    })
+    pipe.expire(keys.state(sid), s.log_active_ttl_s)
+    pipe.zadd(keys.viewers(sid), {"created": int((time.time() + VIEWER_TTL_S) * 1000)})
+    pipe.expire(keys.viewers(sid), s.log_active_ttl_s)
+    pipe.zadd(keys.active(), {sid: int(payload.enqueued_at * 1000)})
+    await pipe.execute()
+
+
+async def load_state(edge: Edge, sid: str, owner: str) -> dict[str, str]:
+    """The stream's state, or 404 for a stream that is unknown, expired or someone else's."""
+    if not sid or len(sid) > 64:
+        raise NotFound("no such stream", code="stream_not_found")
+    state = await edge.bus.state(sid)
+    if not state or state.get("owner") != owner:
+        raise NotFound("no such stream (it never existed, expired, or belongs to another key)",
+                       code="stream_not_found")
+    return state
+
+
+async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client") -> str:
+    state = await load_state(edge, sid, owner)
+    if state.get("status") == "finished":
+        return "finished"
+    await edge.redis.set(keys.cancel(sid), reason, nx=True, ex=edge.settings.log_active_ttl_s)
+    if state.get("status") == "queued":
+        await _end_queued(edge, sid, reason)
+    return "cancelling"
+
+
+async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
+    """A stream nobody generates yet is ended here; its job is skipped later."""
+    owner = f"{edge.name}:cancel"
+    status, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
+    if status not in ("queued", "running"):  # "running" here: its worker's lease had lapsed
+        return
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    await edge.bus.publish(sid, owner, Event(seq + 1, events.DONE, {
+        "finish_reason": "cancelled", "cancel_reason": reason, "usage": usage,
+        "timings": {"queue_wait_ms": 0, "ttft_ms": 0, "gen_ms": 0, "tokens_per_s": 0, "worker": ""},
+    }))
+    await edge.redis.zrem(keys.active(), sid)
+
+
+def parse_last_id(header: str | None, query: str | None) -> int:
+    raw = header if header not in (None, "") else query
+    if raw in (None, ""):
+        return 0
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must be an event's seq (an integer)", code="invalid_last_event_id",
+                             param="Last-Event-ID") from None
+    if value < 0:
+        raise InvalidRequest("Last-Event-ID must not be negative", code="invalid_last_event_id",
+                             param="Last-Event-ID")
+    return value
+
+
+class Follower:
+    """Yields batches of new events (or None on an idle tick) until the terminal event."""
+
+    def __init__(self, edge: Edge, sid: str, last: int, state: dict[str, str], sub: Subscription | None = None):
+        self.edge = edge
+        self.sid = sid
+        self.last = last
+        self.state = state
+        self.sub = sub
+        self.finished = False
+        self.viewer = secrets.token_hex(6)
+        self.cancel_on_disconnect = state.get("cancel_on_disconnect") == "1"
+        self._viewer_at = 0.0
+        self._heard_at = time.monotonic()
+
+    async def batches(self) -> AsyncIterator[list[Event] | None]:
+        if self.sub is None:
+            self.sub = await self.edge.hub.subscribe(keys.channel(self.sid))
+        try:
+            await self._touch_viewer()
+            backlog = self._accept(await self.edge.bus.read_log(self.sid, self.last))
+            if backlog:
+                yield backlog
+            while not self.finished:
+                yield await self._next()
+        finally:
+            await self.edge.hub.unsubscribe(self.sub)
+
+    def _tick(self) -> float:
+        if self.state.get("status") == "queued":
+            return self.edge.settings.queued_interval_s
+        return min(self.edge.settings.heartbeat_s, VIEWER_TTL_S / 3, LIVENESS_S)
+
+    async def _next(self) -> list[Event] | None:
+        assert self.sub is not None
+        got = await self.sub.get(self._tick())
+        if time.monotonic() - self._viewer_at > VIEWER_TTL_S / 3:
+            await self._touch_viewer()
+        if got is None:
+            return await self._idle()
+        raws, gap = got
+        self._heard_at = time.monotonic()
+        batch = [events.decode(r) for r in raws]
+        fresh = [e for e in batch if e.seq > self.last]
+        if gap or (fresh and fresh[0].seq != self.last + 1) or _has_hole(fresh):
+            return self._accept(await self.edge.bus.read_log(self.sid, self.last))
+        return self._accept(fresh)
+
+    def _accept(self, batch: list[Event]) -> list[Event]:
+        out = []
+        for e in batch:
+            if e.seq <= self.last:
+                continue
+            out.append(e)
+            self.last = e.seq
+            if e.terminal:
+                self.finished = True
+                break
+        if out and self.state.get("status") == "queued":
+            self.state["status"] = "running"
+        return out
+
+    async def _idle(self) -> list[Event] | None:
+        """No event for a tick: refresh what we know, catch up if the log moved on."""
+        if self.state.get("status") != "queued" and time.monotonic() - self._heard_at < LIVENESS_S:
+            return None
+        self._heard_at = time.monotonic()
+        fields = ("status", "model", "ticket", "owner")
+        values = await self.edge.redis.hmget(keys.state(self.sid), fields)
+        fresh = {k: v.decode() for k, v in zip(fields, values, strict=True) if v is not None}
+        if not fresh:
+            raise Unavailable("the stream's state is gone (Redis lost it); start a new request",
+                              code="stream_lost")
+        self.state.update(fresh)
+        caught_up = self._accept(await self.edge.bus.read_log(self.sid, self.last))
+        return caught_up or None
+
+    async def queue_position(self) -> int:
+        model = self.state.get("model", "")
+        served = await self.edge.redis.get(keys.queue_served(model))
+        ticket = int(self.state.get("ticket", "0") or 0)
+        return max(0, ticket - int(served or 0) - 1)
+
+    async def _touch_viewer(self) -> None:
+        self._viewer_at = time.monotonic()
+        expiry = int((time.time() + VIEWER_TTL_S) * 1000)
+        await self.edge.redis.zadd(keys.viewers(self.sid), {self.viewer: expiry})
+
+    async def leave(self) -> None:
+        """The client went away: drop our viewer entry; maybe cancel."""
+        try:
+            r = self.edge.redis
+            await r.zrem(keys.viewers(self.sid), self.viewer)
+            if self.finished or not self.cancel_on_disconnect:
+                return
+            now_ms = int(time.time() * 1000)
+            if await r.zcount(keys.viewers(self.sid), now_ms, "+inf") == 0:
+                await r.zrem(keys.viewers(self.sid), "created")
+                await r.set(keys.cancel(self.sid), "disconnect", nx=True, ex=self.edge.settings.log_active_ttl_s)
+        except Exception as exc:  # the client is gone; nothing must escape a finally
+            log.debug("API %s: leaving stream %s failed: %s", self.edge.name, self.sid, exc)
+
+
+def _has_hole(batch: list[Event]) -> bool:
+    return any(b.seq != a.seq + 1 for a, b in zip(batch, batch[1:], strict=False))

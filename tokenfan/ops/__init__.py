@@ -1,0 +1,1 @@
+"""The operator's tools: the `tokenfan` command and what it starts."""

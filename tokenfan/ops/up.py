@@ -1,0 +1,94 @@
+"""`tokenfan up`: everything on one machine, stopped cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tokenfan.ops.embedded import EmbeddedRedis
+from tokenfan.shared.settings import Settings
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Own session: Ctrl-C reaches only us, and we stop the children in order.
+    return subprocess.Popen([sys.executable, "-m", "tokenfan", *args], env=env, start_new_session=True)
+
+
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_up(settings: Settings, args: argparse.Namespace) -> int:
+    redis = None if settings.redis_url else EmbeddedRedis().start()
+    url = settings.redis_url or (redis.url if redis else "")
+    env = {**os.environ, "TOKENFAN_REDIS_URL": url}
+    env.pop("REDIS_URL", None)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(_child(["worker", *_flags(args, WORKER_FLAGS)], env))
+        procs.append(_child(["api", *_flags(args, API_FLAGS)], env))
+        base = f"http://{settings.host}:{settings.port}"
+        if not _wait_ready(base, procs):
+            print("tokenfan: the worker or the API did not come up; see the log above", file=sys.stderr)
+            return 1
+        where = f"embedded Redis at {url}" if redis else "Redis from REDIS_URL"
+        print(f"\ntokenfan is up ({where}, model {settings.model}).\n"
+              f"  chat page   {base}/\n  API         {base}/v1  (OpenAI-compatible: {base}/v1/chat/completions)\n"
+              f"  ops page    {base}/ops\n  try         tokenfan chat \"Hello\"\n"
+              "Press Ctrl-C to stop.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntokenfan: stopping…", file=sys.stderr)
+        return 0
+    finally:
+        _stop(procs)
+        if redis:
+            redis.stop()
+
+
+WORKER_FLAGS = ("log_level", "model", "model_path", "engine", "threads", "n_gpu_layers", "n_ctx", "metrics_port",
+                "fake_rate", "fake_tokens")
+API_FLAGS = ("log_level", "host", "port", "models")

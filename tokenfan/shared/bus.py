@@ -1,0 +1,184 @@
+"""The Redis event bus: publish, log, lease, read back.
+
+Every write a worker makes for one event is one Lua script call, so the
+log append, the channel publish, the fencing check against the lease and
+the cancel check cost one round trip. Scripts touch only one stream's keys
+(one hash slot), so they run unchanged on Redis Cluster.
+
+The log is a Redis Stream whose entry ids are `seq-0`: Redis itself refuses
+an id that does not grow, and "events after N" is `XRANGE log (N-0 +`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from tokenfan.shared import keys
+from tokenfan.shared.events import Event, decode
+
+PUBLISH_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2] .. '-0', 'e', ARGV[3])
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[4], 'status', 'finished')
+  redis.call('DEL', KEYS[3])
+  for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
+elseif tonumber(ARGV[2]) % 64 == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call('PUBLISH', KEYS[2], ARGV[3]) end
+return redis.call('EXISTS', KEYS[5])
+"""
+
+ACQUIRE_LUA = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return {'missing', 0} end
+if status == 'finished' then return {'finished', 0} end
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return {'taken', 0} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'running', 'worker', ARGV[3])
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local seq = 0
+if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) end
+return {status, seq}
+"""
+
+RENEW_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+HANDBACK_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'worker', '', 'attempt', ARGV[2])
+return 1
+"""
+
+MAX_SET_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    """The knobs every publisher shares, taken from Settings once."""
+
+    log_maxlen: int
+    log_active_ttl_s: int
+    log_ttl_s: int
+    sharded: bool = False
+
+
+def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[list[str], list[Any]]:
+    ks = [
+        keys.log(stream_id),
+        keys.channel(stream_id),
+        keys.lease(stream_id),
+        keys.state(stream_id),
+        keys.cancel(stream_id),
+        keys.viewers(stream_id),
+    ]
+    args = [
+        owner,
+        event.seq,
+        event.encode(),
+        cfg.log_maxlen,
+        cfg.log_active_ttl_s,
+        "1" if event.terminal else "0",
+        cfg.log_ttl_s,
+        "1" if cfg.sharded else "0",
+    ]
+    return ks, args
+
+
+def _entries_to_events(entries: list[Any]) -> list[Event]:
+    out = []
+    for _id, fields in entries:
+        raw = fields.get(b"e") if b"e" in fields else fields.get("e")
+        if raw is not None:
+            out.append(decode(raw))
+    return out
+
+
+def _as_str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class SyncBus:
+    """The worker's side (and the reapers'): blocking redis-py."""
+
+    def __init__(self, redis: Redis, cfg: BusConfig) -> None:
+        self.redis = redis
+        self.cfg = cfg
+        self._publish = redis.register_script(PUBLISH_LUA)
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._handback = redis.register_script(HANDBACK_LUA)
+        self._max_set = redis.register_script(MAX_SET_LUA)
+
+    def publish(self, stream_id: str, owner: str, event: Event) -> int:
+        """-1: fenced (lease lost), 0: published, 1: published and cancel is requested."""
+        ks, args = _publish_args(stream_id, owner, event, self.cfg)
+        return int(self._publish(keys=ks, args=args))
+
+    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "") -> tuple[str, int]:
+        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
+        status, seq = self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), worker or owner])
+        return _as_str(status), int(seq)
+
+    def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])
+        if ok:
+            self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)})
+        return bool(ok)
+
+    def handback(self, stream_id: str, owner: str, attempt: int) -> bool:
+        ks = [keys.lease(stream_id), keys.state(stream_id)]
+        return bool(self._handback(keys=ks, args=[owner, attempt]))
+
+    def mark_served(self, model: str, ticket: int) -> None:
+        self._max_set(keys=[keys.queue_served(model)], args=[ticket])
+
+    def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
+        return _entries_to_events(self.redis.xrange(keys.log(stream_id), f"({after}-0" if after else "-", "+"))
+
+    def state(self, stream_id: str) -> dict[str, str]:
+        return {_as_str(k): _as_str(v) for k, v in self.redis.hgetall(keys.state(stream_id)).items()}
+
+
+class AsyncBus:
+    """The API's side: redis.asyncio."""
+
+    def __init__(self, redis: AsyncRedis, cfg: BusConfig) -> None:
+        self.redis = redis
+        self.cfg = cfg
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._publish = redis.register_script(PUBLISH_LUA)
+
+    async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
+        start = f"({after}-0" if after else "-"
+        return _entries_to_events(await self.redis.xrange(keys.log(stream_id), start, "+"))
+
+    async def state(self, stream_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(keys.state(stream_id))
+        return {_as_str(k): _as_str(v) for k, v in raw.items()}
+
+    async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[str, int]:
+        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
+        status, seq = await self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), owner])
+        return _as_str(status), int(seq)
+
+    async def publish(self, stream_id: str, owner: str, event: Event) -> int:
+        ks, args = _publish_args(stream_id, owner, event, self.cfg)
+        return int(await self._publish(keys=ks, args=args))

@@ -1,0 +1,69 @@
+"""tokenfan's exceptions.
+
+    TokenfanError                  base; `code` is stable and machine-readable
+    ├── InvalidRequest (400)       bad input; `param` names the field
+    │   └── ContextLengthExceeded  the prompt does not fit the model's context
+    ├── PayloadTooLarge (413)      request body over the configured cap
+    ├── NotFound (404)             unknown stream or model
+    ├── Unavailable (503)          Redis down, no worker, shutting down
+    ├── EngineError                the model failed while generating
+    └── InvalidJob                 a job payload that does not validate
+
+Raised inside; mapped to HTTP status and OpenAI-shaped JSON only at the
+API's edge, and to `error` events only in the worker.
+"""
+
+from __future__ import annotations
+
+
+class TokenfanError(Exception):
+    status = 500
+    code = "internal_error"
+    type = "server_error"
+    retryable = False
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(TokenfanError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(TokenfanError):
+    status = 413
+    code = "payload_too_large"
+    type = "invalid_request_error"
+
+
+class NotFound(TokenfanError):
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class Unavailable(TokenfanError):
+    status = 503
+    code = "unavailable"
+    type = "server_error"
+    retryable = True
+
+
+class EngineError(TokenfanError):
+    status = 502
+    code = "engine_error"
+    retryable = True
+
+
+class InvalidJob(TokenfanError):
+    code = "invalid_job"

@@ -1,0 +1,74 @@
+"""The event schema: one small class, one way to encode it.
+
+An event travels as one line of JSON, the same bytes in the stream's log, on
+its channel and in the `data:` field of the SSE event, so the API relays it
+without re-encoding. JSON never holds a raw newline (orjson escapes control
+characters), which is what makes model text unable to forge an SSE event.
+
+Deliberate departures from the obvious:
+- the payload is flat (`{"seq":3,"type":"token","ts":…,"text":"hi"}`), not
+  nested under `data`, so a browser reads `JSON.parse(e.data).text`;
+- `ts` is the worker's publish time, used for the relay-lag metric; the
+  hosts' clocks are assumed to be NTP-synchronised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+META: Final = "meta"
+DISCLOSURE: Final = "disclosure"
+TOKEN: Final = "token"
+DONE: Final = "done"
+ERROR: Final = "error"
+QUEUED: Final = "queued"
+TERMINAL: Final = frozenset({DONE, ERROR})
+TYPES: Final = frozenset({META, DISCLOSURE, TOKEN, DONE, ERROR})
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: float = 0.0
+    raw: bytes = b""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+    def encode(self) -> bytes:
+        if not self.raw:
+            ts = self.ts or time.time()
+            self.raw = orjson.dumps({"seq": self.seq, "type": self.type, "ts": ts, **self.data})
+        return self.raw
+
+    def sse(self) -> bytes:
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.type.encode(), self.encode())
+
+
+def decode(raw: bytes | str) -> Event:
+    """Parse one stored or published event; raises ValueError on garbage."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    obj = orjson.loads(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("event is not a JSON object")
+    seq, kind, ts = obj.pop("seq"), obj.pop("type"), obj.pop("ts", 0.0)
+    if not isinstance(seq, int) or kind not in TYPES:
+        raise ValueError("event without a valid seq or type")
+    return Event(seq=seq, type=kind, data=obj, ts=float(ts), raw=raw)
+
+
+def sse_comment(text: str) -> bytes:
+    return b": " + text.replace("\n", " ").encode() + b"\n\n"
+
+
+def sse_named(kind: str, last_id: int, data: dict[str, Any]) -> bytes:
+    """An API-made event (e.g. `queued`): not logged, carries the last seq sent."""
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (last_id, kind.encode(), orjson.dumps({"type": kind, **data}))

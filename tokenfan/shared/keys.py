@@ -1,0 +1,80 @@
+"""Every Redis key and channel name tokenfan uses.
+
+A stream's id is written inside braces (`tf:stream:{ID}:log`): that is a
+Redis Cluster hash tag, so all of one stream's keys and its channel hash to
+one slot and a Lua script may touch them together.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tf"
+LEASES = f"{PREFIX}:leases"
+RQ_QUEUE_PREFIX = "rq:queue:"
+
+
+def stream_tag(stream_id: str) -> str:
+    return f"{PREFIX}:stream:{{{stream_id}}}"
+
+
+def channel(stream_id: str) -> str:
+    return stream_tag(stream_id)
+
+
+def log(stream_id: str) -> str:
+    return f"{stream_tag(stream_id)}:log"
+
+
+def state(stream_id: str) -> str:
+    return f"{stream_tag(stream_id)}:state"
+
+
+def lease(stream_id: str) -> str:
+    return f"{stream_tag(stream_id)}:lease"
+
+
+def cancel(stream_id: str) -> str:
+    return f"{stream_tag(stream_id)}:cancel"
+
+
+def viewers(stream_id: str) -> str:
+    return f"{stream_tag(stream_id)}:viewers"
+
+
+def stream_keys(stream_id: str) -> list[str]:
+    """Every key of one stream (for expiry and clean-up)."""
+    return [log(stream_id), state(stream_id), lease(stream_id), cancel(stream_id), viewers(stream_id)]
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue name of a model; RQ stores it under `rq:queue:<name>`."""
+    return f"{PREFIX}:q:{model}"
+
+
+def queue_list(model: str) -> str:
+    return RQ_QUEUE_PREFIX + queue_name(model)
+
+
+def queue_ticket(model: str) -> str:
+    return f"{queue_name(model)}:ticket"
+
+
+def queue_served(model: str) -> str:
+    return f"{queue_name(model)}:served"
+
+
+def workers(model: str) -> str:
+    return f"{PREFIX}:workers:{model}"
+
+
+def worker(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
+
+
+def errors() -> str:
+    """A short capped list of recent stream errors, for the ops page."""
+    return f"{PREFIX}:errors"
+
+
+def active() -> str:
+    """Sorted set of streams not yet finished (id -> created ms), for the ops page."""
+    return f"{PREFIX}:active"

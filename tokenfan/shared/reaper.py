@@ -1,0 +1,80 @@
+"""Ending or handing on streams whose worker stopped renewing its lease.
+
+Every worker and every API process runs `reap` about once a second; the
+acquire script makes the claim atomic, so two reapers never both act on a
+stream. A reaped stream is continued by another worker (its payload goes
+back to the front of its model's queue with `attempt + 1`) or, when
+failover is `error`, no live worker serves the model, or the stream has
+used up its attempts, ended with a retryable `error` event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from tokenfan.shared import events, keys, registry
+from tokenfan.shared.bus import SyncBus
+from tokenfan.shared.jobs import enqueue
+from tokenfan.shared.schema import JobPayload
+from tokenfan.shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Streams looked at per pass: bounded so one pass stays short.
+BATCH = 100
+
+
+def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
+    """One pass; returns how many streams it took over or ended."""
+    now_ms = int(time.time() * 1000)
+    due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=BATCH)
+    acted = 0
+    for raw in due:
+        sid = raw.decode()
+        status, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
+        if status == "taken":
+            continue
+        bus.redis.zrem(keys.LEASES, sid)
+        if status in ("missing", "finished"):
+            continue
+        _recover(bus, settings, reaper, sid, seq)
+        acted += 1
+    return acted
+
+
+def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int) -> None:
+    state = bus.state(sid)
+    payload = JobPayload.model_validate(orjson.loads(state["request"]))
+    attempt = int(state.get("attempt", payload.attempt)) + 1
+    can_continue = (
+        settings.failover == "continue"
+        and attempt < settings.max_attempts
+        and registry.live_workers(bus.redis, payload.model)
+    )
+    if can_continue and bus.handback(sid, reaper, attempt):
+        payload.attempt = attempt
+        enqueue(bus.redis, payload, timeout_s=settings.job_timeout_s, at_front=True)
+        log.warning("Reaper %s: stream %s lost its worker; continuing it (attempt %d)", reaper, sid, attempt)
+        return
+    why = "no live worker can take it over" if settings.failover == "continue" else "failover is set to error"
+    end_with_error(bus, sid, reaper, seq, "worker_lost", f"the worker serving this stream stopped; {why}", True)
+    log.warning("Reaper %s: stream %s lost its worker; ended it (%s)", reaper, sid, why)
+
+
+def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, message: str, retryable: bool) -> int:
+    ev = events.Event(seq + 1, events.ERROR, {"code": code, "message": message, "retryable": retryable})
+    result = bus.publish(sid, owner, ev)
+    record_error(bus, sid, code, message)
+    return result
+
+
+def record_error(bus: SyncBus, sid: str, code: str, message: str) -> None:
+    entry = orjson.dumps({"time": time.time(), "stream_id": sid, "code": code, "message": message})
+    pipe = bus.redis.pipeline(transaction=False)
+    pipe.lpush(keys.errors(), entry)
+    pipe.ltrim(keys.errors(), 0, 49)
+    pipe.zrem(keys.active(), sid)
+    pipe.execute()

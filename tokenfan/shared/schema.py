@@ -1,0 +1,139 @@
+"""The validated chat request and the job payload built from it.
+
+The request model accepts what OpenAI's chat API accepts (unknown fields
+are ignored, as OpenAI does); `JobPayload` is the JSON contract between API
+and worker, validated again by the worker before it runs anything.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenfan.shared.errors import InvalidRequest
+from tokenfan.shared.settings import Settings
+
+Role = Literal["system", "user", "assistant", "developer"]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    cancel_on_disconnect: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        items = [v] if isinstance(v, str) else v
+        if any(not s for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return items
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatRequest:
+        if not any(m.text().strip() for m in self.messages):
+            raise ValueError("messages hold no text")
+        return self
+
+    def wanted_tokens(self, settings: Settings) -> int:
+        return self.max_completion_tokens or self.max_tokens or settings.default_max_tokens
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def check_caps(req: ChatRequest, settings: Settings) -> None:
+    """Configured caps, each error naming the cap it hit."""
+    if req.wanted_tokens(settings) > settings.max_tokens_cap:
+        raise InvalidRequest(
+            f"max_tokens must be at most {settings.max_tokens_cap}", code="max_tokens_too_large", param="max_tokens"
+        )
+    if len(req.messages) > settings.max_messages:
+        raise InvalidRequest(
+            f"at most {settings.max_messages} messages are allowed", code="too_many_messages", param="messages"
+        )
+    if sum(len(m.text()) for m in req.messages) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"the prompt is longer than {settings.max_prompt_chars} characters",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    if req.stop and len(req.stop) > settings.max_stop:
+        raise InvalidRequest(f"at most {settings.max_stop} stop sequences", code="too_many_stop", param="stop")
+
+
+class JobMessage(BaseModel):
+    role: Role
+    content: str
+
+
+class JobPayload(BaseModel):
+    """What a job carries: the stream id and the validated request."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    stream_id: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    model: str
+    messages: Annotated[list[JobMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(gt=0)]
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    disclosure: str = ""
+    enqueued_at: float
+    attempt: int = 0
+
+    @classmethod
+    def from_request(
+        cls, req: ChatRequest, *, stream_id: str, model: str, settings: Settings, now: float
+    ) -> JobPayload:
+        return cls(
+            stream_id=stream_id,
+            model=model,
+            messages=[JobMessage(role=m.role, content=m.text()) for m in req.messages],
+            max_tokens=req.wanted_tokens(settings),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop or [],
+            seed=req.seed,
+            disclosure=settings.disclosure,
+            enqueued_at=now,
+        )
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
