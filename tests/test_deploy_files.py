@@ -52,11 +52,24 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Every environment variable tokenfan reads (tokenfan/shared/settings.py);
 # a misspelt one in a manifest would be silently ignored.
 KNOWN_ENV = {
-    "REDIS_URL", "TOKENFAN_REDIS_URL", "TOKENFAN_REDIS_CLUSTER",
-    "TOKENFAN_MODEL", "TOKENFAN_MODEL_PATH", "TOKENFAN_MODELS", "TOKENFAN_ENGINE",
-    "TOKENFAN_THREADS", "TOKENFAN_N_GPU_LAYERS", "TOKENFAN_N_CTX", "TOKENFAN_METRICS_PORT",
-    "TOKENFAN_WORKER_NAME", "TOKENFAN_HOST", "TOKENFAN_PORT",
-    "TOKENFAN_LOG_TTL_S", "TOKENFAN_LEASE_TTL_S", "TOKENFAN_FAILOVER", "TOKENFAN_SHUTDOWN_GRACE_S",
+    "REDIS_URL",
+    "TOKENFAN_REDIS_URL",
+    "TOKENFAN_REDIS_CLUSTER",
+    "TOKENFAN_MODEL",
+    "TOKENFAN_MODEL_PATH",
+    "TOKENFAN_MODELS",
+    "TOKENFAN_ENGINE",
+    "TOKENFAN_THREADS",
+    "TOKENFAN_N_GPU_LAYERS",
+    "TOKENFAN_N_CTX",
+    "TOKENFAN_METRICS_PORT",
+    "TOKENFAN_WORKER_NAME",
+    "TOKENFAN_HOST",
+    "TOKENFAN_PORT",
+    "TOKENFAN_LOG_TTL_S",
+    "TOKENFAN_LEASE_TTL_S",
+    "TOKENFAN_FAILOVER",
+    "TOKENFAN_SHUTDOWN_GRACE_S",
 }
 
 QUEUE_KEY = re.compile(r"^rq:queue:tf:q:([A-Za-z0-9_.-]+)$")
@@ -65,6 +78,7 @@ GRACE_MIN_S = 30
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def yaml_files() -> list[Path]:
     files = [ROOT / "compose.yaml", *OPS.rglob("*.yaml"), *OPS.rglob("*.yml")]
@@ -80,6 +94,7 @@ _INTERP = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^${}]*))?\}")
 
 def interpolate(value: str) -> str:
     """Compose's ${VAR:-default} with no variable set: defaults, innermost first."""
+
     def one(m: re.Match[str]) -> str:
         op, arg = m.group(2), m.group(3) or ""
         if op in (":-", "-"):
@@ -87,6 +102,7 @@ def interpolate(value: str) -> str:
         if op in (":?", "?"):
             return "set"  # compose would stop and print `arg`; any value will do here
         return ""
+
     while True:
         new = _INTERP.sub(one, value)
         if new == value:
@@ -111,7 +127,8 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return compose["services"]
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
 
 
 def env_of(service: dict[str, Any]) -> dict[str, str | None]:
@@ -128,6 +145,7 @@ def depends_on(service: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- YAML
 
+
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_yaml_file_parses(path: Path) -> None:
     docs = load_all(path)
@@ -136,6 +154,7 @@ def test_every_yaml_file_parses(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- compose
+
 
 def test_compose_has_every_tier(services: dict[str, dict[str, Any]]) -> None:
     assert set(services) >= {"redis", "api", "proxy", "worker", "worker-cpu", "prometheus", "grafana"}
@@ -173,7 +192,9 @@ def test_compose_profiles(services: dict[str, dict[str, Any]]) -> None:
         assert not profiles[core], f"{core} must run whatever profile is chosen"
     for name, svc in services.items():
         for dep in depends_on(svc):
-            assert profiles[dep] <= profiles[name], f"{name} depends on {dep}, which its profile may not start"
+            assert profiles[dep] <= profiles[name], (
+                f"{name} depends on {dep}, which its profile may not start"
+            )
 
 
 def test_compose_dockerfiles_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -250,10 +271,13 @@ def test_compose_grafana_mounts_provisioning(services: dict[str, dict[str, Any]]
     assert mounts["./ops/grafana/provisioning"] == "/etc/grafana/provisioning"
     provider = yaml.safe_load((OPS / "grafana/provisioning/dashboards/tokenfan.yaml").read_text())
     path = provider["providers"][0]["options"]["path"]
-    assert mounts["./ops/grafana/dashboards"] == path, "the provider must read where compose mounts the dashboards"
+    assert mounts["./ops/grafana/dashboards"] == path, (
+        "the provider must read where compose mounts the dashboards"
+    )
 
 
 # --------------------------------------------------------------------------- Dockerfiles
+
 
 @dataclass
 class Dockerfile:
@@ -336,7 +360,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             out, i = out + "[^/]", i + 1
         elif pattern[i] == "[":
             end = pattern.index("]", i)
-            out, i = out + pattern[i:end + 1], end + 1
+            out, i = out + pattern[i : end + 1], end + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out)
@@ -420,14 +444,19 @@ def test_cuda_worker_image() -> None:
     images = [image for image, _ in df.images()]
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-devel-ubuntu[\d.]+", images[0])
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+", images[-1])
-    assert images[0].split(":")[1].split("-")[0] == images[-1].split(":")[1].split("-")[0], "same CUDA version"
-    assert images[0].rsplit("-", 1)[1] == images[-1].rsplit("-", 1)[1], "same Ubuntu: the venv moves between them"
+    assert images[0].split(":")[1].split("-")[0] == images[-1].split(":")[1].split("-")[0], (
+        "same CUDA version"
+    )
+    assert images[0].rsplit("-", 1)[1] == images[-1].rsplit("-", 1)[1], (
+        "same Ubuntu: the venv moves between them"
+    )
     env = " ".join(df.all("ENV") + df.all("RUN"))
     assert re.search(r'CMAKE_ARGS="[^"]*-DGGML_CUDA=on', env)
     assert "TOKENFAN_N_GPU_LAYERS=-1" in env
 
 
 # --------------------------------------------------------------------------- nginx
+
 
 @dataclass
 class Block:
@@ -460,36 +489,27 @@ class Block:
         return []
 
 
+_NGINX_TOKEN = re.compile(r"""\s+|#[^\n]*|([{};])|"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|([^\s{};]+)""")
+
+
+def nginx_tokens(text: str) -> list[tuple[str, str]]:
+    """(kind, text) pairs, kind "sym" for { } ; and "word" for the rest; quotes removed."""
+    tokens = []
+    for m in _NGINX_TOKEN.finditer(text):
+        sym, dq, sq, word = m.groups()
+        if sym:
+            tokens.append(("sym", sym))
+        elif dq is not None or sq is not None:
+            tokens.append(("word", re.sub(r"\\(.)", r"\1", dq if dq is not None else sq)))
+        elif word:
+            tokens.append(("word", word))
+    return tokens
+
+
 def parse_nginx(text: str) -> Block:
-    tokens: list[tuple[str, str]] = []  # (kind, text), kind "sym" or "word"
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c.isspace():
-            i += 1
-        elif c == "#":
-            i = text.find("\n", i) if "\n" in text[i:] else len(text)
-        elif c in "{};":
-            tokens.append(("sym", c))
-            i += 1
-        elif c in "\"'":
-            j, buf = i + 1, []
-            while text[j] != c:
-                if text[j] == "\\":
-                    j += 1
-                buf.append(text[j])
-                j += 1
-            tokens.append(("word", "".join(buf)))
-            i = j + 1
-        else:
-            j = i
-            while j < len(text) and not text[j].isspace() and text[j] not in "{};":
-                j += 1
-            tokens.append(("word", text[i:j]))
-            i = j
     root = Block("main", [])
     node, words = root, []
-    for kind, tok in tokens:
+    for kind, tok in nginx_tokens(text):
         if kind == "word":
             words.append(tok)
         elif tok == ";":
@@ -538,7 +558,9 @@ def location_for(server: Block, uri: str) -> Block:
 
 
 def test_nginx_parser_inheritance() -> None:
-    conf = parse_nginx('http { gzip on; proxy_set_header A "1"; server { location / { proxy_set_header B ""; } } }')
+    conf = parse_nginx(
+        'http { gzip on; proxy_set_header A "1"; server { location / { proxy_set_header B ""; } } }'
+    )
     loc = conf.find("http")[0].find("server")[0].find("location")[0]
     assert loc.value("gzip") == ["on"]
     assert loc.array("proxy_set_header") == [["B", ""]]
@@ -551,11 +573,14 @@ def test_nginx_stream_locations_do_not_buffer(nginx: Block, uri: str) -> None:
     assert loc.value("proxy_buffering") == ["off"], f"{uri}: proxy_buffering"
     assert loc.value("proxy_cache") == ["off"], f"{uri}: proxy_cache"
     assert loc.value("gzip") == ["off"], f"{uri}: gzip"
-    assert seconds(loc.value("proxy_read_timeout")[0]) >= 300, f"{uri}: proxy_read_timeout"  # type: ignore[index]
+    timeout = loc.value("proxy_read_timeout")
+    assert timeout and seconds(timeout[0]) >= 300, f"{uri}: proxy_read_timeout {timeout}"
     assert loc.value("proxy_http_version") == ["1.1"]
     headers = {args[0].lower(): args[1] for args in loc.array("proxy_set_header")}
-    assert headers.get("connection") == "", f"{uri}: upstream keepalive needs Connection \"\""
-    assert headers.get("last-event-id", "$http_last_event_id") == "$http_last_event_id", "Last-Event-ID stripped"
+    assert headers.get("connection") == "", f'{uri}: upstream keepalive needs Connection ""'
+    assert headers.get("last-event-id", "$http_last_event_id") == "$http_last_event_id", (
+        "Last-Event-ID stripped"
+    )
     assert loc.value("proxy_pass_request_headers") in (None, ["on"])
 
 
@@ -587,6 +612,7 @@ def test_nginx_keeps_metrics_private(nginx: Block) -> None:
 
 # --------------------------------------------------------------------------- Prometheus
 
+
 def test_prometheus_targets_are_compose_services(services: dict[str, dict[str, Any]]) -> None:
     config = yaml.safe_load((OPS / "prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -615,9 +641,11 @@ def test_grafana_datasource_points_at_prometheus(services: dict[str, dict[str, A
 
 # --------------------------------------------------------------------------- Grafana dashboard
 
+
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    return json.loads((OPS / "grafana/dashboards/tokenfan.json").read_text())
+    data: dict[str, Any] = json.loads((OPS / "grafana/dashboards/tokenfan.json").read_text())
+    return data
 
 
 def all_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -704,8 +732,11 @@ def test_dashboard_layout_and_datasource(dashboard: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- docs
 
+
 def test_metrics_doc_lists_exactly_the_metrics() -> None:
-    rows = re.findall(r"^\|\s*`(tokenfan_[a-z_]+)`\s*\|\s*(\w+)\s*\|", (ROOT / "docs/metrics.md").read_text(), re.M)
+    rows = re.findall(
+        r"^\|\s*`(tokenfan_[a-z_]+)`\s*\|\s*(\w+)\s*\|", (ROOT / "docs/metrics.md").read_text(), re.M
+    )
     documented = dict(rows)
     assert len(rows) == len(documented), "a metric is listed twice"
     assert documented == METRICS
@@ -716,8 +747,13 @@ def test_protocol_names_the_queue_layout() -> None:
 
 
 def test_no_machine_paths_in_deploy_files() -> None:
-    ours = [ROOT / "compose.yaml", ROOT / ".dockerignore", ROOT / "docs/deploy.md", ROOT / "docs/metrics.md",
-            *(p for p in OPS.rglob("*") if p.is_file())]
+    ours = [
+        ROOT / "compose.yaml",
+        ROOT / ".dockerignore",
+        ROOT / "docs/deploy.md",
+        ROOT / "docs/metrics.md",
+        *(p for p in OPS.rglob("*") if p.is_file()),
+    ]
     for path in ours:
         text = path.read_text()
         assert "/work/" not in text and "/tmp/bash_jobs" not in text, f"{path.name} names a path of a machine"
@@ -725,6 +761,7 @@ def test_no_machine_paths_in_deploy_files() -> None:
 
 
 # --------------------------------------------------------------------------- Kubernetes
+
 
 def k8s_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -773,7 +810,8 @@ def test_kustomize_builds() -> None:
 
 
 def pod_spec(k8s: dict[tuple[str, str], dict[str, Any]], name: str) -> dict[str, Any]:
-    return k8s[("Deployment", name)]["spec"]["template"]["spec"]
+    spec: dict[str, Any] = k8s[("Deployment", name)]["spec"]["template"]["spec"]
+    return spec
 
 
 def container_env(container: dict[str, Any]) -> dict[str, Any]:
@@ -812,7 +850,10 @@ def test_k8s_api(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     assert svc["spec"]["selector"].items() <= labels.items()
     assert all(p["targetPort"] in (*ports, *ports.values()) for p in svc["spec"]["ports"])
     hpa = k8s[("HorizontalPodAutoscaler", "tokenfan-api")]
-    assert (hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]) == ("Deployment", "tokenfan-api")
+    assert (hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]) == (
+        "Deployment",
+        "tokenfan-api",
+    )
     assert any(m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"] if m["type"] == "Resource")
     assert c["resources"]["requests"]["cpu"], "an HPA on CPU needs a CPU request"
 
