@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 import orjson
 
 from tokenfan.api.edge import Edge
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 VIEWER_TTL_S = 10.0
 # Silence after which a follower checks that its stream still exists.
 LIVENESS_S = 5.0
+# Clean-up after a client left may take this long, shielded from cancellation.
+CLEANUP_S = 2.0
 ANONYMOUS = "anonymous"
 
 
@@ -174,7 +177,10 @@ class Follower:
             while not self.finished:
                 yield await self._next()
         finally:
-            await self.edge.hub.unsubscribe(self.sub)
+            # The client may be gone: Starlette cancels this task, and anyio's
+            # cancellation would cancel every await in here too. Shield clean-up.
+            with anyio.move_on_after(CLEANUP_S, shield=True):
+                await self.edge.hub.unsubscribe(self.sub)
 
     def _tick(self) -> float:
         if self.state.get("status") == "queued":
@@ -238,14 +244,18 @@ class Follower:
 
     async def leave(self) -> None:
         """The client went away: drop our viewer entry; maybe cancel."""
+        with anyio.move_on_after(CLEANUP_S, shield=True):
+            await self._leave()
+
+    async def _leave(self) -> None:
         try:
             r = self.edge.redis
-            await r.zrem(keys.viewers(self.sid), self.viewer)
+            # the placeholder made at creation covers only the wait for a first viewer
+            await r.zrem(keys.viewers(self.sid), self.viewer, "created")
             if self.finished or not self.cancel_on_disconnect:
                 return
             now_ms = int(time.time() * 1000)
             if await r.zcount(keys.viewers(self.sid), now_ms, "+inf") == 0:
-                await r.zrem(keys.viewers(self.sid), "created")
                 await r.set(keys.cancel(self.sid), "disconnect", nx=True, ex=self.edge.settings.log_active_ttl_s)
         except Exception as exc:  # the client is gone; nothing must escape a finally
             log.debug("API %s: leaving stream %s failed: %s", self.edge.name, self.sid, exc)
