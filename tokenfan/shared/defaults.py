@@ -49,6 +49,9 @@ LEASE_TTL_S = 5.0
 KEEPER_INTERVAL_S = 1.0
 # An abandoned tab stops burning GPU time after this long without a viewer.
 ABANDON_GRACE_S = 60.0
+# A stream handed over must be taken by another worker within this, or it
+# ends with a retryable error: a viewer never waits on a queue nobody serves.
+FAILOVER_WAIT_S = 15.0
 # Takeovers per stream before it is ended with an error: a prompt that
 # crashes every worker must not take the fleet down one by one.
 MAX_ATTEMPTS = 3

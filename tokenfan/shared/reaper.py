@@ -34,29 +34,44 @@ def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
     acted = 0
     for raw in due:
         sid = raw.decode()
+        dead = (bus.redis.hget(keys.state(sid), "worker") or b"").decode()
         status, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
         if status == "taken":
             continue
         bus.redis.zrem(keys.LEASES, sid)
         if status in ("missing", "finished"):
             continue
-        _recover(bus, settings, reaper, sid, seq)
+        if status == "queued":  # handed over, but no worker took it in time
+            msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
+            end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
+        else:
+            _recover(bus, settings, reaper, sid, seq, dead)
         acted += 1
     return acted
 
 
-def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int) -> None:
+def hand_over(bus: SyncBus, settings: Settings, owner: str, payload: JobPayload) -> bool:
+    """Put a stream back at the front of its queue for another worker to continue.
+
+    It stays in the lease set with a deadline: if no worker takes it within
+    `failover_wait_s`, a reaper ends it with an error instead of leaving it hanging.
+    """
+    if not bus.handback(payload.stream_id, owner, payload.attempt):
+        return False
+    deadline = int((time.time() + settings.failover_wait_s) * 1000)
+    bus.redis.zadd(keys.LEASES, {payload.stream_id: deadline})
+    enqueue(bus.redis, payload, timeout_s=settings.job_timeout_s, at_front=True)
+    return True
+
+
+def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int, dead: str) -> None:
     state = bus.state(sid)
     payload = JobPayload.model_validate(orjson.loads(state["request"]))
     attempt = int(state.get("attempt", payload.attempt)) + 1
-    can_continue = (
-        settings.failover == "continue"
-        and attempt < settings.max_attempts
-        and registry.live_workers(bus.redis, payload.model)
-    )
-    if can_continue and bus.handback(sid, reaper, attempt):
-        payload.attempt = attempt
-        enqueue(bus.redis, payload, timeout_s=settings.job_timeout_s, at_front=True)
+    others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]
+    can_continue = settings.failover == "continue" and attempt < settings.max_attempts and others
+    payload.attempt = attempt
+    if can_continue and hand_over(bus, settings, reaper, payload):
         log.warning("Reaper %s: stream %s lost its worker; continuing it (attempt %d)", reaper, sid, attempt)
         return
     why = "no live worker can take it over" if settings.failover == "continue" else "failover is set to error"

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     keeper_interval_s: float = d.KEEPER_INTERVAL_S
     abandon_grace_s: float = d.ABANDON_GRACE_S
     failover: Literal["continue", "error"] = "continue"
+    failover_wait_s: float = d.FAILOVER_WAIT_S
     max_attempts: int = d.MAX_ATTEMPTS
     job_timeout_s: int = d.JOB_TIMEOUT_S
 

@@ -23,8 +23,7 @@ from rq.timeouts import JobTimeoutException
 from tokenfan.shared import events, keys
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
-from tokenfan.shared.jobs import enqueue
-from tokenfan.shared.reaper import record_error
+from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import Settings
 from tokenfan.worker.engines import Engine, GenRequest
@@ -84,12 +83,14 @@ class Runner:
             return {"outcome": f"skipped-{status}"}
         watch = self.keeper.begin(payload.stream_id, self.name)
         self.metrics.busy.set(1)
+        outcome = "error"
         try:
             outcome = StreamJob(self, payload, watch, seq).run()
         finally:
             self.metrics.busy.set(0)
             self.keeper.end()
-            self.bus.redis.zrem(keys.LEASES, payload.stream_id)
+            if outcome != "handed_over":
+                self.bus.redis.zrem(keys.LEASES, payload.stream_id)
         self.metrics.job(outcome)
         return {"outcome": outcome}
 
@@ -223,10 +224,8 @@ class StreamJob:
             raise JobTimeoutException("job time limit")
 
     def _hand_back(self) -> None:
-        attempt = self.p.attempt + 1
-        if self.r.bus.handback(self.sid, self.r.name, attempt):
-            payload = self.p.model_copy(update={"attempt": attempt})
-            enqueue(self.r.bus.redis, payload, timeout_s=self.r.settings.job_timeout_s, at_front=True)
+        payload = self.p.model_copy(update={"attempt": self.p.attempt + 1})
+        if hand_over(self.r.bus, self.r.settings, self.r.name, payload):
             log.warning("Worker %s: shutting down; handed stream %s back for continuation", self.r.name, self.sid)
         raise HandedBack(self.sid)
 

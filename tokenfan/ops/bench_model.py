@@ -1,0 +1,211 @@
+"""Scenarios 3, 4 and 5: time to first token, and the real model end to end.
+
+Scenario 3 runs a real `tokenfan worker` with the fake engine (no pacing),
+so everything but the engine is tokenfan's. Scenarios 4 and 5 run the
+bundled SmolLM2 GGUF through a real llama-engine worker and compare it
+with llama-cpp-python called directly (4) and with llama-cpp-python's own
+OpenAI server (5), same model file, threads, context and sampling
+(temperature 0). Every HTTP request is made by the bench's client process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenfan.ops.bench_procs import Child, LineChild, Stack, progress
+from tokenfan.ops.bench_stats import median, rate, summary
+from tokenfan.shared import defaults as d
+from tokenfan.shared import events
+from tokenfan.shared.bus import BusConfig, SyncBus
+from tokenfan.worker.engines import bundled_model_path
+
+CLIENT = "tokenfan.ops.bench_client"
+DIRECT = "tokenfan.ops.bench_direct"
+TTFT_PROMPT = [{"role": "user", "content": "time to first token"}]
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
+# Requests sent before measuring: loads lazy code paths and llama.cpp's prompt cache on every side.
+WARMUP_REQUESTS = 3
+
+
+def run_client(stack: Stack, job: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    client = stack.line_child("client", CLIENT, {"host": "127.0.0.1", **job}, pinned=False)
+    try:
+        return client.expect("result", timeout)
+    finally:
+        stack.stop(client)
+
+
+def chat_job(port: int, body: dict[str, Any], clients: int = 1, requests: int = 1, gap_s: float = 0.0,
+             path: str = "/v1/chat/completions") -> dict[str, Any]:
+    return {"mode": "chat", "port": port, "path": path, "body": body, "clients": clients,
+            "requests": requests, "gap_s": gap_s}
+
+
+# --- scenario 3 -------------------------------------------------------------
+
+def ttft_overhead(stack: Stack, requests: int, gap_s: float) -> dict[str, Any]:
+    """Request to first token event, minus the engine's own time to first token, idle warm worker."""
+    api = stack.api()
+    stack.worker("bench-fake", ["--engine", "fake", "--fake-rate", "0", "--fake-tokens", "8"])
+    openai_body = {"messages": TTFT_PROMPT, "max_tokens": 8, "stream": True, "temperature": 0}
+    native_body = {"messages": TTFT_PROMPT, "max_tokens": 8}
+    run_client(stack, chat_job(api.port, openai_body, requests=WARMUP_REQUESTS, gap_s=gap_s))
+    progress(f"ttft: {requests} sequential requests on the OpenAI route")
+    openai = run_client(stack, chat_job(api.port, openai_body, requests=requests, gap_s=gap_s))["records"]
+    progress(f"ttft: {requests} sequential POST /v1/streams + GET /v1/streams/{{id}}")
+    native = run_client(stack, {"mode": "native", "port": api.port, "body": native_body, "requests": requests,
+                                "gap_s": gap_s})["records"]
+    routes = {"openai": _ttft_rows(stack, openai), "native": _ttft_rows(stack, native)}
+    out: dict[str, Any] = {"requests": requests, "routes": {k: _ttft_summary(v) for k, v in routes.items()}}
+    for name, s in out["routes"].items():
+        progress(f"  {name}: overhead p50 {s['overhead_ms'].get('p50')} ms, p95 {s['overhead_ms'].get('p95')} ms")
+    out["targets"] = [
+        {"what": f"TTFT overhead p50 ({name} route)", "target": "<= 10 ms", "value": f"{s['overhead_ms'].get('p50')} ms",
+         "met": s["overhead_ms"].get("p50", 1e9) <= 10.0}
+        for name, s in out["routes"].items()
+    ]
+    return out
+
+
+def _ttft_rows(stack: Stack, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join what the client saw with what the worker logged (first token `ts`, engine timings)."""
+    r = stack.redis()
+    bus = SyncBus(r, BusConfig(d.LOG_MAXLEN, d.LOG_ACTIVE_TTL_S, d.LOG_TTL_S))
+    rows = []
+    try:
+        for rec in records:
+            logged = bus.read_log(rec["stream_id"]) if rec.get("stream_id") else []
+            first = next((e for e in logged if e.type == events.TOKEN), None)
+            done = next((e for e in logged if e.type == events.DONE), None)
+            if not rec.get("t_first") or first is None or done is None:
+                rows.append({"failed": True})
+                continue
+            ttft = float(done.data["timings"]["ttft_ms"])
+            rows.append({
+                "failed": False,
+                "overhead_ms": (rec["t_first"] - rec["t_send"]) * 1000 - ttft,
+                "to_publish_ms": (first.ts - rec["t_send"]) * 1000 - ttft,
+                "relay_ms": (rec["t_first"] - first.ts) * 1000,
+                "queue_wait_ms": float(done.data["timings"]["queue_wait_ms"]),
+                "engine_ttft_ms": ttft,
+                "total_ms": (rec["t_first"] - rec["t_send"]) * 1000,
+            })
+    finally:
+        r.close()
+    return rows
+
+
+def _ttft_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [row for row in rows if not row["failed"]]
+    fields = ("overhead_ms", "total_ms", "engine_ttft_ms", "queue_wait_ms", "to_publish_ms", "relay_ms")
+    out: dict[str, Any] = {f: summary((row[f] for row in ok), digits=2) for f in fields}
+    out["failed"] = len(rows) - len(ok)
+    return out
+
+
+# --- scenario 4 -------------------------------------------------------------
+
+def _llama_worker(stack: Stack, threads: int, n_ctx: int) -> None:
+    stack.worker("bench-llama", ["--engine", "llama", "--threads", str(threads), "--n-ctx", str(n_ctx)])
+
+
+def _decode_rate(rec: dict[str, Any]) -> float:
+    span = rec["t_last"] - rec["t_first"]
+    return (rec["tokens"] - 1) / span if rec["tokens"] > 1 and span > 0 else 0.0
+
+
+def _e2e_rate(rec: dict[str, Any]) -> float:
+    span = rec["t_last"] - rec["t_send"]
+    return rec["tokens"] / span if rec["tokens"] and span > 0 else 0.0
+
+
+def end_to_end(stack: Stack, threads: int, n_ctx: int, max_tokens: int, reps: int) -> dict[str, Any]:
+    """One stream's tokens/s through tokenfan against llama-cpp-python in one process, alternating."""
+    api = stack.api()
+    _llama_worker(stack, threads, n_ctx)
+    direct = stack.line_child("direct", DIRECT, {"model_path": str(bundled_model_path()), "threads": threads,
+                                                 "n_ctx": n_ctx, "messages": STORY, "max_tokens": max_tokens,
+                                                 "temperature": 0.0}, pinned=False)
+    direct.expect("ready", 120)
+    body = {"messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    sides: dict[str, list[dict[str, Any]]] = {"tokenfan": [], "direct": []}
+    for rep in range(reps + 1):  # the first round warms both up and is not counted
+        got = {"direct": _direct_once(direct), "tokenfan": run_client(stack, chat_job(api.port, body))["records"][0]}
+        if rep:
+            for side, rec in got.items():
+                sides[side].append(rec)
+            progress(f"e2e round {rep}/{reps}: tokenfan {_decode_rate(got['tokenfan']):.1f} tokens/s, "
+                     f"direct {_decode_rate(got['direct']):.1f} tokens/s")
+    stack.stop(direct)
+    return _e2e_result(sides, threads, max_tokens)
+
+
+def _direct_once(direct: LineChild) -> dict[str, Any]:
+    direct.send("run")
+    return direct.expect("result", 600)
+
+
+def _e2e_result(sides: dict[str, list[dict[str, Any]]], threads: int, max_tokens: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"threads": threads, "max_tokens": max_tokens, "rounds": len(sides["direct"])}
+    for side, recs in sides.items():
+        out[side] = {
+            "decode_tokens_per_s": round(median([_decode_rate(r) for r in recs]), 1),
+            "e2e_tokens_per_s": round(median([_e2e_rate(r) for r in recs]), 1),
+            "ttft_ms": round(median([(r["t_first"] - r["t_send"]) * 1000 for r in recs if r["t_first"]]), 1),
+            "tokens": [r["tokens"] for r in recs],
+            "failed": sum(1 for r in recs if r.get("error") or r.get("status") != 200 or not r["tokens"]),
+        }
+    out["same_text"] = {r["text_crc"] for r in sides["direct"]} == {r["text_crc"] for r in sides["tokenfan"]}
+    direct = out["direct"]["decode_tokens_per_s"]
+    ratio = round(100 * out["tokenfan"]["decode_tokens_per_s"] / direct, 1) if direct else 0.0
+    out["ratio_pct"] = ratio
+    progress(f"  tokenfan at {ratio}% of llama-cpp-python's own speed (decode tokens/s, median)")
+    out["targets"] = [{"what": "one stream's tokens/s through tokenfan vs llama-cpp-python direct",
+                       "target": ">= 95 %", "value": f"{ratio} %", "met": ratio >= 95}]
+    return out
+
+
+# --- scenario 5 -------------------------------------------------------------
+
+def versus_server(stack: Stack, threads: int, n_ctx: int, max_tokens: int, levels: list[int],
+                  per_level: int, with_no_interrupt: bool) -> dict[str, Any]:
+    """tokenfan (1 worker) against llama_cpp.server (1 model), the same OpenAI client code on both."""
+    path = str(bundled_model_path())
+    api = stack.api()
+    _llama_worker(stack, threads, n_ctx)
+    servers: dict[str, Child] = {"tokenfan": api, "llama_cpp.server": stack.llama_server(path, threads, n_ctx)}
+    if with_no_interrupt:
+        servers["llama_cpp.server (interrupt_requests off)"] = stack.llama_server(path, threads, n_ctx, False)
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    for child in servers.values():
+        run_client(stack, chat_job(child.port, body, requests=1))
+    rows = []
+    for clients in levels:
+        requests = max(1, per_level // clients)
+        for side, child in servers.items():
+            progress(f"vs server: {side}, {clients} concurrent clients x {requests} requests")
+            got = run_client(stack, chat_job(child.port, body, clients=clients, requests=requests))
+            row = {"side": side, "clients": clients, **_chat_stats(got)}
+            progress(f"  TTFT p50 {row['ttft_ms'].get('p50')} ms p95 {row['ttft_ms'].get('p95')} ms, "
+                     f"{row['tokens_per_s']} tokens/s, completed {row['completed']}/{row['requests']}, "
+                     f"interrupted {row['interrupted']}, failed {row['failed']}")
+            rows.append(row)
+    return {"threads": threads, "max_tokens": max_tokens, "model_instances": 1, "rows": rows, "targets": []}
+
+
+def _chat_stats(got: dict[str, Any]) -> dict[str, Any]:
+    recs = got["records"]
+    failed = [r for r in recs if r["status"] != 200 or r["error"]]
+    completed = [r for r in recs if r not in failed and r["finish"] in ("stop", "length") and r["done"]]
+    tokens = sum(r["tokens"] for r in recs)
+    wall = max(r["t_end"] for r in recs) - min(r["t_send"] for r in recs)
+    return {
+        "requests": len(recs),
+        "completed": len(completed),
+        "interrupted": len(recs) - len(completed) - len(failed),
+        "failed": len(failed),
+        "tokens": tokens,
+        "tokens_per_s": rate(tokens, wall),
+        "ttft_ms": summary(((r["t_first"] - r["t_send"]) * 1000 for r in recs if r["t_first"]), digits=1),
+        "errors": sorted({(r["error"] or str(r["status"]))[:80] for r in failed}),
+    }

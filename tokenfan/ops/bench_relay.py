@@ -1,0 +1,215 @@
+"""Scenarios 1 and 2: what relaying costs and how much one API process relays.
+
+Both run the real API process (pinned to one CPU where there are two or
+more) against a real Redis; streams are created through the API
+(`POST /v1/streams`), their RQ jobs dropped, and the publisher process
+(`bench_publisher`) plays their workers through the worker's own publish
+script. The client process follows every stream with `GET /v1/streams/{id}`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenfan.ops.bench_procs import BenchError, Child, LineChild, Stack, cpu_seconds, progress, rss_bytes
+from tokenfan.ops.bench_stats import rate
+
+CLIENT = "tokenfan.ops.bench_client"
+PUBLISHER = "tokenfan.ops.bench_publisher"
+# What every benchmark stream is created with; the publisher decides its length.
+STREAM_BODY = {"messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 4096}
+# Streams and tokens of the warm-up run that loads every code path of a new API process.
+WARMUP = (20, 20)
+# Events/s assumed when sizing a flat-out run: about what two publishers reach here.
+FLAT_OUT_GUESS = 40_000.0
+
+
+@dataclass(frozen=True)
+class RelayPlan:
+    streams: int
+    rate: float  # tokens per second per stream; 0: as fast as possible
+    tokens: int  # per stream
+    publishers: int = 1
+    hold_s: float = 0.0  # idle time between all connected and the first token
+    mode: str = "follow"  # "redis": the client reads the channels from Redis itself (the floor)
+
+
+def _create(stack: Stack, api: Child, plan: RelayPlan) -> tuple[LineChild, list[str]]:
+    job = {"mode": plan.mode, "host": "127.0.0.1", "port": api.port, "redis_url": stack.redis_url,
+           "create": {"count": plan.streams, "body": STREAM_BODY},
+           "ready_timeout_s": 120, "finish_timeout_s": 600}
+    client = stack.line_child("client", CLIENT, job)
+    sids = client.expect("created", 300)["sids"]
+    if len(sids) != plan.streams:
+        raise BenchError(f"the API created {len(sids)} of {plan.streams} streams")
+    stack.drain_queue()
+    return client, sids
+
+
+def _publishers(stack: Stack, sids: list[str], plan: RelayPlan) -> list[LineChild]:
+    k = max(1, plan.publishers)
+    pubs = []
+    for i in range(k):
+        part = sids[i::k]
+        job = {"redis_url": stack.redis_url, "sids": part, "rate": plan.rate, "tokens": plan.tokens, "index": i}
+        pubs.append(stack.line_child(f"publisher{i}", PUBLISHER, job))
+    for p in pubs:
+        p.expect("ready", 300)
+    return pubs
+
+
+def relay_run(stack: Stack, api: Child, plan: RelayPlan, measure_rss: bool = False) -> dict[str, Any]:
+    """One run: create, claim, connect, (hold), publish, collect."""
+    client, sids = _create(stack, api, plan)
+    pubs = _publishers(stack, sids, plan)
+    rss_before = rss_bytes(api.pid)
+    client.send("connect")
+    ready = client.expect("ready", 300)
+    out: dict[str, Any] = {"streams": plan.streams, "connected": ready["ready"], "connect_failed": ready["failed"]}
+    if plan.hold_s:
+        time.sleep(plan.hold_s)
+    if measure_rss:
+        out["rss_before"], out["rss_after"] = rss_before, rss_bytes(api.pid)
+    cpu0 = cpu_seconds(api.pid)
+    for p in pubs:
+        p.send("go")
+    pub_results = [p.expect("result", 900) for p in pubs]
+    cpu1 = cpu_seconds(api.pid)
+    got = client.expect("result", 900)
+    for c in (client, *pubs):
+        stack.stop(c)
+    stack.flush()
+    out.update(_summarise(plan, pub_results, got, cpu1 - cpu0))
+    return out
+
+
+def _summarise(plan: RelayPlan, pubs: list[dict[str, Any]], got: dict[str, Any], cpu_s: float) -> dict[str, Any]:
+    t_go = min(p["t_go"] for p in pubs)
+    t_end = max(p["t_end"] for p in pubs)
+    window = max(t_end - t_go, 1e-6)
+    published = sum(p["tokens"] for p in pubs)
+    delivered = _in_window(got["buckets"], t_go, t_end)
+    return {
+        "rate_per_stream": plan.rate,
+        "offered_per_s": round(plan.rate * plan.streams, 1),
+        "published_per_s": rate(published, window),
+        "delivered_in_window_per_s": rate(delivered, window),
+        "tokens_published": published,
+        "tokens_received": got["tokens"],
+        "finished": got["finished"],
+        "failed": got["failed"] + got["error_events"] + sum(p["fenced"] for p in pubs),
+        "lag_ms": got["lag_ms"],
+        "api_cpu_pct": round(100 * cpu_s / window, 1),
+        "seconds": round(window, 2),
+    }
+
+
+def _in_window(buckets: dict[str, int], t0: float, t1: float) -> int:
+    lo, hi = int(t0 * 10), int(t1 * 10)
+    return sum(v for k, v in buckets.items() if lo <= int(k) <= hi)
+
+
+def warm_up(stack: Stack, api: Child) -> None:
+    relay_run(stack, api, RelayPlan(WARMUP[0], 200.0, WARMUP[1]))
+
+
+# --- scenario 1 -------------------------------------------------------------
+
+def relay_overhead(stack: Stack, levels: list[tuple[int, float, float]]) -> dict[str, Any]:
+    """Publish-to-receipt latency of token events at each (streams, rate, seconds) level."""
+    api = stack.api(pinned=True)
+    warm_up(stack, api)
+    rows = []
+    for streams, per_s, seconds in levels:
+        progress(f"relay overhead: {streams} streams at {per_s:g} tokens/s each for {seconds:g}s")
+        pubs = 1 if streams * per_s < 20_000 else 2
+        row = relay_run(stack, api, RelayPlan(streams, per_s, max(1, int(per_s * seconds)), pubs))
+        progress(f"  p50 {row['lag_ms'].get('p50')} ms, p99 {row['lag_ms'].get('p99')} ms, "
+                 f"{row['tokens_received']}/{row['tokens_published']} tokens, API CPU {row['api_cpu_pct']}%")
+        rows.append(row)
+    stack.stop(api)
+    return {"levels": rows, "targets": _relay_targets(rows)}
+
+
+def _relay_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    at = next((r for r in rows if r["streams"] == 100), None)
+    if at is None:
+        return []
+    lag = at["lag_ms"]
+    return [
+        {"what": "relay overhead p50 at 100 streams", "target": "<= 1 ms", "value": f"{lag.get('p50')} ms",
+         "met": lag.get("p50", 1e9) <= 1.0},
+        {"what": "relay overhead p99 at 100 streams", "target": "<= 5 ms", "value": f"{lag.get('p99')} ms",
+         "met": lag.get("p99", 1e9) <= 5.0},
+    ]
+
+
+# --- scenario 2 -------------------------------------------------------------
+
+def capacity(stack: Stack, streams: int, offered: list[float], seconds: float,
+             idle_levels: list[int], hold_s: float) -> dict[str, Any]:
+    api = stack.api(pinned=True)
+    warm_up(stack, api)
+    steps = _throughput_steps(stack, api, streams, offered, seconds)
+    stack.stop(api)
+    idle = _idle_ladder(stack, idle_levels, hold_s)
+    return {"throughput": steps, "idle": idle, "targets": _capacity_targets(steps, idle)}
+
+
+def _throughput_steps(stack: Stack, api: Child, streams: int, offered: list[float],
+                      seconds: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for total in offered:
+        per_s = total / streams
+        tokens = max(1, int((total or FLAT_OUT_GUESS) * seconds / streams))
+        label = f"{total:g} events/s offered" if total else "publishers flat out"
+        progress(f"capacity: {streams} streams, {label}")
+        row = relay_run(stack, api, RelayPlan(streams, per_s, tokens, 2 if total == 0 or total > 15_000 else 1))
+        progress(f"  delivered {row['delivered_in_window_per_s']}/s (published {row['published_per_s']}/s), "
+                 f"API CPU {row['api_cpu_pct']}%, lag p50 {row['lag_ms'].get('p50')} ms "
+                 f"p99 {row['lag_ms'].get('p99')} ms")
+        rows.append(row)
+        if _saturated(row):
+            progress("  saturated: stopping the ramp")
+            break
+    return rows
+
+
+def _saturated(row: dict[str, Any]) -> bool:
+    behind = row["delivered_in_window_per_s"] < 0.9 * row["published_per_s"]
+    return behind or row["lag_ms"].get("p99", 0) > 1000 or row["api_cpu_pct"] >= 95
+
+
+def _idle_ladder(stack: Stack, levels: list[int], hold_s: float) -> list[dict[str, Any]]:
+    """Open N idle streams on a fresh, warmed API process; RSS per stream; then prove each one alive."""
+    rows = []
+    for n in levels:
+        progress(f"idle streams: opening {n} on a fresh API process")
+        api = stack.api(pinned=True)
+        warm_up(stack, api)
+        row = relay_run(stack, api, RelayPlan(n, 0.0, 1, 1, hold_s), measure_rss=True)
+        stack.stop(api)
+        row["held"] = row["connected"] == n and row["finished"] == n and row["failed"] == 0
+        row["kb_per_stream"] = round((row["rss_after"] - row["rss_before"]) / 1024 / max(n, 1), 1)
+        progress(f"  held {row['finished']}/{n}, RSS {row['rss_before'] // 2**20} -> "
+                 f"{row['rss_after'] // 2**20} MiB, {row['kb_per_stream']} KB per idle stream")
+        rows.append(row)
+        if not row["held"]:
+            break
+    return rows
+
+
+def _capacity_targets(steps: list[dict[str, Any]], idle: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best = max((s["delivered_in_window_per_s"] for s in steps), default=0.0)
+    held = max((r["streams"] for r in idle if r["held"]), default=0)
+    biggest = next((r for r in reversed(idle) if r["held"]), None)
+    kb = biggest["kb_per_stream"] if biggest else None
+    return [
+        {"what": "token events/s delivered by one API process", "target": ">= 20,000",
+         "value": f"{best:,.0f}", "met": best >= 20_000},
+        {"what": "concurrent open streams held", "target": ">= 2,000", "value": f"{held:,}", "met": held >= 2_000},
+        {"what": "memory per idle stream", "target": "<= 64 KB", "value": f"{kb} KB",
+         "met": kb is not None and kb <= 64},
+    ]

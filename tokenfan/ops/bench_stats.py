@@ -1,0 +1,44 @@
+"""Small statistics for `tokenfan bench`: percentiles without numpy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Percentiles every latency summary carries.
+PERCENTILES = (50, 90, 95, 99, 99.9)
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (0.0 when empty)."""
+    if not ordered:
+        return 0.0
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def summary(values: Iterable[float], scale: float = 1.0, digits: int = 3) -> dict[str, Any]:
+    """count, mean, min, max and the usual percentiles, each multiplied by `scale`."""
+    ordered = sorted(v * scale for v in values)
+    out: dict[str, Any] = {"count": len(ordered)}
+    if not ordered:
+        return out
+    out["mean"] = round(sum(ordered) / len(ordered), digits)
+    out["min"] = round(ordered[0], digits)
+    for p in PERCENTILES:
+        out[_name(p)] = round(percentile(ordered, p), digits)
+    out["max"] = round(ordered[-1], digits)
+    return out
+
+
+def _name(p: float) -> str:
+    return f"p{p:g}".replace(".", "_")
+
+
+def rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else 0.0
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(sorted(values), 50)
