@@ -1,15 +1,219 @@
-"""`tokenfan bench`: see docs/benchmarks.md."""
+"""`tokenfan bench`: measure tokenfan against real processes on this machine.
+
+Scenarios (docs/benchmarks.md says how each is measured and why):
+
+1. `relay`    relay overhead per token event, worker publish to client receipt
+2. `capacity` token events/s one API process delivers; idle streams it holds, memory per stream
+3. `ttft`     time to first token added by tokenfan, idle warm worker
+4. `e2e`      one stream's tokens/s with the real model, tokenfan against llama-cpp-python direct
+5. `server`   tokenfan against llama-cpp-python's OpenAI server at 1, 4 and 16 clients
+
+Every scenario starts its own Redis and processes and stops them at its
+end; progress goes to stderr; the figures go to a JSON file, Markdown
+tables in docs/benchmarks.md and a PNG chart. `--quick` runs tiny sizes
+(seconds): the test suite's smoke run, so the benchmark itself does not rot.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server")
+ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
+DEFAULT_OUT = "docs/benchmarks.md"
+DEFAULT_JSON = "docs/benchmarks/results.json"
+DEFAULT_CHART = "docs/benchmarks/latency.png"
+# Context size of both model sides: the worker's default.
+N_CTX = 2048
+
+
+@dataclass(frozen=True)
+class Sizes:
+    relay_levels: tuple[tuple[int, float, float], ...]  # (streams, tokens/s per stream, seconds)
+    capacity_streams: int
+    capacity_offered: tuple[float, ...]  # aggregate events/s per step; 0: publishers flat out
+    capacity_seconds: float
+    idle_levels: tuple[int, ...]
+    idle_hold_s: float
+    burst_at: int  # streams of the burst proof (0: none)
+    ttft_requests: int
+    ttft_gap_s: float
+    e2e_tokens: int
+    e2e_rounds: int
+    server_tokens: int
+    server_levels: tuple[int, ...]
+    server_requests_per_level: int
+    server_no_interrupt: bool
+
+
+# A full run takes about ten minutes on two cores.
+FULL = Sizes(
+    # 1,000 streams at 50 tokens/s would be 50,000 events/s, past one API process's
+    # capacity (scenario 2): at 1,000 streams the per-stream rate is lowered instead.
+    relay_levels=((1, 50.0, 20.0), (10, 50.0, 10.0), (100, 50.0, 10.0), (1000, 5.0, 10.0), (1000, 10.0, 10.0)),
+    capacity_streams=200,
+    capacity_offered=(5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 0),
+    capacity_seconds=6.0,
+    idle_levels=(1000, 2000, 4000, 8000),
+    idle_hold_s=2.0,
+    burst_at=2000,
+    ttft_requests=100,
+    ttft_gap_s=0.1,
+    e2e_tokens=256,
+    e2e_rounds=3,
+    server_tokens=128,
+    server_levels=(1, 4, 16),
+    server_requests_per_level=8,
+    server_no_interrupt=True,
+)
+QUICK = Sizes(
+    relay_levels=((1, 50.0, 1.0), (10, 50.0, 1.0)),
+    capacity_streams=10,
+    capacity_offered=(500, 1000),
+    capacity_seconds=1.0,
+    idle_levels=(20, 50),
+    idle_hold_s=0.2,
+    burst_at=20,
+    ttft_requests=5,
+    ttft_gap_s=0.05,
+    e2e_tokens=8,
+    e2e_rounds=1,
+    server_tokens=4,
+    server_levels=(1, 2),
+    server_requests_per_level=2,
+    server_no_interrupt=False,
+)
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="measure relay overhead, capacity, TTFT and end-to-end speed")
-    p.add_argument("scenario", nargs="*", default=[])
+    p = sub.add_parser("bench", help="measure relay overhead, capacity, TTFT and end-to-end speed",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", nargs="*", default=[],
+                   help="relay, capacity, ttft, e2e, server (or 1-5); default: all five")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds per scenario (the smoke test)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="Markdown file for the tables (default %(default)s)")
+    p.add_argument("--json", default=DEFAULT_JSON, help="JSON results (default %(default)s)")
+    p.add_argument("--chart", default=DEFAULT_CHART, help="PNG chart (default %(default)s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="llama.cpp threads on every model side (default: all CPUs, %(default)s)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the API process to a CPU of its own")
+
+
+def scenarios_of(given: list[str]) -> list[str]:
+    names = [ALIASES.get(g, g) for g in given] or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"tokenfan bench: unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return list(dict.fromkeys(names))
+
+
+def command_of(args: argparse.Namespace) -> list[str]:
+    """The flags that made this run, for the record (defaults left out)."""
+    out = list(args.scenario)
+    if args.quick:
+        out.append("--quick")
+    for flag, default in (("out", DEFAULT_OUT), ("json", DEFAULT_JSON), ("chart", DEFAULT_CHART)):
+        if getattr(args, flag) != default:
+            out += [f"--{flag}", getattr(args, flag)]
+    if args.threads != (os.cpu_count() or 1):
+        out += ["--threads", str(args.threads)]
+    if args.no_pin:
+        out.append("--no-pin")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("tokenfan bench: not built yet")
+    from tokenfan.ops import bench_report as report
+    from tokenfan.ops.bench_procs import BenchError, Layout, Stack, progress
+
+    names = scenarios_of(args.scenario)
+    sizes = QUICK if args.quick else FULL
+    layout = Layout() if args.no_pin else Layout.detect()
+    command = report.command_line(command_of(args))
+    info = report.machine()
+    progress(f"{command}: {', '.join(names)}; {layout.describe()}")
+    entries: dict[str, dict[str, Any]] = {}
+    failed = []
+    for name in names:
+        started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.monotonic()
+        progress(f"scenario {name}: starting")
+        try:
+            with Stack(layout) as stack:
+                result = RUNNERS[name](stack, sizes, args)
+        except BenchError as exc:
+            progress(f"scenario {name} FAILED: {exc}")
+            failed.append(name)
+            continue
+        seconds = round(time.monotonic() - t0, 1)
+        progress(f"scenario {name}: done in {seconds}s")
+        entries[name] = {"command": command, "started": started, "seconds": seconds, "quick": args.quick,
+                         "machine": {**info, "pinning": layout.describe()}, "result": result}
+    if entries:
+        _write(args, entries)
+    return 1 if failed else 0
+
+
+def _write(args: argparse.Namespace, entries: dict[str, dict[str, Any]]) -> None:
+    from tokenfan.ops import bench_report as report
+    from tokenfan.ops.bench_procs import progress
+
+    doc = report.merge_json(Path(args.json), entries)
+    chart = Path(args.chart)
+    drawn = report.draw_chart(chart, doc)
+    report.write_markdown(Path(args.out), doc, chart if drawn else None)
+    progress(f"wrote {args.json}, {args.out}" + (f", {args.chart}" if drawn else ""))
+
+
+def _relay(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.ops.bench_relay import relay_overhead
+
+    return relay_overhead(stack, list(sizes.relay_levels))
+
+
+def _capacity(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.ops.bench_relay import capacity
+
+    return capacity(stack, sizes.capacity_streams, list(sizes.capacity_offered), sizes.capacity_seconds,
+                    list(sizes.idle_levels), sizes.idle_hold_s, sizes.burst_at)
+
+
+def _ttft(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.ops.bench_model import ttft_overhead
+
+    return ttft_overhead(stack, sizes.ttft_requests, sizes.ttft_gap_s)
+
+
+def _e2e(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.ops.bench_model import end_to_end
+
+    return end_to_end(stack, args.threads, N_CTX, sizes.e2e_tokens, sizes.e2e_rounds)
+
+
+def _server(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.ops.bench_model import versus_server
+
+    return versus_server(stack, args.threads, N_CTX, sizes.server_tokens, list(sizes.server_levels),
+                         sizes.server_requests_per_level, sizes.server_no_interrupt)
+
+
+RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
+    "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tokenfan.ops.bench …`, the same as `tokenfan bench …`."""
+    parser = argparse.ArgumentParser(prog="tokenfan")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

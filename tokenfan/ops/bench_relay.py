@@ -10,7 +10,7 @@ script. The client process follows every stream with `GET /v1/streams/{id}`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenfan.ops.bench_procs import BenchError, Child, LineChild, Stack, cpu_seconds, progress, rss_bytes
@@ -24,6 +24,8 @@ STREAM_BODY = {"messages": [{"role": "user", "content": "benchmark"}], "max_toke
 WARMUP = (20, 20)
 # Events/s assumed when sizing a flat-out run: about what two publishers reach here.
 FLAT_OUT_GUESS = 40_000.0
+# Idle time before a burst proof: longer than a follower's viewer refresh (VIEWER_TTL_S / 3).
+BURST_HOLD_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -117,17 +119,25 @@ def warm_up(stack: Stack, api: Child) -> None:
 
 # --- scenario 1 -------------------------------------------------------------
 
-def relay_overhead(stack: Stack, levels: list[tuple[int, float, float]]) -> dict[str, Any]:
-    """Publish-to-receipt latency of token events at each (streams, rate, seconds) level."""
+def relay_overhead(stack: Stack, levels: list[tuple[int, float, float]], floor: bool = True) -> dict[str, Any]:
+    """Publish-to-receipt latency of token events at each (streams, rate, seconds) level.
+
+    With `floor`, each level runs a second time with the client reading the
+    channels straight from Redis: the part of the latency that is not the API's.
+    """
     api = stack.api(pinned=True)
     warm_up(stack, api)
     rows = []
     for streams, per_s, seconds in levels:
         progress(f"relay overhead: {streams} streams at {per_s:g} tokens/s each for {seconds:g}s")
-        pubs = 1 if streams * per_s < 20_000 else 2
-        row = relay_run(stack, api, RelayPlan(streams, per_s, max(1, int(per_s * seconds)), pubs))
+        plan = RelayPlan(streams, per_s, max(1, int(per_s * seconds)), 1 if streams * per_s < 20_000 else 2)
+        row = relay_run(stack, api, plan)
         progress(f"  p50 {row['lag_ms'].get('p50')} ms, p99 {row['lag_ms'].get('p99')} ms, "
                  f"{row['tokens_received']}/{row['tokens_published']} tokens, API CPU {row['api_cpu_pct']}%")
+        if floor:
+            row["floor"] = relay_run(stack, api, replace(plan, mode="redis"))
+            progress(f"  floor (client on Redis directly): p50 {row['floor']['lag_ms'].get('p50')} ms, "
+                     f"p99 {row['floor']['lag_ms'].get('p99')} ms")
         rows.append(row)
     stack.stop(api)
     return {"levels": rows, "targets": _relay_targets(rows)}
@@ -149,12 +159,14 @@ def _relay_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- scenario 2 -------------------------------------------------------------
 
 def capacity(stack: Stack, streams: int, offered: list[float], seconds: float,
-             idle_levels: list[int], hold_s: float) -> dict[str, Any]:
+             idle_levels: list[int], hold_s: float, burst_at: int) -> dict[str, Any]:
     api = stack.api(pinned=True)
     warm_up(stack, api)
     steps = _throughput_steps(stack, api, streams, offered, seconds)
     stack.stop(api)
     idle = _idle_ladder(stack, idle_levels, hold_s)
+    if burst_at:
+        idle.append(_idle_level(stack, burst_at, BURST_HOLD_S, "burst"))
     return {"throughput": steps, "idle": idle, "targets": _capacity_targets(steps, idle)}
 
 
@@ -183,28 +195,41 @@ def _saturated(row: dict[str, Any]) -> bool:
 
 
 def _idle_ladder(stack: Stack, levels: list[int], hold_s: float) -> list[dict[str, Any]]:
-    """Open N idle streams on a fresh, warmed API process; RSS per stream; then prove each one alive."""
     rows = []
     for n in levels:
-        progress(f"idle streams: opening {n} on a fresh API process")
-        api = stack.api(pinned=True)
-        warm_up(stack, api)
-        row = relay_run(stack, api, RelayPlan(n, 0.0, 1, 1, hold_s), measure_rss=True)
-        stack.stop(api)
-        row["held"] = row["connected"] == n and row["finished"] == n and row["failed"] == 0
-        row["kb_per_stream"] = round((row["rss_after"] - row["rss_before"]) / 1024 / max(n, 1), 1)
-        progress(f"  held {row['finished']}/{n}, RSS {row['rss_before'] // 2**20} -> "
-                 f"{row['rss_after'] // 2**20} MiB, {row['kb_per_stream']} KB per idle stream")
+        row = _idle_level(stack, n, hold_s, "staggered")
         rows.append(row)
         if not row["held"]:
             break
     return rows
 
 
+def _idle_level(stack: Stack, n: int, hold_s: float, kind: str) -> dict[str, Any]:
+    """N idle streams on a fresh, warmed API process: RSS per stream, then proof that each one is alive.
+
+    The proof is one token per stream then `done`: "staggered" spreads the
+    tokens over one second, "burst" publishes them all at once after the
+    streams sat idle for longer than a follower's viewer refresh.
+    """
+    progress(f"idle streams: opening {n} on a fresh API process ({kind} proof)")
+    api = stack.api(pinned=True)
+    warm_up(stack, api)
+    plan = RelayPlan(n, 1.0 if kind == "staggered" else 0.0, 1, 1, hold_s)
+    row = relay_run(stack, api, plan, measure_rss=True)
+    stack.stop(api)
+    row["kind"] = kind
+    row["held"] = row["connected"] == n and row["finished"] == n and row["failed"] == 0
+    row["kb_per_stream"] = round((row["rss_after"] - row["rss_before"]) / 1024 / max(n, 1), 1)
+    progress(f"  held {row['finished']}/{n}, RSS {row['rss_before'] // 2**20} -> "
+             f"{row['rss_after'] // 2**20} MiB, {row['kb_per_stream']} KB per idle stream")
+    return row
+
+
 def _capacity_targets(steps: list[dict[str, Any]], idle: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best = max((s["delivered_in_window_per_s"] for s in steps), default=0.0)
-    held = max((r["streams"] for r in idle if r["held"]), default=0)
-    biggest = next((r for r in reversed(idle) if r["held"]), None)
+    staggered = [r for r in idle if r["kind"] == "staggered"]
+    held = max((r["streams"] for r in staggered if r["held"]), default=0)
+    biggest = next((r for r in reversed(staggered) if r["held"]), None)
     kb = biggest["kb_per_stream"] if biggest else None
     return [
         {"what": "token events/s delivered by one API process", "target": ">= 20,000",

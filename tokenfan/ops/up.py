@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from tokenfan.ops.embedded import EmbeddedRedis
 from tokenfan.shared.settings import Settings
 
 READY_TIMEOUT_S = 120.0
+logging.getLogger("httpx").setLevel(logging.WARNING)
 STOP_TIMEOUT_S = 30.0
 
 
