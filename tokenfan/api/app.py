@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -23,8 +23,8 @@ from tokenfan.api import ops
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
+from tokenfan.api.auth import Principal
 from tokenfan.api.streams import (
-    ANONYMOUS,
     Follower,
     cancel_stream,
     load_state,
@@ -32,7 +32,7 @@ from tokenfan.api.streams import (
     start_stream,
 )
 from tokenfan.shared import events, keys
-from tokenfan.shared.errors import InvalidRequest, NotFound, TokenfanError, Unavailable
+from tokenfan.shared.errors import InvalidRequest, NotFound, Overloaded, RateLimited, TokenfanError, Unavailable
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import Settings
@@ -56,6 +56,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         edge = await Edge.open(settings)
         app.state.edge = edge
+        if not await edge.auth.enabled():
+            log.warning("API %s: NO API KEYS ARE CONFIGURED - this API is open to anyone who can reach it. "
+                        "Add keys (tokenfan keys add) before exposing it beyond this machine.", edge.name)
         log.info("API %s: serving %s, Redis at %s", edge.name, ", ".join(settings.served_models()),
                  redacted(settings.redis_url))
         try:
@@ -77,6 +80,8 @@ def create_app(settings: Settings) -> FastAPI:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TokenfanError)
     async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
+        if isinstance(exc, RateLimited | Overloaded):
+            return error_response(exc, headers={"Retry-After": str(exc.retry_after)})
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -108,29 +113,37 @@ def edge_of(request: Request) -> Edge:
     return edge
 
 
-def owner(request: Request) -> str:
-    return ANONYMOUS
+async def caller(request: Request) -> Principal:
+    """Every protected route's dependency: who calls, or 401/403."""
+    return await edge_of(request).auth.principal(request)
+
+
+async def admin(request: Request) -> Principal:
+    return await edge_of(request).auth.admin(request)
+
+
+Caller = Annotated[Principal, Depends(caller)]
 
 
 def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatRequest, request: Request) -> Response:
+    async def chat_completions(req: ChatRequest, request: Request, who: Caller) -> Response:
         t0 = time.time()
         edge = edge_of(request)
-        started = await start_stream(edge, req, owner(request))
+        started = await start_stream(edge, req, who)
         state = {"status": "queued", "model": started.model, "cancel_on_disconnect": str(int(req.cancel_on_disconnect))}
         follower = Follower(edge, started.stream_id, 0, state, started.sub)
         if not req.stream:
-            return await _collect(edge, follower, started.model, started.created)
+            return await _collect(edge, follower, started.model, started.created, who.owner)
         writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
         body = relay(edge, follower, writer, t0=t0, native=False)
         headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": started.stream_id}
         return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
 
     @app.post("/v1/streams", status_code=201)
-    async def create_stream(req: ChatRequest, request: Request) -> JSONResponse:
+    async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
         edge = edge_of(request)
-        started = await start_stream(edge, req, owner(request))
+        started = await start_stream(edge, req, who)
         await edge.hub.unsubscribe(started.sub)
         url = f"/v1/streams/{started.stream_id}"
         return JSONResponse(
@@ -140,13 +153,13 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         )
 
     @app.get("/v1/streams/{stream_id}", response_model=None)
-    async def follow_stream(stream_id: str, request: Request, format: str = "native",
+    async def follow_stream(stream_id: str, request: Request, who: Caller, format: str = "native",
                             last_event_id: str | None = None) -> Response:
         edge = edge_of(request)
         if format not in ("native", "openai"):
             raise InvalidRequest("format must be 'native' or 'openai'", code="invalid_value", param="format")
         last = parse_last_id(request.headers.get("last-event-id"), last_event_id)
-        state = await load_state(edge, stream_id, owner(request))
+        state = await load_state(edge, stream_id, who.owner)
         if state.get("status") == "finished" and last >= await _terminal_seq(edge, stream_id):
             return Response(status_code=204)
         if last:
@@ -158,12 +171,12 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
 
     @app.delete("/v1/streams/{stream_id}", status_code=202)
-    async def delete_stream(stream_id: str, request: Request) -> JSONResponse:
-        status = await cancel_stream(edge_of(request), stream_id, owner(request))
+    async def delete_stream(stream_id: str, request: Request, who: Caller) -> JSONResponse:
+        status = await cancel_stream(edge_of(request), stream_id, who.owner)
         return JSONResponse({"id": stream_id, "status": status}, status_code=202)
 
     @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
+    async def list_models(request: Request, who: Caller) -> dict[str, Any]:
         names = await edge_of(request).models()
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenfan"} for n in names]
         return {"object": "list", "data": data}
@@ -188,6 +201,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         edge = edge_of(request)
+        if await edge.auth.enabled():
+            await edge.auth.metrics_allowed(request)
         try:
             await ops.refresh_gauges(edge)
         except redis.RedisError as exc:
@@ -278,7 +293,7 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
     return b"data: " + orjson.dumps(err) + b"\n\n" + b"data: [DONE]\n\n"
 
 
-async def _collect(edge: Edge, follower: Follower, model: str, created: int) -> JSONResponse:
+async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:
     """`"stream": false`: gather the events into one chat.completion."""
     parts: list[str] = []
     try:
@@ -292,7 +307,7 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int) -> 
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:
-        await cancel_stream(edge, follower.sid, ANONYMOUS, "timeout")
+        await cancel_stream(edge, follower.sid, owner, "timeout")
         err = TokenfanError("the answer took longer than the request timeout", code="timeout")
         err.status = 504
         return error_response(err)

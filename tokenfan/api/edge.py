@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aredis
 
+from tokenfan.api.auth import Authenticator
 from tokenfan.api.hub import Hub
 from tokenfan.api.metrics import ApiMetrics
 from tokenfan.shared import keys
@@ -34,6 +35,7 @@ class Edge:
     hub: Hub
     metrics: ApiMetrics
     name: str
+    auth: Authenticator
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -46,7 +48,7 @@ class Edge:
         hub = Hub(r, sharded=settings.redis_cluster, buffer=settings.subscriber_buffer,
                   on_reconnect=metrics.reconnects.inc)
         name = f"api:{socket.gethostname()}.{secrets.token_hex(3)}"
-        edge = cls(settings, r, sr, AsyncBus(r, cfg), SyncBus(sr, cfg), hub, metrics, name)
+        edge = cls(settings, r, sr, AsyncBus(r, cfg), SyncBus(sr, cfg), hub, metrics, name, Authenticator(r, settings))
         await hub.start()
         edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
         return edge

@@ -33,10 +33,12 @@ def install(app: FastAPI) -> None:
 
     @app.get("/v1/ops/snapshot")
     async def ops_snapshot(request: Request) -> Response:
+        await request.app.state.edge.auth.admin(request)
         return Response(orjson.dumps(await snapshot(request.app.state.edge)), media_type="application/json")
 
     @app.get("/v1/ops/events", response_model=None)
     async def ops_events(request: Request) -> StreamingResponse:
+        await request.app.state.edge.auth.admin(request)
         return StreamingResponse(_feed(request.app.state.edge), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

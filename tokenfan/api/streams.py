@@ -11,7 +11,6 @@ the stream waits in its queue, reports the position.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
+from tokenfan.api.admission import admit, check_queue, release
+from tokenfan.api.auth import ANONYMOUS, Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
@@ -37,16 +38,11 @@ VIEWER_TTL_S = 10.0
 LIVENESS_S = 5.0
 # Clean-up after a client left may take this long, shielded from cancellation.
 CLEANUP_S = 2.0
-ANONYMOUS = "anonymous"
 
 
 def new_stream_id() -> str:
     """144 random bits, URL-safe."""
     return secrets.token_urlsafe(18)
-
-
-def owner_of(api_key: str | None) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ANONYMOUS
 
 
 @dataclass
@@ -57,19 +53,26 @@ class Started:
     sub: Subscription
 
 
-async def start_stream(edge: Edge, req: ChatRequest, owner: str) -> Started:
-    """Validate, subscribe, then enqueue: no first token can be missed."""
+async def start_stream(edge: Edge, req: ChatRequest, who: Principal) -> Started:
+    """Validate, admit, subscribe, then enqueue: no first token can be missed."""
     model = await resolve_model(edge, req.model)
     check_caps(req, edge.settings)
+    await check_queue(edge, model)
     sid = new_stream_id()
+    await admit(edge, who, sid)
     now = time.time()
     payload = JobPayload.from_request(req, stream_id=sid, model=model, settings=edge.settings, now=now)
-    sub = await edge.hub.subscribe(keys.channel(sid))
     try:
-        await _create_state(edge, payload, owner, req.cancel_on_disconnect)
+        sub = await edge.hub.subscribe(keys.channel(sid))
+    except BaseException:
+        await release(edge, who, sid)
+        raise
+    try:
+        await _create_state(edge, payload, who.owner, req.cancel_on_disconnect)
         await asyncio.to_thread(enqueue, edge.sync_redis, payload, timeout_s=edge.settings.job_timeout_s)
     except BaseException:
         await edge.hub.unsubscribe(sub)
+        await release(edge, who, sid)
         raise
     return Started(sid, model, int(now), sub)
 

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="models, queues, workers, streams and errors")
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--api-key")
-    from tokenfan.ops import bench
+    from tokenfan.ops import bench, keys
 
+    keys.add_parser(sub)
     bench.add_parser(sub)
     return parser
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", "WARNING"))
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "up": _up, "api": _api, "worker": _worker, "chat": _chat, "status": _status, "bench": _bench,
+        "up": _up, "api": _api, "worker": _worker, "chat": _chat, "status": _status, "bench": _bench, "keys": _keys,
     }
     try:
         return commands[args.command](args)
@@ -128,6 +129,12 @@ def _status(args: argparse.Namespace) -> int:
     from tokenfan.ops.status import run_status
 
     return run_status(args)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from tokenfan.ops import keys
+
+    return keys.run(args, settings_from(args).redis_url)
 
 
 def _bench(args: argparse.Namespace) -> int:

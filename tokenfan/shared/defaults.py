@@ -29,6 +29,10 @@ SHUTDOWN_GRACE_S = 20.0
 # log: bounds an API process's memory for slow clients.
 SUBSCRIBER_BUFFER = 1024
 
+# Jobs waiting per model before new requests get 503: past this, a caller is
+# better told to come back than left waiting behind a queue that will not drain.
+MAX_QUEUE = 1000
+
 MAX_TOKENS_CAP = 4096
 DEFAULT_MAX_TOKENS = 512
 MAX_MESSAGES = 256

@@ -4,8 +4,12 @@
     ├── InvalidRequest (400)       bad input; `param` names the field
     │   └── ContextLengthExceeded  the prompt does not fit the model's context
     ├── PayloadTooLarge (413)      request body over the configured cap
-    ├── NotFound (404)             unknown stream or model
+    ├── NotFound (404)             unknown stream or model (or another key's stream)
+    ├── Unauthorized (401)         no API key, or an unknown one
+    ├── Forbidden (403)            a revoked key, or not an admin key
+    ├── RateLimited (429)          over a key's limits; carries retry_after
     ├── Unavailable (503)          Redis down, no worker, shutting down
+    │   └── Overloaded             the model's queue is full; carries retry_after
     ├── EngineError                the model failed while generating
     └── InvalidJob                 a job payload that does not validate
 
@@ -67,3 +71,34 @@ class EngineError(TokenfanError):
 
 class InvalidJob(TokenfanError):
     code = "invalid_job"
+
+
+class Unauthorized(TokenfanError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class Forbidden(TokenfanError):
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
+
+
+class RateLimited(TokenfanError):
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after

@@ -78,3 +78,17 @@ def errors() -> str:
 def active() -> str:
     """Sorted set of streams not yet finished (id -> created ms), for the ops page."""
     return f"{PREFIX}:active"
+
+
+def api_keys() -> str:
+    """Hash of API key records managed by `tokenfan keys` (sha256 -> JSON)."""
+    return f"{PREFIX}:keys"
+
+
+def tenant_streams(owner: str) -> str:
+    """Sorted set of a key's unfinished streams (id -> created ms), for its concurrency limit."""
+    return f"{PREFIX}:owner:{owner}:streams"
+
+
+def rate_window(owner: str, minute: int) -> str:
+    return f"{PREFIX}:owner:{owner}:rpm:{minute}"

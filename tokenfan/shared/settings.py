@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = d.SHUTDOWN_GRACE_S
     subscriber_buffer: int = d.SUBSCRIBER_BUFFER
 
+    # Access and admission
+    api_keys_file: str | None = None
+    api_keys: str | None = None
+    metrics_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_queue: int = d.MAX_QUEUE
+
     # Caps on requests
     max_tokens_cap: int = d.MAX_TOKENS_CAP
     default_max_tokens: int = d.DEFAULT_MAX_TOKENS
@@ -70,7 +76,7 @@ class Settings(BaseSettings):
     fake_fail_after: int | None = None
     fake_prefill_s: float = 0.0
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "metrics_allow", mode="before")
     @classmethod
     def _split_models(cls, v: object) -> object:
         if isinstance(v, str):

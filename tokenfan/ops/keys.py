@@ -1,0 +1,81 @@
+"""`tokenfan keys add|list|revoke`: API keys in Redis (default) or in a JSON file (`--file`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from tokenfan.shared import apikeys, keys
+from tokenfan.shared.apikeys import KeyRecord
+from tokenfan.shared.redisconn import sync_client
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("keys", help="manage API keys (in Redis, or in a file with --file)")
+    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL / TOKENFAN_REDIS_URL)")
+    p.add_argument("--file", help="a JSON key file (TOKENFAN_API_KEYS_FILE) instead of Redis")
+    p.add_argument("--log-level", default="WARNING")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    add = ks.add_parser("add", help="create a key; it is printed once and stored only as a hash")
+    add.add_argument("tenant")
+    add.add_argument("--admin", action="store_true", help="may read /ops and /metrics")
+    add.add_argument("--max-concurrent", type=int, default=8, help="concurrent streams (default 8)")
+    add.add_argument("--rpm", type=int, default=120, help="requests per minute (default 120)")
+    ks.add_parser("list", help="list keys (hash prefix, tenant, limits, state)")
+    rev = ks.add_parser("revoke", help="revoke a key by its hash prefix (from `list`) or the key itself")
+    rev.add_argument("key")
+
+
+class _Store:
+    def __init__(self, args: argparse.Namespace, redis_url: str | None) -> None:
+        self.path = Path(args.file) if args.file else None
+        self.redis = None if self.path else sync_client(redis_url)
+
+    def all(self) -> dict[str, KeyRecord]:
+        if self.path:
+            return apikeys.parse_records(self.path.read_bytes()) if self.path.exists() else {}
+        assert self.redis is not None
+        raw = self.redis.hgetall(keys.api_keys())
+        return {k.decode(): KeyRecord.model_validate_json(v) for k, v in raw.items()}
+
+    def put(self, rec: KeyRecord) -> None:
+        if self.path:
+            records = self.all()
+            records[rec.hash] = rec
+            apikeys.save_file(self.path, records)
+        else:
+            assert self.redis is not None
+            self.redis.hset(keys.api_keys(), rec.hash, rec.model_dump_json())
+
+
+def run(args: argparse.Namespace, redis_url: str | None) -> int:
+    store = _Store(args, redis_url)
+    if args.keys_command == "add":
+        key, rec = apikeys.make_record(args.tenant, admin=args.admin, max_concurrent=args.max_concurrent,
+                                       rpm=args.rpm)
+        store.put(rec)
+        print(key)
+        print(f"key for tenant '{rec.tenant}' ({rec.hash[:12]}): shown once, stored only as its hash",
+              file=sys.stderr)
+        return 0
+    if args.keys_command == "list":
+        for rec in store.all().values():
+            state = "revoked" if rec.revoked else "active"
+            print(f"{rec.hash[:12]}  {rec.tenant:<20} admin={str(rec.admin).lower():<5} "
+                  f"max_concurrent={rec.max_concurrent} rpm={rec.rpm} {state}")
+        return 0
+    return _revoke(store, args.key)
+
+
+def _revoke(store: _Store, ident: str) -> int:
+    records = store.all()
+    digest = apikeys.hash_key(ident) if ident.startswith(apikeys.KEY_PREFIX) else ident
+    found = [r for h, r in records.items() if h.startswith(digest)] if len(digest) >= 8 else []
+    if len(found) != 1:
+        print(f"tokenfan: {'no' if not found else 'more than one'} key matches '{ident[:12]}'", file=sys.stderr)
+        return 1
+    store.put(found[0].model_copy(update={"revoked": True}))
+    print(f"revoked {found[0].hash[:12]} ({found[0].tenant})")
+    return 0
