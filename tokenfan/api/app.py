@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
@@ -41,6 +43,41 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 SSE_TYPE = "text/event-stream; charset=utf-8"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorBody} for s in statuses}
+
+
+COMMON_ERRORS = (401, 403, 503)
+SSE_DOC: dict[str, Any] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+CHAT_DOC = {200: {"content": {"application/json": {"schema": {"type": "object"}},
+                              "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors_doc(400, 404, 413, 429, 504, 502, *COMMON_ERRORS)}
+
+
+def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """We answer bad input with 400 in OpenAI's shape, never FastAPI's 422."""
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return build
 
 
 def error_body(exc: TokenfanError) -> dict[str, Any]:
@@ -72,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     _errors(app)
     _routes(app)
     ops.install(app)
+    app.openapi = _openapi_without_422(app)  # type: ignore[method-assign]
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -126,7 +164,7 @@ Caller = Annotated[Principal, Depends(caller)]
 
 
 def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=CHAT_DOC)
     async def chat_completions(req: ChatRequest, request: Request, who: Caller) -> Response:
         t0 = time.time()
         edge = edge_of(request)
@@ -140,7 +178,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": started.stream_id}
         return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
 
-    @app.post("/v1/streams", status_code=201)
+    @app.post("/v1/streams", status_code=201, responses=_errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
     async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
         edge = edge_of(request)
         started = await start_stream(edge, req, who)
@@ -152,7 +190,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
             status_code=201, headers={"Location": url},
         )
 
-    @app.get("/v1/streams/{stream_id}", response_model=None)
+    @app.get("/v1/streams/{stream_id}", response_model=None,
+             responses={200: SSE_DOC, 204: {"description": "the stream ended at or before Last-Event-ID"},
+                        **_errors_doc(400, 404, *COMMON_ERRORS)})
     async def follow_stream(stream_id: str, request: Request, who: Caller, format: str = "native",
                             last_event_id: str | None = None) -> Response:
         edge = edge_of(request)
@@ -170,12 +210,12 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": stream_id}
         return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
 
-    @app.delete("/v1/streams/{stream_id}", status_code=202)
+    @app.delete("/v1/streams/{stream_id}", status_code=202, responses=_errors_doc(404, *COMMON_ERRORS))
     async def delete_stream(stream_id: str, request: Request, who: Caller) -> JSONResponse:
         status = await cancel_stream(edge_of(request), stream_id, who.owner)
         return JSONResponse({"id": stream_id, "status": status}, status_code=202)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors_doc(*COMMON_ERRORS))
     async def list_models(request: Request, who: Caller) -> dict[str, Any]:
         names = await edge_of(request).models()
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenfan"} for n in names]
@@ -185,7 +225,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=None)
+    @app.get("/readyz", response_model=None, responses={503: {"description": "not ready, with the reason"}})
     async def readyz(request: Request) -> JSONResponse:
         edge = edge_of(request)
         try:
@@ -198,7 +238,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
                                 status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                                     **_errors_doc(*COMMON_ERRORS)})
     async def metrics(request: Request) -> Response:
         edge = edge_of(request)
         if await edge.auth.enabled():

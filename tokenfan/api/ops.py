@@ -31,12 +31,15 @@ def install(app: FastAPI) -> None:
     async def ops_page() -> Response:
         return FileResponse(STATIC / "ops.html")
 
-    @app.get("/v1/ops/snapshot")
+    errors = {s: {"description": "error, OpenAI's shape"} for s in (401, 403, 503)}
+
+    @app.get("/v1/ops/snapshot", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                                            **errors})
     async def ops_snapshot(request: Request) -> Response:
         await request.app.state.edge.auth.admin(request)
         return Response(orjson.dumps(await snapshot(request.app.state.edge)), media_type="application/json")
 
-    @app.get("/v1/ops/events", response_model=None)
+    @app.get("/v1/ops/events", response_model=None, include_in_schema=False)
     async def ops_events(request: Request) -> StreamingResponse:
         await request.app.state.edge.auth.admin(request)
         return StreamingResponse(_feed(request.app.state.edge), media_type="text/event-stream",

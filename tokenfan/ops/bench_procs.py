@@ -189,6 +189,11 @@ class Stack:
             progress(f"process logs kept in {self.logs}")
 
     @property
+    def redis_pid(self) -> int:
+        assert self.redis_server is not None and self.redis_server.proc is not None
+        return self.redis_server.proc.pid
+
+    @property
     def redis_url(self) -> str:
         assert self.redis_server is not None
         return self.redis_server.url
