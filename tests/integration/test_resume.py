@@ -177,7 +177,7 @@ def test_cancel_while_queued_ends_at_once(cluster: Cluster) -> None:
     api = cluster.api()
     sid = create_stream(api.url, max_tokens=5)  # no worker: stays queued
     assert httpx.delete(f"{api.url}/v1/streams/{sid}").status_code == 202
-    status, got = read_stream(api.url, sid, timeout=10)
+    _, got = read_stream(api.url, sid, timeout=10)
     evs = logged(got)
     assert [e.event for e in evs] == ["done"] and evs[0].json()["finish_reason"] == "cancelled"
     cluster.worker()  # the queued job is skipped, not run

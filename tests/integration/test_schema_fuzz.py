@@ -32,7 +32,7 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
         @given(case=op.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        def run(case: schemathesis.Case) -> None:
+        def run(case: schemathesis.Case, op: schemathesis.APIOperation = op) -> None:
             nonlocal calls
             calls += 1
             resp = case.call_and_validate(base_url=api.url, checks=CHECKS, timeout=20)

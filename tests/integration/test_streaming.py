@@ -210,7 +210,7 @@ def test_invalid_job_payload_is_rejected_with_error_event_not_run(cluster: Clust
     api = cluster.api()
     cluster.worker()
     sid = create_stream(api.url, max_tokens=3)
-    _, got = read_stream(api.url, sid)  # the real one, to finish first
+    read_stream(api.url, sid)  # the real one, to finish first
     # now a hand-made job with a bad payload for a fresh queued stream
     sid2 = create_stream(api.url, max_tokens=3)
     read_stream(api.url, sid2)

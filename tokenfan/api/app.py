@@ -14,18 +14,18 @@ import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.api import ops
+from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
-from tokenfan.api.auth import Principal
 from tokenfan.api.streams import (
     Follower,
     cancel_stream,
@@ -34,7 +34,14 @@ from tokenfan.api.streams import (
     start_stream,
 )
 from tokenfan.shared import events, keys
-from tokenfan.shared.errors import InvalidRequest, NotFound, Overloaded, RateLimited, TokenfanError, Unavailable
+from tokenfan.shared.errors import (
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    TokenfanError,
+    Unavailable,
+)
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import Settings

@@ -50,7 +50,7 @@ class Subscription:
         self.gap = True
         self.wake.set()
 
-    async def get(self, timeout: float) -> tuple[list[bytes], bool] | None:
+    async def get(self, timeout: float) -> tuple[list[bytes], bool] | None:  # noqa: ASYNC109 - a wait, not a deadline
         """What arrived (and whether something may be missing), or None after `timeout`."""
         if not self.buf and not self.gap:
             self.wake.clear()

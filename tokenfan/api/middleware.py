@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,7 +82,7 @@ class RequestMetrics:
             _count(scope, status)
 
 
-def _count(scope: dict[str, Any], status: int) -> None:
+def _count(scope: Scope, status: int) -> None:
     app = scope.get("app")
     edge = getattr(getattr(app, "state", None), "edge", None)
     if edge is None:

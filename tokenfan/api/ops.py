@@ -31,7 +31,7 @@ def install(app: FastAPI) -> None:
     async def ops_page() -> Response:
         return FileResponse(STATIC / "ops.html")
 
-    errors = {s: {"description": "error, OpenAI's shape"} for s in (401, 403, 503)}
+    errors: dict[int | str, dict[str, Any]] = {s: {"description": "error, OpenAI's shape"} for s in (401, 403, 503)}
 
     @app.get("/v1/ops/snapshot", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
                                             **errors})
@@ -74,8 +74,8 @@ async def snapshot(edge: Edge) -> dict[str, Any]:
                        "workers_live": len(names)})
         for name in names:
             workers.append(_worker(name.decode(), await r.hgetall(keys.worker(name.decode()))))
-    streams = [await _stream(edge, sid.decode(), now) for sid in await r.zrange(keys.active(), 0, MAX_STREAMS - 1)]
-    streams = [s for s in streams if s]
+    found = [await _stream(edge, sid.decode(), now) for sid in await r.zrange(keys.active(), 0, MAX_STREAMS - 1)]
+    streams = [s for s in found if s]
     errors = [orjson.loads(e) for e in await r.lrange(keys.errors(), 0, 19)]
     return {
         "time": now, "models": models, "workers": workers, "streams": streams, "errors": errors,

@@ -11,6 +11,7 @@ the stream waits in its queue, reports the position.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -21,7 +22,7 @@ import anyio
 import orjson
 
 from tokenfan.api.admission import admit, check_queue, release
-from tokenfan.api.auth import ANONYMOUS, Principal
+from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
@@ -265,4 +266,4 @@ class Follower:
 
 
 def _has_hole(batch: list[Event]) -> bool:
-    return any(b.seq != a.seq + 1 for a, b in zip(batch, batch[1:], strict=False))
+    return any(b.seq != a.seq + 1 for a, b in itertools.pairwise(batch))

@@ -16,7 +16,7 @@ RECONNECT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str, str]]:
     """(id, event, data) per SSE event; comments skipped."""
-    ev_id, kind, data = "", "message", []
+    ev_id, kind, data = "", "message", list[str]()
     for line in lines:
         if not line:
             if data:

@@ -41,7 +41,7 @@ def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOU
         require_url(url),
         retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
         socket_timeout=socket_timeout,
-        **_common(),  # type: ignore[arg-type]
+        **_common(),
     )
 
 
@@ -53,7 +53,7 @@ def async_client(url: str | None, *, max_connections: int = 64) -> aredis.Redis:
         retry=AsyncRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
         socket_timeout=SOCKET_TIMEOUT_S,
         max_connections=max_connections,
-        **_common(),  # type: ignore[arg-type]
+        **_common(),
     )
 
 

@@ -70,7 +70,8 @@ class ChatRequest(BaseModel):
         return self
 
     def wanted_tokens(self, settings: Settings) -> int:
-        return self.max_completion_tokens or self.max_tokens or min(settings.default_max_tokens, settings.max_tokens_cap)
+        default = min(settings.default_max_tokens, settings.max_tokens_cap)
+        return self.max_completion_tokens or self.max_tokens or default
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -129,7 +130,7 @@ class JobPayload(BaseModel):
             max_tokens=req.wanted_tokens(settings),
             temperature=req.temperature,
             top_p=req.top_p,
-            stop=req.stop or [],
+            stop=list(req.stop or []),
             seed=req.seed,
             disclosure=settings.disclosure,
             enqueued_at=now,

@@ -151,7 +151,7 @@ class LlamaEngine:
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+        return str(self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore"))
 
     def _tokens(self, req: GenRequest) -> tuple[list[int], list[str]]:
         res: Any = self.formatter(messages=req.messages)
@@ -186,7 +186,7 @@ class LlamaEngine:
         )
         try:
             for chunk in chunks:
-                choice = chunk["choices"][0]  # type: ignore[index]
+                choice = chunk["choices"][0]
                 yield choice["text"], choice["finish_reason"]
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp failed: {exc}") from exc

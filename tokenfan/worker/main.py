@@ -36,7 +36,7 @@ from tokenfan.worker.runner import Runner
 log = logging.getLogger(__name__)
 
 
-class TokenfanWorker(SimpleWorker):
+class TokenfanWorker(SimpleWorker):  # type: ignore[misc]
     """An RQ SimpleWorker that binds the tokenfan runner around every job."""
 
     def __init__(self, *args: Any, runner: Runner, **kwargs: Any) -> None:
