@@ -171,3 +171,26 @@ def test_redis_restart_mid_stream_ends_with_error_and_new_requests_work(cluster:
         assert wait_for(works, timeout=30, interval=0.5, what="a new request after the restart")
     finally:
         own.stop()
+
+
+def test_sigterm_api_tells_native_clients_to_reconnect(cluster: Cluster) -> None:
+    a = cluster.api(TOKENFAN_SHUTDOWN_GRACE_S="4")
+    b = cluster.api()
+    cluster.worker(TOKENFAN_FAKE_RATE="10")
+    sid = create_stream(a.url, "drain me", max_tokens=60)
+    got: list[SSE] = []
+    t0 = 0.0
+    with httpx.stream("GET", f"{a.url}/v1/streams/{sid}", timeout=30) as resp:
+        for ev in parse_sse(resp.iter_lines()):
+            got.append(ev)
+            if len(got) == 4:
+                a.signal(signal.SIGTERM)
+                t0 = time.monotonic()
+    assert got[-1].event == "reconnect" and got[-1].json()["reason"] == "server_shutdown"
+    assert time.monotonic() - t0 < 3
+    part = logged([e for e in got if e.event != "reconnect"])
+    rest = logged(read_stream(b.url, sid, last=int(got[-1].id))[1])
+    evs = part + rest
+    _one_terminal(evs)
+    assert _text(evs) == _expected("drain me", 60)
+    wait_for(lambda: not a.alive(), timeout=15, what="the API to exit")

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenfan.api import ops
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
-from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
+from tokenfan.api.formats import DONE_LINE, NativeWriter, OpenAIWriter, completion
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.streams import (
     Follower,
@@ -289,6 +290,10 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
     last_write = time.monotonic()
     try:
         async for batch in follower.batches():
+            if edge.draining and (native or edge.closing.is_set()) and not follower.finished:
+                follower.handed_off = True
+                yield _shutdown_bytes(follower, native)
+                return
             if batch is None:
                 extra = await _idle_bytes(edge, follower, native, time.monotonic() - last_write)
                 if extra:
@@ -313,7 +318,7 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
         raise
     finally:
         m.active.dec()
-        if not follower.finished:
+        if not follower.finished and not follower.handed_off:
             await follower.leave()
 
 
@@ -323,6 +328,18 @@ async def _idle_bytes(edge: Edge, follower: Follower, native: bool, silent_s: fl
     if silent_s >= edge.settings.heartbeat_s:
         return events.sse_comment("ping")
     return b""
+
+
+def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
+    """This API process is stopping: tell the client to resume elsewhere (the stream goes on)."""
+    if native:
+        reconnect = events.sse_named("reconnect", follower.last, {"reason": "server_shutdown",
+                                                                  "last_event_id": follower.last})
+        return b"retry: 250\n" + reconnect
+    err = {"error": {"message": f"this API process is shutting down; resume with GET /v1/streams/{follower.sid}"
+                                f"?format=openai and Last-Event-ID: {follower.last}",
+                     "type": "server_error", "code": "server_shutdown", "param": None}}
+    return b"data: " + orjson.dumps(err) + b"\n\n" + DONE_LINE
 
 
 def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
@@ -336,8 +353,6 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
     if native:
         return events.sse_named(events.ERROR, follower.last, data)
     err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
-    import orjson
-
     return b"data: " + orjson.dumps(err) + b"\n\n" + b"data: [DONE]\n\n"
 
 

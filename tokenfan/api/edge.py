@@ -37,6 +37,7 @@ class Edge:
     name: str
     auth: Authenticator
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -61,6 +62,21 @@ class Edge:
         await self.hub.close()
         await self.redis.aclose()
         self.sync_redis.close()
+
+    def drain(self) -> None:
+        """SIGTERM: native streams end now with `reconnect` (clients resume on
+        another replica); OpenAI-format streams may finish until `end_streams`."""
+        self.draining = True
+        self._wake_all()
+
+    def end_streams(self) -> None:
+        self.closing.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for subs in self.hub.subs.values():
+            for sub in subs:
+                sub.wake.set()
 
     async def _reaper(self) -> None:
         """Lapsed leases end even when no worker is left to reap them."""

@@ -165,6 +165,7 @@ class Follower:
         self.state = state
         self.sub = sub
         self.finished = False
+        self.handed_off = False
         self.viewer = secrets.token_hex(6)
         self.cancel_on_disconnect = state.get("cancel_on_disconnect") == "1"
         self._viewer_at = 0.0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 
 import uvicorn
+from fastapi import FastAPI
 
 from tokenfan.api.app import create_app
 from tokenfan.shared.settings import Settings
@@ -18,6 +21,24 @@ LIMIT_CONCURRENCY = 10_000
 KEEPALIVE_S = 75
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, plus tokenfan's drain: native streams are told to reconnect at
+    once; OpenAI-format streams get until just before uvicorn's own deadline."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        edge = getattr(self.app.state, "edge", None)
+        if edge is not None:
+            log.info("API %s: draining open streams", edge.name)
+            edge.drain()
+            asyncio.get_running_loop().call_later(max(0.0, self.grace_s - 1.0), edge.end_streams)
+        await super().shutdown(sockets)
+
+
 def serve_api(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
@@ -29,10 +50,10 @@ def serve_api(settings: Settings) -> int:
         access_log=False,
         log_level="warning",
         timeout_keep_alive=KEEPALIVE_S,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         limit_concurrency=LIMIT_CONCURRENCY,
         lifespan="on",
     )
     log.info("API listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.Server(config).run()
+    _Server(config, app, settings.shutdown_grace_s).run()
     return 0
