@@ -300,12 +300,7 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
                     last_write = time.monotonic()
                     yield extra
                 continue
-            now = time.time()
-            for e in batch:
-                m.relay_lag.observe(max(0.0, now - e.ts))
-            if first and any(e.type == events.TOKEN for e in batch):
-                first = False
-                m.first_token.observe(now - t0)
+            first = _observe(edge, batch, first, t0)
             data = writer.write(batch)
             m.relayed.inc(len(batch))
             if data:
@@ -320,6 +315,18 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
         m.active.dec()
         if not follower.finished and not follower.handed_off:
             await follower.leave()
+
+
+def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> bool:
+    """Relay lag per event, time to first token once; returns whether the first token is still ahead."""
+    m = edge.metrics
+    now = time.time()
+    for e in batch:
+        m.relay_lag.observe(max(0.0, now - e.ts))
+    if first and any(e.type == events.TOKEN for e in batch):
+        m.first_token.observe(now - t0)
+        return False
+    return first
 
 
 async def _idle_bytes(edge: Edge, follower: Follower, native: bool, silent_s: float) -> bytes:
