@@ -125,6 +125,7 @@ def test_metrics_move_for_a_native_and_an_openai_stream(cluster: Cluster) -> Non
         a, w = scrape(api.url), scrape(wurl)
         done = (get(a, "tokenfan_api_active_streams") == 0
                 and delta(a0, a, "tokenfan_api_requests_total", route="/v1/chat/completions", status="200") >= 1
+                and delta(a0, a, "tokenfan_api_requests_total", route="/v1/streams/{stream_id}", status="200") >= 1
                 and delta(w0, w, "tokenfan_worker_jobs_total", model=MODEL, outcome="done") >= 2)
         return (a, w) if done else None
 
@@ -208,6 +209,7 @@ def test_worker_busy_while_generating_then_disconnect_and_cancel(cluster: Cluste
     assert delta(w0, w1, "tokenfan_worker_jobs_total", model=MODEL, outcome="done") == 0
     assert get(w1, "tokenfan_worker_busy", model=MODEL) == 0
     status, got = read_stream(api.url, sid)
+    assert status == 200
     done = logged(got)[-1]
     assert done.event == "done" and done.json()["finish_reason"] == "cancelled"
     assert done.json()["cancel_reason"] == "client"

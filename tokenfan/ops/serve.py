@@ -10,6 +10,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenfan.api.app import create_app
+from tokenfan.shared.redisconn import require_url
 from tokenfan.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class _Server(uvicorn.Server):
 
 
 def serve_api(settings: Settings) -> int:
+    require_url(settings.redis_url)  # fail with one clear line, not a startup traceback
     app = create_app(settings)
     config = uvicorn.Config(
         app,

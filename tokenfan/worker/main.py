@@ -35,6 +35,9 @@ from tokenfan.worker.runner import Runner
 
 log = logging.getLogger(__name__)
 
+# How long a stopping worker waits for its keeper's last tick.
+KEEPER_JOIN_S = 5.0
+
 
 class TokenfanWorker(SimpleWorker):  # type: ignore[misc]
     """An RQ SimpleWorker that binds the tokenfan runner around every job."""
@@ -88,6 +91,7 @@ def run_worker(settings: Settings) -> int:
         worker.work(with_scheduler=False, logging_level="WARNING")
     finally:
         keeper.stop()
+        keeper.join(KEEPER_JOIN_S)  # its last heartbeat must not land after the deregistration
         registry.deregister(bus.redis, name, settings.model)
         log.info("Worker %s: stopped", name)
     return 0
