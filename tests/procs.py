@@ -119,7 +119,8 @@ class Cluster:
         proc.name = name
         if wait:
             model = env.get("TOKENFAN_MODEL", self.env.get("TOKENFAN_MODEL", "smollm2"))
-            r = redis.Redis.from_url(self.redis_url)
+            clustered = self.env.get("TOKENFAN_REDIS_CLUSTER") == "true"
+            r = (redis.RedisCluster.from_url(self.redis_url) if clustered else redis.Redis.from_url(self.redis_url))
             try:
                 wait_for(lambda: r.zscore(f"tf:workers:{model}", name) is not None or not proc.alive(),
                          timeout=60, what=f"worker {name}")
@@ -153,7 +154,7 @@ class SSE:
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SSE]:
     ev_id: str | None = None
-    kind, data = "message", []
+    kind, data = "message", list[str]()
     for line in lines:
         if line == "":
             if data:

@@ -7,6 +7,7 @@ it never skips: a browser test that silently does not run proves nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -110,7 +111,7 @@ def restart_api(cluster: Cluster, port: int, **env: str) -> Proc:
         proc = cluster._spawn("api", ["--port", str(port)], dict(env))
         proc.port = port
         try:
-            wait_for(lambda: _healthy_or_dead(proc), timeout=30, what=f"API restarted on port {port}")
+            wait_for(functools.partial(_healthy_or_dead, proc), timeout=30, what=f"API restarted on port {port}")
         except AssertionError:
             proc.stop()
             raise

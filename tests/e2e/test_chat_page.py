@@ -7,6 +7,7 @@ text, no token repeated, none missing.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -116,7 +117,7 @@ def test_answer_streams_in_several_growing_steps(cluster: Cluster, page: Page, p
 
     final = answers(page)[0]
     assert final == want
-    for before, after in zip(samples, samples[1:], strict=False):
+    for before, after in itertools.pairwise(samples):
         assert after.startswith(before) and len(after) > len(before), (before, after)
     partial = [s for s in samples if s != final]
     assert all(final.startswith(s) for s in partial), partial

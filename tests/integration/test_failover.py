@@ -24,7 +24,7 @@ def _text(evs: list[SSE]) -> str:
 
 
 def _follow_until(base: str, sid: str, tokens: int, timeout: float = 30) -> list[SSE]:
-    """Read until `tokens` tokens arrived (then keep the connection open for the caller's action)."""
+    """Read until `tokens` tokens arrived, then close the connection (the stream goes on)."""
     got: list[SSE] = []
     with httpx.stream("GET", f"{base}/v1/streams/{sid}", timeout=timeout) as resp:
         for ev in parse_sse(resp.iter_lines()):

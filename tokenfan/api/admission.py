@@ -31,7 +31,7 @@ QUEUE_RETRY_S = 5
 
 
 async def check_queue(edge: Edge, model: str) -> None:
-    depth = int(await edge.redis.llen(keys.queue_list(model)))
+    depth = int(await edge.queue_redis.llen(keys.queue_list(model)))
     bound = edge.settings.max_queue
     if depth >= bound:
         workers = max(1, await edge.live_workers(model))

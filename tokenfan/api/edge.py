@@ -13,7 +13,7 @@ import redis
 import redis.asyncio as aredis
 
 from tokenfan.api.auth import Authenticator
-from tokenfan.api.hub import Hub
+from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
 from tokenfan.shared import keys
 from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 class Edge:
     settings: Settings
     redis: aredis.Redis
+    queue_redis: aredis.Redis
     sync_redis: redis.Redis
     bus: AsyncBus
     sync_bus: SyncBus
-    hub: Hub
+    hub: Hub | ShardedHub
     metrics: ApiMetrics
     name: str
     auth: Authenticator
@@ -43,13 +44,19 @@ class Edge:
     @classmethod
     async def open(cls, settings: Settings) -> Edge:
         cfg = BusConfig(settings.log_maxlen, settings.log_active_ttl_s, settings.log_ttl_s, settings.redis_cluster)
-        r = async_client(settings.redis_url)
-        sr = sync_client(settings.redis_url)
+        r = async_client(settings.redis_url, cluster=settings.redis_cluster)
+        sr = sync_client(settings.redis_url, cluster=settings.redis_cluster)
+        qr = async_client(settings.queue_url())
         metrics = ApiMetrics()
-        hub = Hub(r, sharded=settings.redis_cluster, buffer=settings.subscriber_buffer,
-                  on_reconnect=metrics.reconnects.inc)
+        hub: Hub | ShardedHub
+        if settings.redis_cluster:
+            hub = ShardedHub(r, settings.redis_url or "", buffer=settings.subscriber_buffer,
+                             on_reconnect=metrics.reconnects.inc)
+        else:
+            hub = Hub(r, buffer=settings.subscriber_buffer, on_reconnect=metrics.reconnects.inc)
         name = f"api:{socket.gethostname()}.{secrets.token_hex(3)}"
-        edge = cls(settings, r, sr, AsyncBus(r, cfg), SyncBus(sr, cfg), hub, metrics, name, Authenticator(r, settings))
+        sync_bus = SyncBus(sr, cfg, queue=sync_client(settings.queue_url()))
+        edge = cls(settings, r, qr, sr, AsyncBus(r, cfg), sync_bus, hub, metrics, name, Authenticator(r, settings))
         await hub.start()
         edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
         return edge
@@ -61,7 +68,9 @@ class Edge:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.hub.close()
         await self.redis.aclose()
+        await self.queue_redis.aclose()
         self.sync_redis.close()
+        self.sync_bus.queue.close()
 
     def drain(self) -> None:
         """SIGTERM: native streams end now with `reconnect` (clients resume on
@@ -74,9 +83,8 @@ class Edge:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        for subs in self.hub.subs.values():
-            for sub in subs:
-                sub.wake.set()
+        for sub in self.hub.subscriptions():
+            sub.wake.set()
 
     async def _reaper(self) -> None:
         """Lapsed leases end even when no worker is left to reap them."""

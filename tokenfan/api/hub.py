@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class Subscription:
 
 
 class Hub:
+    def subscriptions(self) -> list[Subscription]:
+        return [s for subs in self.subs.values() for s in subs]
+
     def __init__(self, client: aredis.Redis, *, sharded: bool = False, buffer: int = 1024,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.client = client
@@ -176,3 +181,54 @@ class Hub:
             elif fut is not None:
                 for sub in self.subs.get(name, ()):
                     sub.mark_gap()
+
+
+class ShardedHub:
+    """Redis Cluster: one `Hub` (one sharded pub/sub connection) per primary.
+
+    A stream's channel hashes (by its `{ID}` tag) to one slot; SSUBSCRIBE must
+    go to the primary that owns it. Each primary gets its own connection and
+    reader task, so a slow shard never delays another.
+    """
+
+    def __init__(self, cluster: AsyncRedisCluster, url: str, *, buffer: int = 1024,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
+        self.cluster = cluster
+        self.conn_kwargs = parse_url(url)
+        self.buffer = buffer
+        self.on_reconnect = on_reconnect
+        self.hubs: dict[str, Hub] = {}
+        self.owner: dict[Subscription, Hub] = {}
+
+    async def start(self) -> None:
+        await self.cluster.initialize()
+
+    async def close(self) -> None:
+        for hub in self.hubs.values():
+            await hub.close()
+            await hub.client.aclose()
+
+    def subscriptions(self) -> list[Subscription]:
+        return [s for hub in self.hubs.values() for s in hub.subscriptions()]
+
+    async def _hub_for(self, channel: str) -> Hub:
+        node = self.cluster.get_node_from_key(channel)
+        hub = self.hubs.get(node.name)
+        if hub is None:
+            kwargs = {**self.conn_kwargs, "host": node.host, "port": node.port}
+            client = aredis.Redis(**kwargs)
+            hub = Hub(client, sharded=True, buffer=self.buffer, on_reconnect=self.on_reconnect)
+            await hub.start()
+            self.hubs[node.name] = hub
+        return hub
+
+    async def subscribe(self, channel: str) -> Subscription:
+        hub = await self._hub_for(channel)
+        sub = await hub.subscribe(channel)
+        self.owner[sub] = hub
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        hub = self.owner.pop(sub, None)
+        if hub is not None:
+            await hub.unsubscribe(sub)

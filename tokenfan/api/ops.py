@@ -60,7 +60,7 @@ async def _feed(edge: Edge) -> AsyncIterator[bytes]:
 
 async def refresh_gauges(edge: Edge) -> None:
     for model in await edge.models():
-        edge.metrics.queue_depth.labels(model).set(await edge.redis.llen(keys.queue_list(model)))
+        edge.metrics.queue_depth.labels(model).set(await edge.queue_redis.llen(keys.queue_list(model)))
         edge.metrics.workers_live.labels(model).set(await edge.live_workers(model))
 
 
@@ -70,7 +70,7 @@ async def snapshot(edge: Edge) -> dict[str, Any]:
     models, workers = [], []
     for model in await edge.models():
         names = await r.zrangebyscore(keys.workers(model), int((now - WORKER_LIVE_S) * 1000), "+inf")
-        models.append({"name": model, "queue_depth": await r.llen(keys.queue_list(model)),
+        models.append({"name": model, "queue_depth": await edge.queue_redis.llen(keys.queue_list(model)),
                        "workers_live": len(names)})
         for name in names:
             workers.append(_worker(name.decode(), await r.hgetall(keys.worker(name.decode()))))

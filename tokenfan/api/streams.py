@@ -70,7 +70,7 @@ async def start_stream(edge: Edge, req: ChatRequest, who: Principal) -> Started:
         raise
     try:
         await _create_state(edge, payload, who.owner, req.cancel_on_disconnect)
-        await asyncio.to_thread(enqueue, edge.sync_redis, payload, timeout_s=edge.settings.job_timeout_s)
+        await asyncio.to_thread(enqueue, edge.sync_bus.queue, payload, timeout_s=edge.settings.job_timeout_s)
     except BaseException:
         await edge.hub.unsubscribe(sub)
         await release(edge, who, sid)

@@ -78,7 +78,7 @@ QUICK = Sizes(
     capacity_streams=10,
     capacity_offered=(500, 1000),
     capacity_seconds=1.0,
-    idle_levels=(20, 50),
+    idle_levels=(20,),
     idle_hold_s=0.2,
     burst_at=20,
     ttft_requests=5,
@@ -141,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
     progress(f"{command}: {', '.join(names)}; {layout.describe()}")
     entries: dict[str, dict[str, Any]] = {}
     failed = []
+    run_started = _now()
     for name in names:
-        started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.monotonic()
-        progress(f"scenario {name}: starting")
+        started, t0, load_before = _now(), time.monotonic(), _loadavg()
+        progress(f"scenario {name}: starting (load average {load_before})")
         try:
             with Stack(layout) as stack:
                 result = RUNNERS[name](stack, sizes, args)
@@ -153,11 +154,21 @@ def run(args: argparse.Namespace) -> int:
             continue
         seconds = round(time.monotonic() - t0, 1)
         progress(f"scenario {name}: done in {seconds}s")
-        entries[name] = {"command": command, "started": started, "seconds": seconds, "quick": args.quick,
+        entries[name] = {"command": command, "run_started": run_started, "started": started, "seconds": seconds,
+                         "quick": args.quick, "load_average": [load_before, _loadavg()],
                          "machine": {**info, "pinning": layout.describe()}, "result": result}
     if entries:
         _write(args, entries)
     return 1 if failed else 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _loadavg() -> float:
+    """The 1-minute load average (other work on the machine shows up here)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
 
 
 def _write(args: argparse.Namespace, entries: dict[str, dict[str, Any]]) -> None:

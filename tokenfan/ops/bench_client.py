@@ -35,6 +35,8 @@ from tokenfan.ops.bench_stats import summary
 CONNECT_CONCURRENCY = 32
 # Stream creations in flight at once.
 CREATE_CONCURRENCY = 32
+# A creation answered 503 (Redis pool, queue bound) is retried, with backoff, this many times in all.
+CREATE_ATTEMPTS = 5
 # Bucket width of the delivered-events histogram.
 BUCKETS_PER_S = 10
 
@@ -190,8 +192,7 @@ def request_bytes(method: str, path: str, host: str, port: int, body: bytes | No
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
-async def exchange(host: str, port: int, handler: Handler, request: bytes,
-                   on_open: Callable[[], None] | None = None) -> None:
+async def exchange(host: str, port: int, handler: Handler, request: bytes) -> None:
     """Open a connection, send `request`, wait until the connection is closed."""
     loop = asyncio.get_running_loop()
     closed: asyncio.Future[None] = loop.create_future()
@@ -200,9 +201,6 @@ async def exchange(host: str, port: int, handler: Handler, request: bytes,
     except OSError as exc:
         handler.on_end(exc)
         return
-    finally:
-        if on_open:
-            on_open()
     await closed
 
 
@@ -227,6 +225,7 @@ class Follow(Handler):
 
     def __init__(self, run: FollowRun) -> None:
         self.run = run
+        self.on_first: Callable[[], None] | None = None
         self.sse = SSEParser()
         self.events = 0
         self.tokens = 0
@@ -241,7 +240,7 @@ class Follow(Handler):
                 continue
             self.events += 1
             if self.events == 1:
-                self.run.ready_one()
+                self._first()
             if event == b"token":
                 ts = orjson.loads(payload)["ts"]
                 self.tokens += 1
@@ -254,9 +253,15 @@ class Follow(Handler):
                 return True
         return False
 
+    def _first(self) -> None:
+        self.run.ready_one()
+        if self.on_first is not None:
+            self.on_first()
+            self.on_first = None
+
     def on_end(self, exc: Exception | None) -> None:
         if self.events == 0:
-            self.run.ready_one()
+            self._first()
         self.run.finish_one()
 
 
@@ -319,6 +324,7 @@ class FollowRun:
         self.open = 0
         self.all_ready = asyncio.Event()
         self.all_done = asyncio.Event()
+        self.create_retries = 0
 
     def ready_one(self) -> None:
         self.waiting -= 1
@@ -356,16 +362,20 @@ class FollowRun:
         tasks = [asyncio.create_task(self._follow(sid, h, gate)) for sid, h in zip(sids, handlers, strict=True)]
         return handlers, tasks
 
-    async def _wait(self, event: asyncio.Event, timeout: float) -> None:
+    async def _wait(self, event: asyncio.Event, seconds: float) -> None:
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(seconds):
+                await event.wait()
         except TimeoutError:
             pass
 
     async def _follow(self, sid: str, h: Follow, gate: asyncio.Semaphore) -> None:
+        # The gate opens again once this stream has answered (or failed): at most
+        # `connect_concurrency` requests are being set up by the API at any moment.
         await gate.acquire()
+        h.on_first = gate.release
         req = request_bytes("GET", f"/v1/streams/{sid}", self.host, self.port)
-        await exchange(self.host, self.port, h, req, on_open=gate.release)
+        await exchange(self.host, self.port, h, req)
 
     async def _create(self) -> list[str]:
         spec = self.job["create"]
@@ -374,10 +384,15 @@ class FollowRun:
 
         async def one() -> str:
             async with gate:
-                h = Body()
-                await exchange(self.host, self.port, h, request_bytes("POST", "/v1/streams", self.host,
-                                                                       self.port, body))
-                return str(h.json()["id"]) if h.status == 201 else ""
+                for attempt in range(CREATE_ATTEMPTS):
+                    h = Body()
+                    await exchange(self.host, self.port, h, request_bytes("POST", "/v1/streams", self.host,
+                                                                           self.port, body))
+                    if h.status == 201:
+                        return str(h.json()["id"])
+                    self.create_retries += 1
+                    await asyncio.sleep(0.05 * 2**attempt)
+                return ""
 
         got = await asyncio.gather(*(one() for _ in range(int(spec["count"]))))
         return [s for s in got if s]
@@ -387,6 +402,7 @@ class FollowRun:
         per_stream = [h.tokens for h in handlers]
         return {
             "streams": len(handlers),
+            "create_retries": self.create_retries,
             "finished": len(finished),
             "error_events": sum(1 for h in handlers if h.terminal == b"error"),
             "failed": sum(1 for h in handlers if not h.terminal),

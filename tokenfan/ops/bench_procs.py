@@ -121,25 +121,42 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for stream in (self.popen.stdin, self.popen.stdout):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # a pipe the child broke when it exited
+                    pass
 
 
 class LineChild(Child):
     """A child that talks JSON lines: the client and the publisher."""
 
     lines: queue.Queue[bytes]
+    reader: threading.Thread
 
     def start_reader(self) -> None:
         self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True, name=f"bench-{self.name}").start()
+        self.reader = threading.Thread(target=self._read, daemon=True, name=f"bench-{self.name}")
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line)
+        try:
+            for line in self.popen.stdout:
+                self.lines.put(line)
+        except (OSError, ValueError):  # the pipe closed under us: the child is gone
+            pass
         self.lines.put(b"")
+
+    def _close_pipes(self) -> None:
+        # The reader sees EOF once the child has exited; close the pipes only after it is done.
+        if getattr(self, "reader", None) is not None:
+            self.reader.join(5)
+        super()._close_pipes()
 
     def send(self, obj: dict[str, Any] | str) -> None:
         assert self.popen.stdin is not None

@@ -9,6 +9,7 @@ script. The client process follows every stream with `GET /v1/streams/{id}`.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,12 +21,19 @@ CLIENT = "tokenfan.ops.bench_client"
 PUBLISHER = "tokenfan.ops.bench_publisher"
 # What every benchmark stream is created with; the publisher decides its length.
 STREAM_BODY = {"messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 4096}
+# The bench's publisher, not RQ, claims the streams: their jobs are dropped, yet the
+# queue bound (TOKENFAN_MAX_QUEUE) counts them until then, so it is lifted for the bench.
+API_ENV = {"TOKENFAN_MAX_QUEUE": "1000000"}
 # Streams and tokens of the warm-up run that loads every code path of a new API process.
 WARMUP = (20, 20)
 # Events/s assumed when sizing a flat-out run: about what two publishers reach here.
 FLAT_OUT_GUESS = 40_000.0
 # Idle time before a burst proof: longer than a follower's viewer refresh (VIEWER_TTL_S / 3).
 BURST_HOLD_S = 4.0
+# Share of their CPUs above which the client, publishers and Redis count as the bottleneck.
+GENERATOR_BOUND_PCT = 90.0
+# The idle ladder stops at the first level where fewer streams than this share could connect.
+CONNECTED_ENOUGH = 0.9
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class RelayPlan:
 
 
 def _create(stack: Stack, api: Child, plan: RelayPlan) -> tuple[LineChild, list[str]]:
-    job = {"mode": plan.mode, "host": "127.0.0.1", "port": api.port, "redis_url": stack.redis_url,
+    job: dict[str, Any] = {"mode": plan.mode, "host": "127.0.0.1", "port": api.port, "redis_url": stack.redis_url,
            "create": {"count": plan.streams, "body": STREAM_BODY},
            "ready_timeout_s": 120, "finish_timeout_s": 600}
     client = stack.line_child("client", CLIENT, job)
@@ -70,10 +78,12 @@ def relay_run(stack: Stack, api: Child, plan: RelayPlan, measure_rss: bool = Fal
     client.send("connect")
     ready = client.expect("ready", 300)
     out: dict[str, Any] = {"streams": plan.streams, "connected": ready["ready"], "connect_failed": ready["failed"]}
+    if measure_rss:
+        out["rss_before"], out["rss_after"] = rss_before, rss_bytes(api.pid)
     if plan.hold_s:
         time.sleep(plan.hold_s)
     if measure_rss:
-        out["rss_before"], out["rss_after"] = rss_before, rss_bytes(api.pid)
+        out["rss_after_hold"] = rss_bytes(api.pid)
     load_pids = [client.pid, *(p.pid for p in pubs), stack.redis_pid]
     t0, cpu0, load0 = time.monotonic(), cpu_seconds(api.pid), sum(cpu_seconds(pid) for pid in load_pids)
     for p in pubs:
@@ -88,6 +98,9 @@ def relay_run(stack: Stack, api: Child, plan: RelayPlan, measure_rss: bool = Fal
     # CPU over the publishing phase, as a share of one CPU (the client, publishers and Redis added up)
     out["api_cpu_pct"] = round(100 * (cpu1 - cpu0) / max(t1 - t0, 1e-6), 1)
     out["load_cpu_pct"] = round(100 * (load1 - load0) / max(t1 - t0, 1e-6), 1)
+    # The load generators used (nearly) all their CPUs: the figures then bound the API from below only.
+    load_cpus = len(stack.layout.load) or os.cpu_count() or 1
+    out["generator_bound"] = out["load_cpu_pct"] >= GENERATOR_BOUND_PCT * load_cpus
     return out
 
 
@@ -103,6 +116,7 @@ def _summarise(plan: RelayPlan, pubs: list[dict[str, Any]], got: dict[str, Any])
         "published_per_s": rate(published, window),
         "delivered_in_window_per_s": rate(delivered, window),
         "tokens_published": published,
+        "create_retries": got.get("create_retries", 0),
         "tokens_received": got["tokens"],
         "finished": got["finished"],
         "failed": got["failed"] + got["error_events"] + sum(p["fenced"] for p in pubs),
@@ -128,7 +142,7 @@ def relay_overhead(stack: Stack, levels: list[tuple[int, float, float]], floor: 
     With `floor`, each level runs a second time with the client reading the
     channels straight from Redis: the part of the latency that is not the API's.
     """
-    api = stack.api(pinned=True)
+    api = stack.api(pinned=True, extra=API_ENV)
     warm_up(stack, api)
     rows = []
     for streams, per_s, seconds in levels:
@@ -136,7 +150,8 @@ def relay_overhead(stack: Stack, levels: list[tuple[int, float, float]], floor: 
         plan = RelayPlan(streams, per_s, max(1, int(per_s * seconds)), 1 if streams * per_s < 20_000 else 2)
         row = relay_run(stack, api, plan)
         progress(f"  p50 {row['lag_ms'].get('p50')} ms, p99 {row['lag_ms'].get('p99')} ms, "
-                 f"{row['tokens_received']}/{row['tokens_published']} tokens, API CPU {row['api_cpu_pct']}%")
+                 f"{row['tokens_received']}/{row['tokens_published']} tokens, API CPU {row['api_cpu_pct']}%, "
+                 f"client+publisher+Redis CPU {row['load_cpu_pct']}%, failed {row['failed']}")
         if floor:
             row["floor"] = relay_run(stack, api, replace(plan, mode="redis"))
             progress(f"  floor (client on Redis directly): p50 {row['floor']['lag_ms'].get('p50')} ms, "
@@ -163,7 +178,7 @@ def _relay_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def capacity(stack: Stack, streams: int, offered: list[float], seconds: float,
              idle_levels: list[int], hold_s: float, burst_at: int) -> dict[str, Any]:
-    api = stack.api(pinned=True)
+    api = stack.api(pinned=True, extra=API_ENV)
     warm_up(stack, api)
     steps = _throughput_steps(stack, api, streams, offered, seconds)
     stack.stop(api)
@@ -183,26 +198,29 @@ def _throughput_steps(stack: Stack, api: Child, streams: int, offered: list[floa
         progress(f"capacity: {streams} streams, {label}")
         row = relay_run(stack, api, RelayPlan(streams, per_s, tokens, 2 if total == 0 or total > 15_000 else 1))
         progress(f"  delivered {row['delivered_in_window_per_s']}/s (published {row['published_per_s']}/s), "
-                 f"API CPU {row['api_cpu_pct']}%, lag p50 {row['lag_ms'].get('p50')} ms "
+                 f"API CPU {row['api_cpu_pct']}%, client+publisher+Redis CPU {row['load_cpu_pct']}%, "
+                 f"failed {row['failed']}, lag p50 {row['lag_ms'].get('p50')} ms "
                  f"p99 {row['lag_ms'].get('p99')} ms")
         rows.append(row)
         if _saturated(row):
-            progress("  saturated: stopping the ramp")
+            progress("  far past saturation (or the load generators are): stopping the ramp")
             break
     return rows
 
 
 def _saturated(row: dict[str, Any]) -> bool:
-    behind = row["delivered_in_window_per_s"] < 0.9 * row["published_per_s"]
-    return behind or row["lag_ms"].get("p99", 0) > 1000 or row["api_cpu_pct"] >= 95
+    """Far past what the API (or the machine) keeps up with: the next step would only measure a queue."""
+    hopeless = row["delivered_in_window_per_s"] < 0.5 * row["published_per_s"]
+    return bool(hopeless or row["failed"] > row["streams"] // 2 or row["generator_bound"])
 
 
 def _idle_ladder(stack: Stack, levels: list[int], hold_s: float) -> list[dict[str, Any]]:
+    """Up the ladder until the API no longer accepts the connections (a failed proof does not stop it)."""
     rows = []
     for n in levels:
         row = _idle_level(stack, n, hold_s, "staggered")
         rows.append(row)
-        if not row["held"]:
+        if row["connected"] < CONNECTED_ENOUGH * n:
             break
     return rows
 
@@ -215,7 +233,7 @@ def _idle_level(stack: Stack, n: int, hold_s: float, kind: str) -> dict[str, Any
     streams sat idle for longer than a follower's viewer refresh.
     """
     progress(f"idle streams: opening {n} on a fresh API process ({kind} proof)")
-    api = stack.api(pinned=True)
+    api = stack.api(pinned=True, extra=API_ENV)
     warm_up(stack, api)
     plan = RelayPlan(n, 1.0 if kind == "staggered" else 0.0, 1, 1, hold_s)
     row = relay_run(stack, api, plan, measure_rss=True)
@@ -230,14 +248,18 @@ def _idle_level(stack: Stack, n: int, hold_s: float, kind: str) -> dict[str, Any
 
 def _capacity_targets(steps: list[dict[str, Any]], idle: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best = max((s["delivered_in_window_per_s"] for s in steps), default=0.0)
+    top = next((s for s in steps if s["delivered_in_window_per_s"] == best), None)
+    per_cpu = best / (top["api_cpu_pct"] / 100) if top and top["api_cpu_pct"] else 0.0
     staggered = [r for r in idle if r["kind"] == "staggered"]
     held = max((r["streams"] for r in staggered if r["held"]), default=0)
-    biggest = next((r for r in reversed(staggered) if r["held"]), None)
-    kb = biggest["kb_per_stream"] if biggest else None
+    # Memory: the largest level where every stream connected (measured before the proof).
+    full = [r for r in staggered if r["connected"] == r["streams"]]
+    kb = full[-1]["kb_per_stream"] if full else None
     return [
         {"what": "token events/s delivered by one API process", "target": ">= 20,000",
-         "value": f"{best:,.0f}", "met": best >= 20_000},
-        {"what": "concurrent open streams held", "target": ">= 2,000", "value": f"{held:,}", "met": held >= 2_000},
-        {"what": "memory per idle stream", "target": "<= 64 KB", "value": f"{kb} KB",
-         "met": kb is not None and kb <= 64},
+         "value": f"{best:,.0f} ({per_cpu:,.0f} per API CPU-second)", "met": best >= 20_000},
+        {"what": "concurrent open streams held (all connected, each then delivered a token and done)",
+         "target": ">= 2,000", "value": f"{held:,}", "met": held >= 2_000},
+        {"what": "memory per idle stream" + (f" (at {full[-1]['streams']:,} streams)" if full else ""),
+         "target": "<= 64 KB", "value": f"{kb} KB", "met": kb is not None and kb <= 64},
     ]

@@ -141,51 +141,68 @@ def render(doc: dict[str, Any], chart: str | None) -> str:
 
 
 def _provenance(scenarios: dict[str, Any]) -> str:
-    commands = {}
+    runs: dict[tuple[str, str], list[str]] = {}
     for name in TITLES:
         if name in scenarios:
             e = scenarios[name]
-            commands.setdefault((e["command"], e["started"]), []).append(name)
-    lines = []
-    for (cmd, started), names in commands.items():
-        lines.append(f"- `{cmd}` — started {started}, scenarios: {', '.join(names)}")
+            key = (e["command"], e.get("run_started", e["started"]))
+            runs.setdefault(key, []).append(f"{name} ({e['seconds']:g} s, load average {_loads(e)})")
+    lines = [f"- `{cmd}`, started {started}: {', '.join(names)}" for (cmd, started), names in runs.items()]
     m = next(iter(scenarios.values()))["machine"] if scenarios else {}
     lines.append(f"- machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('memory_gib')} GiB, {m.get('os')}, "
                  f"Python {m.get('python')}, llama-cpp-python {m.get('llama_cpp_python')}, "
-                 f"tokenfan commit {m.get('commit') or 'unknown'}")
+                 f"redis-py {m.get('redis_py')}, tokenfan commit {m.get('commit') or 'unknown'}; "
+                 f"{m.get('pinning', '')}")
+    if any(e.get("quick") for e in scenarios.values()):
+        lines.append("- **quick sizes** (`--quick`): a smoke run; its figures say nothing about the targets")
     return "\n".join(lines)
+
+
+def _loads(entry: dict[str, Any]) -> str:
+    before, after = (entry.get("load_average") or [None, None])[:2]
+    return f"{before} → {after}"
 
 
 def _ms(s: dict[str, Any], key: str) -> str:
     v = s.get(key)
-    return "–" if v is None else f"{v:g}"
+    return "-" if v is None else f"{v:g}"
+
+
+def _load(row: dict[str, Any]) -> str:
+    pct = row.get("load_cpu_pct")
+    if pct is None:
+        return "-"
+    return f"{pct} (bound)" if row.get("generator_bound") else f"{pct}"
 
 
 def _relay_table(r: dict[str, Any]) -> list[str]:
     rows = ["| streams | tokens/s per stream | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-            "| received / published | failed | API CPU % | floor p50 / p99 ms (Redis direct) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| received / published | failed | API CPU % | client+publisher+Redis CPU % "
+            "| floor p50 / p99 ms (Redis direct) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in r["levels"]:
         lag, floor = lv["lag_ms"], (lv.get("floor") or {}).get("lag_ms", {})
         rows.append(f"| {lv['streams']:,} | {lv['rate_per_stream']:g} | {lv['published_per_s']:,.0f} "
                     f"| {_ms(lag, 'p50')} | {_ms(lag, 'p90')} | {_ms(lag, 'p99')} | {_ms(lag, 'p99_9')} "
                     f"| {_ms(lag, 'max')} | {lv['tokens_received']:,} / {lv['tokens_published']:,} | {lv['failed']} "
-                    f"| {lv['api_cpu_pct']} | {_ms(floor, 'p50')} / {_ms(floor, 'p99')} |")
+                    f"| {lv['api_cpu_pct']} | {_load(lv)} | {_ms(floor, 'p50')} / {_ms(floor, 'p99')} |")
     return rows
 
 
 def _capacity_table(r: dict[str, Any]) -> list[str]:
     rows = ["Throughput ramp (token events delivered to SSE clients while the publishers ran):", "",
             "| streams | offered events/s | published events/s | delivered events/s | API CPU % "
-            "| delivered per API CPU-second | lag p50 ms | lag p99 ms | failed |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| delivered per API CPU-second | client+publisher+Redis CPU % | lag p50 ms | lag p99 ms | failed |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["throughput"]:
         per_core = s["delivered_in_window_per_s"] / (s["api_cpu_pct"] / 100) if s["api_cpu_pct"] else 0
         offered = f"{s['offered_per_s']:,.0f}" if s["offered_per_s"] else "flat out"
         rows.append(f"| {s['streams']:,} | {offered} | {s['published_per_s']:,.0f} "
-                    f"| {s['delivered_in_window_per_s']:,.0f} | {s['api_cpu_pct']} | {per_core:,.0f} "
+                    f"| {s['delivered_in_window_per_s']:,.0f} | {s['api_cpu_pct']} | {per_core:,.0f} | {_load(s)} "
                     f"| {_ms(s['lag_ms'], 'p50')} | {_ms(s['lag_ms'], 'p99')} | {s['failed']} |")
-    rows += ["", "Idle streams held by a fresh API process (RSS measured before and after they connect):", "",
+    rows += ["", "Idle streams on a fresh API process: RSS before they connect and once all have connected; "
+             "then, after the hold, one token per stream (staggered over a second, or all at once: burst) "
+             "and `done`:", "",
              "| streams | kind | connected | finished | failed | RSS before MiB | RSS after MiB | KB per idle stream "
              "| held |", "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for s in r["idle"]:
@@ -275,12 +292,12 @@ def _relay_panel(ax: Any, relay: dict[str, Any]) -> None:
     if any(floor):
         ax.plot(x, [max(f.get("p50", 0), 1e-3) for f in floor], "o--", color="grey", label="floor p50 (Redis direct)")
         ax.plot(x, [max(f.get("p99", 0), 1e-3) for f in floor], "^--", color="silver", label="floor p99")
-    ax.set_xticks(x, [f"{lv['streams']:,}\n×{lv['rate_per_stream']:g}/s\n={lv['published_per_s']:,.0f}/s"
+    ax.set_xticks(x, [f"{lv['streams']:,}\nx {lv['rate_per_stream']:g}/s\n={lv['published_per_s']:,.0f}/s"
                       for lv in levels], fontsize=8)
     ax.set_yscale("log")
     ax.axhline(1.0, color="green", lw=0.6, ls=":")
     ax.axhline(5.0, color="red", lw=0.6, ls=":")
-    ax.set_xlabel("concurrent streams × tokens/s each = events/s")
+    ax.set_xlabel("concurrent streams x tokens/s each = events/s")
     ax.set_ylabel("worker publish → client receipt (ms)")
     ax.set_title("Relay overhead per token event")
     ax.legend(fontsize=8)

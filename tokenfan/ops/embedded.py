@@ -67,8 +67,9 @@ def find_redis_server() -> str:
 class EmbeddedRedis:
     """A throwaway redis-server on a free loopback port; nothing kept on disk."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None, extra: list[str] | None = None) -> None:
         self.port = port or free_port()
+        self.extra = extra or []
         self.binary = binary or find_redis_server()
         self.dir = tempfile.mkdtemp(prefix="tokenfan-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,7 +80,7 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"]
+                "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning", *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self._wait_ready()

@@ -118,8 +118,9 @@ def _as_str(v: Any) -> str:
 class SyncBus:
     """The worker's side (and the reapers'): blocking redis-py."""
 
-    def __init__(self, redis: Redis, cfg: BusConfig) -> None:
+    def __init__(self, redis: Redis, cfg: BusConfig, queue: Redis | None = None) -> None:
         self.redis = redis
+        self.queue = queue if queue is not None else redis  # where RQ's queues live
         self.cfg = cfg
         self._publish = redis.register_script(PUBLISH_LUA)
         self._acquire = redis.register_script(ACQUIRE_LUA)

@@ -60,7 +60,7 @@ def hand_over(bus: SyncBus, settings: Settings, owner: str, payload: JobPayload)
         return False
     deadline = int((time.time() + settings.failover_wait_s) * 1000)
     bus.redis.zadd(keys.LEASES, {payload.stream_id: deadline})
-    enqueue(bus.redis, payload, timeout_s=settings.job_timeout_s, at_front=True)
+    enqueue(bus.queue, payload, timeout_s=settings.job_timeout_s, at_front=True)
     return True
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from tokenfan.shared.errors import Unavailable
@@ -36,7 +38,12 @@ def _common() -> dict[str, object]:
     }
 
 
-def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> redis.Redis:
+def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOUT_S,
+                cluster: bool = False) -> redis.Redis:
+    if cluster:
+        return RedisCluster.from_url(
+            require_url(url), socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        )
     return redis.Redis.from_url(
         require_url(url),
         retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
@@ -45,9 +52,14 @@ def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOU
     )
 
 
-def async_client(url: str | None, *, max_connections: int = 64) -> aredis.Redis:
+def async_client(url: str | None, *, max_connections: int = 64, cluster: bool = False) -> aredis.Redis:
     from redis.asyncio.retry import Retry as AsyncRetry
 
+    if cluster:
+        return AsyncRedisCluster.from_url(
+            require_url(url), socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            max_connections=max_connections,
+        )
     return aredis.Redis.from_url(
         require_url(url),
         retry=AsyncRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # Redis
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("TOKENFAN_REDIS_URL", "REDIS_URL"))
     redis_cluster: bool = False
+    # RQ cannot run on Redis Cluster (multi-key transactions): with a cluster,
+    # the queues live on this plain Redis; without one it defaults to redis_url.
+    queue_redis_url: str | None = None
 
     # API
     host: str = d.API_HOST
@@ -81,6 +84,9 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [m.strip() for m in v.split(",") if m.strip()]
         return v
+
+    def queue_url(self) -> str | None:
+        return self.queue_redis_url or self.redis_url
 
     def served_models(self) -> list[str]:
         return self.models or [self.model]

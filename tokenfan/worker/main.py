@@ -77,9 +77,10 @@ def run_worker(settings: Settings) -> int:
     metrics.model_load.set(time.perf_counter() - t0)
     log.info("Worker %s: %s engine ready in %.2fs; serving model %s from %s", name, engine.name,
              time.perf_counter() - t0, settings.model, redacted(settings.redis_url))
-    bus = SyncBus(sync_client(settings.redis_url), bus_config(settings))
     # RQ blocks in BLPOP for minutes: its connection must have no socket timeout.
-    rq_redis = sync_client(settings.redis_url, socket_timeout=None)
+    rq_redis = sync_client(settings.queue_url(), socket_timeout=None)
+    bus = SyncBus(sync_client(settings.redis_url, cluster=settings.redis_cluster), bus_config(settings),
+                  queue=sync_client(settings.queue_url()))
     keeper = Keeper(bus, settings, name, metrics)
     runner = Runner(settings, engine, bus, keeper, metrics, name)
     keeper.beat()

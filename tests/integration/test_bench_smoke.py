@@ -1,0 +1,91 @@
+"""`tokenfan bench --quick`: every scenario end to end at tiny sizes, so the benchmark does not rot.
+
+Figures are checked for sanity only (something was measured, percentiles
+are ordered, nothing failed, the files were written), never against the
+targets: a smoke run on a busy machine says nothing about performance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tokenfan.ops import bench
+
+
+def _run(tmp_path: Path, scenario: str) -> dict[str, Any]:
+    out, js, chart = tmp_path / "benchmarks.md", tmp_path / "results.json", tmp_path / "latency.png"
+    code = bench.main([scenario, "--quick", "--out", str(out), "--json", str(js), "--chart", str(chart)])
+    assert code == 0
+    doc = orjson.loads(js.read_bytes())
+    entry = doc["scenarios"][scenario]
+    assert entry["quick"] is True
+    assert entry["command"].startswith(f"tokenfan bench {scenario} --quick")
+    text = out.read_text()
+    assert "tokenfan bench" in text and "### Targets" in text
+    return dict(entry["result"])
+
+
+def _ordered(s: dict[str, Any]) -> None:
+    assert s["count"] > 0
+    assert 0 <= s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+
+
+def test_relay_overhead_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "relay")
+    assert len(result["levels"]) >= 2
+    for level in result["levels"]:
+        assert level["failed"] == 0
+        assert level["tokens_received"] == level["tokens_published"] > 0
+        _ordered(level["lag_ms"])
+        _ordered(level["floor"]["lag_ms"])
+    assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_capacity_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "capacity")
+    assert result["throughput"]
+    for step in result["throughput"]:
+        assert step["failed"] == 0
+        assert step["delivered_in_window_per_s"] > 0
+        _ordered(step["lag_ms"])
+    for row in result["idle"]:
+        assert row["held"], row
+        assert row["rss_after"] > 0 and row["connected"] == row["streams"]
+    assert len(result["targets"]) == 3
+
+
+def test_ttft_overhead_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "ttft")
+    for route in ("openai", "native"):
+        s = result["routes"][route]
+        assert s["failed"] == 0
+        assert s["total_ms"]["count"] == result["requests"]
+        assert s["total_ms"]["p50"] > 0 and s["overhead_ms"]["p50"] <= s["overhead_ms"]["p95"]
+
+
+@pytest.mark.model
+def test_end_to_end_with_the_model_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "e2e")
+    for side in ("direct", "tokenfan"):
+        assert result[side]["failed"] == 0
+        assert result[side]["decode_tokens_per_s"] > 0
+    assert result["same_text"] is True  # temperature 0: both sides write the same answer
+    assert result["ratio_pct"] > 0
+
+
+@pytest.mark.model
+def test_against_llama_cpp_server_smoke(tmp_path: Path) -> None:
+    if importlib.util.find_spec("starlette_context") is None:
+        pytest.skip("llama_cpp.server needs the `llama-cpp-python[server]` extras (`pip install -e '.[bench]'`)")
+    result = _run(tmp_path, "server")
+    sides = {row["side"] for row in result["rows"]}
+    assert sides == {"tokenfan", "llama_cpp.server"}
+    for row in result["rows"]:
+        assert row["failed"] == 0 and row["tokens"] > 0
+        if row["side"] == "tokenfan":  # tokenfan queues, it never cuts a stream short
+            assert row["completed"] == row["requests"]
