@@ -235,3 +235,18 @@ def test_models_and_health(cluster: Cluster) -> None:
     cluster.worker()
     wait_for(lambda: httpx.get(f"{api.url}/readyz").status_code == 200, what="readyz 200")
     assert [m["id"] for m in httpx.get(f"{api.url}/v1/models").json()["data"]] == ["smollm2"]
+
+
+def test_heartbeat_comments_during_silence(cluster: Cluster) -> None:
+    api = cluster.api(TOKENFAN_HEARTBEAT_S="0.5")
+    cluster.worker(TOKENFAN_FAKE_PREFILL_S="2.5")
+    sid = create_stream(api.url, max_tokens=2)
+    lines = []
+    with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=10) as resp:
+        for line in resp.iter_lines():
+            lines.append(line)
+            if line.startswith("event: done"):
+                break
+    pings = [ln for ln in lines if ln.startswith(": ping")]
+    assert len(pings) >= 2
+    assert lines.index(pings[0]) < next(i for i, ln in enumerate(lines) if ln == "event: token")
