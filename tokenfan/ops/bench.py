@@ -47,6 +47,7 @@ class Sizes:
     ttft_gap_s: float
     e2e_tokens: int
     e2e_rounds: int
+    e2e_one_thread_too: bool  # also compare both sides at one thread (less CPU contention on small machines)
     server_tokens: int
     server_levels: tuple[int, ...]
     server_requests_per_level: int
@@ -67,7 +68,8 @@ FULL = Sizes(
     ttft_requests=100,
     ttft_gap_s=0.1,
     e2e_tokens=256,
-    e2e_rounds=3,
+    e2e_rounds=5,
+    e2e_one_thread_too=True,
     server_tokens=128,
     server_levels=(1, 4, 16),
     server_requests_per_level=8,
@@ -85,6 +87,7 @@ QUICK = Sizes(
     ttft_gap_s=0.05,
     e2e_tokens=8,
     e2e_rounds=1,
+    e2e_one_thread_too=False,
     server_tokens=4,
     server_levels=(1, 2),
     server_requests_per_level=2,
@@ -204,7 +207,8 @@ def _ttft(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
 def _e2e(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
     from tokenfan.ops.bench_model import end_to_end
 
-    return end_to_end(stack, args.threads, N_CTX, sizes.e2e_tokens, sizes.e2e_rounds)
+    counts = [args.threads] + ([1] if sizes.e2e_one_thread_too and args.threads > 1 else [])
+    return end_to_end(stack, counts, N_CTX, sizes.e2e_tokens, sizes.e2e_rounds)
 
 
 def _server(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:

@@ -226,27 +226,31 @@ def _ttft_table(r: dict[str, Any]) -> list[str]:
 
 
 def _e2e_table(r: dict[str, Any]) -> list[str]:
-    rows = [f"One stream, {r['max_tokens']} tokens at most, {r['threads']} threads, temperature 0, "
-            f"median of {r['rounds']} alternating rounds; same text on both sides: "
-            f"{'yes' if r['same_text'] else 'no'}.", "",
-            "| side | decode tokens/s | end-to-end tokens/s | TTFT ms | tokens | failed |",
-            "|---|---:|---:|---:|---|---:|"]
-    for side in ("direct", "tokenfan"):
-        s = r[side]
-        rows.append(f"| {side} | {s['decode_tokens_per_s']} | {s['e2e_tokens_per_s']} | {s['ttft_ms']} "
-                    f"| {', '.join(map(str, s['tokens']))} | {s['failed']} |")
-    rows += ["", f"tokenfan / direct (decode tokens/s): **{r['ratio_pct']} %**"]
+    rows = [f"One stream, {r['max_tokens']} tokens at most, temperature 0, {r['rounds']} alternating rounds "
+            "(medians; the ratio is the median of each round's tokenfan/direct ratio):", "",
+            "| threads | side | decode tokens/s | end-to-end tokens/s | TTFT ms | tokens | failed "
+            "| tokenfan / direct | rounds' ratios % | same text |",
+            "|---:|---|---:|---:|---:|---|---:|---:|---|---|"]
+    for run in r["runs"]:
+        for side in ("direct", "tokenfan"):
+            s = run[side]
+            extra = (f"**{run['ratio_pct']} %** | {', '.join(map(str, run['round_ratios_pct']))} "
+                     f"| {'yes' if run['same_text'] else 'no'}") if side == "tokenfan" else " | | "
+            rows.append(f"| {run['threads']} | {side} | {s['decode_tokens_per_s']} | {s['e2e_tokens_per_s']} "
+                        f"| {s['ttft_ms']} | {', '.join(map(str, s['tokens']))} | {s['failed']} | {extra} |")
     return rows
 
 
 def _server_table(r: dict[str, Any]) -> list[str]:
     rows = [f"One model instance per side ({r['threads']} threads), {r['max_tokens']} tokens at most, "
             "temperature 0, the same client code on the OpenAI route:", "",
-            "| clients | side | requests | TTFT p50 ms | TTFT p95 ms | aggregate tokens/s | completed "
-            "| interrupted | failed |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| clients | side | requests | got a first token | TTFT p50 ms | TTFT p95 ms | tokens "
+            "| aggregate tokens/s | completed | interrupted | failed |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["rows"]:
-        rows.append(f"| {s['clients']} | {s['side']} | {s['requests']} | {_ms(s['ttft_ms'], 'p50')} "
-                    f"| {_ms(s['ttft_ms'], 'p95')} | {s['tokens_per_s']} | {s['completed']} "
+        rows.append(f"| {s['clients']} | {s['side']} | {s['requests']} | {s.get('first_tokens', '-')} "
+                    f"| {_ms(s['ttft_ms'], 'p50')} | {_ms(s['ttft_ms'], 'p95')} | {s['tokens']:,} "
+                    f"| {s['tokens_per_s']} | {s['completed']} "
                     f"| {s['interrupted']} | {s['failed']} |")
     return rows
 
