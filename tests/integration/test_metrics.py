@@ -139,7 +139,8 @@ def test_metrics_move_for_a_native_and_an_openai_stream(cluster: Cluster) -> Non
     assert relayed >= len(native) + len(chunks), (relayed, len(native), len(chunks))
     assert relayed == 2 * (n + 3)  # meta, disclosure, n tokens, done: per stream
     # every relayed event had its lag measured
-    assert delta(a0, a1, "tokenfan_api_relay_lag_seconds_count") == relayed
+    # one observation per write (a write carries one event or a coalesced batch)
+    assert 1 <= delta(a0, a1, "tokenfan_api_relay_lag_seconds_count") <= relayed
     assert delta(a0, a1, "tokenfan_api_relay_lag_seconds_sum") >= 0
     # both responses started at the beginning: each wrote a first token
     assert delta(a0, a1, "tokenfan_api_first_token_seconds_count") == 2

@@ -318,11 +318,11 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
 
 
 def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> bool:
-    """Relay lag per event, time to first token once; returns whether the first token is still ahead."""
+    """Relay lag per write, time to first token once; returns whether the first token is still ahead."""
     m = edge.metrics
     now = time.time()
-    for e in batch:
-        m.relay_lag.observe(max(0.0, now - e.ts))
+    if batch:  # one observation per write: its oldest event, the worst lag in it
+        m.relay_lag.observe(max(0.0, now - batch[0].ts))
     if first and any(e.type == events.TOKEN for e in batch):
         m.first_token.observe(now - t0)
         return False

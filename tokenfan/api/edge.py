@@ -17,7 +17,7 @@ from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
 from tokenfan.shared import keys
 from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
-from tokenfan.shared.defaults import WORKER_LIVE_S
+from tokenfan.shared.defaults import VIEWER_TTL_S, WORKER_LIVE_S
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.redisconn import async_client, sync_client
 from tokenfan.shared.settings import Settings
@@ -39,6 +39,7 @@ class Edge:
     auth: Authenticator
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
+    viewers: set[tuple[str, str]] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -59,6 +60,7 @@ class Edge:
         edge = cls(settings, r, qr, sr, AsyncBus(r, cfg), sync_bus, hub, metrics, name, Authenticator(r, settings))
         await hub.start()
         edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
+        edge.tasks.append(asyncio.create_task(edge._refresh_viewers(), name="tokenfan-viewers"))
         return edge
 
     async def close(self) -> None:
@@ -84,7 +86,22 @@ class Edge:
 
     def _wake_all(self) -> None:
         for sub in self.hub.subscriptions():
-            sub.wake.set()
+            sub.wake()
+
+    async def _refresh_viewers(self) -> None:
+        """Keep every attached viewer's entry fresh, all of them in one round trip."""
+        while True:
+            await asyncio.sleep(VIEWER_TTL_S / 3)
+            if not self.viewers:
+                continue
+            expiry = int((time.time() + VIEWER_TTL_S) * 1000)
+            pipe = self.redis.pipeline(transaction=False)
+            for sid, viewer in list(self.viewers):
+                pipe.zadd(keys.viewers(sid), {viewer: expiry})
+            try:
+                await pipe.execute()
+            except redis.RedisError as exc:
+                log.debug("API %s: viewer refresh failed: %s", self.name, exc)
 
     async def _reaper(self) -> None:
         """Lapsed leases end even when no worker is left to reap them."""

@@ -22,6 +22,8 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.connection import parse_url
 
+from tokenfan.shared.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 # How long to wait for Redis to confirm a SUBSCRIBE before giving up.
@@ -30,14 +32,23 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Subscription:
-    __slots__ = ("buf", "channel", "gap", "limit", "wake")
+    """One viewer's buffer. Waiting is a bare future plus a timer handle: per
+    event this is the hottest code in the API, and `asyncio.wait_for` costs a
+    task per wait (profiled: 7 % of the API at 30,000 events/s)."""
+
+    __slots__ = ("buf", "channel", "gap", "limit", "waiter")
 
     def __init__(self, channel: str, limit: int) -> None:
         self.channel = channel
         self.limit = limit
         self.buf: deque[bytes] = deque()
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
         self.gap = False
 
     def push(self, raw: bytes) -> None:
@@ -46,19 +57,28 @@ class Subscription:
             self.gap = True
         else:
             self.buf.append(raw)
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            _release(self.waiter)
 
     def mark_gap(self) -> None:
         self.gap = True
-        self.wake.set()
+        self.wake()
 
     async def get(self, timeout: float) -> tuple[list[bytes], bool] | None:  # noqa: ASYNC109 - a wait, not a deadline
-        """What arrived (and whether something may be missing), or None after `timeout`."""
+        """What arrived (and whether something may be missing), or None after `timeout` or a bare wake-up."""
         if not self.buf and not self.gap:
-            self.wake.clear()
+            loop = asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
+            timer = loop.call_later(timeout, _release, waiter)
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+            if not self.buf and not self.gap:
                 return None
         items = list(self.buf)
         self.buf.clear()
@@ -83,6 +103,12 @@ class Hub:
         self._kick = asyncio.Event()
 
     async def start(self) -> None:
+        # Connect before the first request: redis-py's PubSub connects lazily and
+        # concurrent first SUBSCRIBEs would each open a connection of their own.
+        try:
+            await self.pubsub.connect()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("Hub: Redis unreachable at start (%s); will connect on first use", exc)
         self._task = asyncio.create_task(self._reader(), name="tokenfan-hub")
 
     async def close(self) -> None:
@@ -106,6 +132,9 @@ class Hub:
                 raise
         try:
             await asyncio.wait_for(asyncio.shield(fut), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            self._drop(sub)
+            raise Unavailable("Redis did not confirm the subscription in time", code="redis_unavailable") from None
         except BaseException:
             self._drop(sub)
             raise

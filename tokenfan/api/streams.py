@@ -26,6 +26,7 @@ from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
+from tokenfan.shared.defaults import VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import Event
 from tokenfan.shared.jobs import enqueue
@@ -33,8 +34,6 @@ from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
 
 log = logging.getLogger(__name__)
 
-# A viewer entry lives this long unless refreshed; refreshed at a third of it.
-VIEWER_TTL_S = 10.0
 # Silence after which a follower checks that its stream still exists.
 LIVENESS_S = 5.0
 # Clean-up after a client left may take this long, shielded from cancellation.
@@ -168,12 +167,12 @@ class Follower:
         self.handed_off = False
         self.viewer = secrets.token_hex(6)
         self.cancel_on_disconnect = state.get("cancel_on_disconnect") == "1"
-        self._viewer_at = 0.0
         self._heard_at = time.monotonic()
 
     async def batches(self) -> AsyncIterator[list[Event] | None]:
         if self.sub is None:
             self.sub = await self.edge.hub.subscribe(keys.channel(self.sid))
+        self.edge.viewers.add((self.sid, self.viewer))
         try:
             await self._touch_viewer()
             backlog = self._accept(await self.edge.bus.read_log(self.sid, self.last))
@@ -182,6 +181,7 @@ class Follower:
             while not self.finished:
                 yield await self._next()
         finally:
+            self.edge.viewers.discard((self.sid, self.viewer))
             # The client may be gone: Starlette cancels this task, and anyio's
             # cancellation would cancel every await in here too. Shield clean-up.
             with anyio.move_on_after(CLEANUP_S, shield=True):
@@ -190,13 +190,11 @@ class Follower:
     def _tick(self) -> float:
         if self.state.get("status") == "queued":
             return self.edge.settings.queued_interval_s
-        return min(self.edge.settings.heartbeat_s, VIEWER_TTL_S / 3, LIVENESS_S)
+        return min(self.edge.settings.heartbeat_s, LIVENESS_S)
 
     async def _next(self) -> list[Event] | None:
         assert self.sub is not None
         got = await self.sub.get(self._tick())
-        if time.monotonic() - self._viewer_at > VIEWER_TTL_S / 3:
-            await self._touch_viewer()
         if got is None:
             return await self._idle()
         raws, gap = got
@@ -243,7 +241,6 @@ class Follower:
         return max(0, ticket - int(served or 0) - 1)
 
     async def _touch_viewer(self) -> None:
-        self._viewer_at = time.monotonic()
         expiry = int((time.time() + VIEWER_TTL_S) * 1000)
         await self.edge.redis.zadd(keys.viewers(self.sid), {self.viewer: expiry})
 

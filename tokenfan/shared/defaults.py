@@ -66,5 +66,9 @@ JOB_TIMEOUT_S = 1800
 FAKE_RATE = 50.0
 FAKE_TOKENS = 64
 
+# A viewer's entry in a stream's viewer set lives this long unless its API
+# process refreshes it (every third of it, for all its viewers in one round trip).
+VIEWER_TTL_S = 10.0
+
 # A worker is live while its heartbeat is younger than this.
 WORKER_LIVE_S = 5.0
