@@ -69,9 +69,12 @@ def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 COMMON_ERRORS = (401, 403, 503)
-SSE_DOC: dict[str, Any] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+# One SSE event as OpenAPI tools read a text/event-stream body: id, event name, data (a JSON line).
+SSE_EVENT: dict[str, Any] = {"type": "object", "properties": {
+    "id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}, "retry": {"type": "integer"}}}
+SSE_DOC: dict[str, Any] = {"content": {"text/event-stream": {"schema": SSE_EVENT}}}
 CHAT_DOC = {200: {"content": {"application/json": {"schema": {"type": "object"}},
-                              "text/event-stream": {"schema": {"type": "string"}}}},
+                              "text/event-stream": {"schema": SSE_EVENT}}},
             **_errors_doc(400, 404, 413, 429, 504, 502, *COMMON_ERRORS)}
 
 
