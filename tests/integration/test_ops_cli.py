@@ -139,7 +139,9 @@ def _describe(p: psutil.Process) -> str:
         return f"{p.pid} (gone)"
 
 
-def test_up_runs_everything_and_stops_cleanly_on_ctrl_c() -> None:
+@pytest.mark.parametrize(("stop_signal", "presses"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 1)],
+                         ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
+def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(stop_signal: int, presses: int) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     up = subprocess.Popen([sys.executable, "-m", "tokenfan", "up", "--engine", "fake", "--port", str(port),
@@ -173,7 +175,10 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c() -> None:
         assert any("tokenfan worker" in n for n in names), tree
         assert any("tokenfan api" in n for n in names), tree
 
-        up.send_signal(signal.SIGINT)
+        up.send_signal(stop_signal)
+        if presses == 2:  # an impatient second Ctrl-C while it cleans up
+            wait_for(lambda: "stopping" in out.text(), timeout=10, what="the first stop to begin")
+            up.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         code = up.wait(30)
         assert code == 0, out.text()

@@ -61,7 +61,12 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_up(settings: Settings, args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop cleans up like Ctrl-C
     redis = None if settings.redis_url else EmbeddedRedis().start()
     url = settings.redis_url or (redis.url if redis else "")
     env = {**os.environ, "TOKENFAN_REDIS_URL": url}
@@ -86,6 +91,10 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
         print("\ntokenfan: stopping…", file=sys.stderr)
         return 0
     finally:
+        # A second Ctrl-C (or a SIGTERM) must not cut the clean-up short and
+        # leave the worker, the API or the embedded Redis running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(procs)
         if redis:
             redis.stop()
