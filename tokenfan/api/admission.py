@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from tokenfan.api.auth import Principal
-from tokenfan.api.edge import Edge
 from tokenfan.shared import keys
 from tokenfan.shared.errors import Overloaded, RateLimited
+
+if TYPE_CHECKING:
+    from tokenfan.api.edge import Edge
 
 ADMIT_LUA = """
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
@@ -46,8 +49,7 @@ async def admit(edge: Edge, who: Principal, sid: str) -> None:
         return
     await _rate(edge, who.owner, rec.rpm)
     await _prune(edge, who.owner)
-    script = edge.redis.register_script(ADMIT_LUA)
-    ok = await script(keys=[keys.tenant_streams(who.owner)],
+    ok = await edge.admit_script(keys=[keys.tenant_streams(who.owner)],
                       args=[rec.max_concurrent, sid, int(time.time() * 1000), edge.settings.log_active_ttl_s])
     if not ok:
         raise RateLimited(f"this key already has {rec.max_concurrent} streams running (its limit); "

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenfan.api import ops
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
-from tokenfan.api.formats import DONE_LINE, NativeWriter, OpenAIWriter, completion
+from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.streams import (
     Follower,
@@ -38,8 +37,6 @@ from tokenfan.shared import events, keys
 from tokenfan.shared.errors import (
     InvalidRequest,
     NotFound,
-    Overloaded,
-    RateLimited,
     TokenfanError,
     Unavailable,
 )
@@ -129,9 +126,8 @@ def create_app(settings: Settings) -> FastAPI:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TokenfanError)
     async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
-        if isinstance(exc, RateLimited | Overloaded):
-            return error_response(exc, headers={"Retry-After": str(exc.retry_after)})
-        return error_response(exc)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(exc, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -346,10 +342,8 @@ def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
         reconnect = events.sse_named("reconnect", follower.last, {"reason": "server_shutdown",
                                                                   "last_event_id": follower.last})
         return b"retry: 250\n" + reconnect
-    err = {"error": {"message": f"this API process is shutting down; resume with GET /v1/streams/{follower.sid}"
-                                f"?format=openai and Last-Event-ID: {follower.last}",
-                     "type": "server_error", "code": "server_shutdown", "param": None}}
-    return b"data: " + orjson.dumps(err) + b"\n\n" + DONE_LINE
+    return openai_error("server_shutdown", "this API process is shutting down; resume with GET "
+                        f"/v1/streams/{follower.sid}?format=openai and Last-Event-ID: {follower.last}")
 
 
 def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
@@ -362,8 +356,7 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
     data = {"code": code, "message": message, "retryable": True}
     if native:
         return events.sse_named(events.ERROR, follower.last, data)
-    err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
-    return b"data: " + orjson.dumps(err) + b"\n\n" + b"data: [DONE]\n\n"
+    return openai_error(code, message)
 
 
 async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:

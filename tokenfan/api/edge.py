@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
+from redis.commands.core import AsyncScript
 
+from tokenfan.api.admission import ADMIT_LUA
 from tokenfan.api.auth import Authenticator
 from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
@@ -30,13 +32,13 @@ class Edge:
     settings: Settings
     redis: aredis.Redis
     queue_redis: aredis.Redis
-    sync_redis: redis.Redis
     bus: AsyncBus
     sync_bus: SyncBus
     hub: Hub | ShardedHub
     metrics: ApiMetrics
     name: str
     auth: Authenticator
+    admit_script: AsyncScript
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
     viewers: set[tuple[str, str]] = field(default_factory=set)
@@ -57,7 +59,8 @@ class Edge:
             hub = Hub(r, buffer=settings.subscriber_buffer, on_reconnect=metrics.reconnects.inc)
         name = f"api:{socket.gethostname()}.{secrets.token_hex(3)}"
         sync_bus = SyncBus(sr, cfg, queue=sync_client(settings.queue_url()))
-        edge = cls(settings, r, qr, sr, AsyncBus(r, cfg), sync_bus, hub, metrics, name, Authenticator(r, settings))
+        edge = cls(settings, r, qr, AsyncBus(r, cfg), sync_bus, hub, metrics, name, Authenticator(r, settings),
+                   r.register_script(ADMIT_LUA))
         await hub.start()
         edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
         edge.tasks.append(asyncio.create_task(edge._refresh_viewers(), name="tokenfan-viewers"))
@@ -71,7 +74,7 @@ class Edge:
         await self.hub.close()
         await self.redis.aclose()
         await self.queue_redis.aclose()
-        self.sync_redis.close()
+        self.sync_bus.redis.close()
         self.sync_bus.queue.close()
 
     def drain(self) -> None:

@@ -52,9 +52,7 @@ class OpenAIWriter:
         if e.type == events.DONE:
             return self._done(e)
         if e.type == events.ERROR:
-            err = {"error": {"message": e.data.get("message", ""), "type": "server_error",
-                             "code": e.data.get("code"), "param": None}}
-            return self._frame(e.seq, orjson.dumps(err)) + DONE_LINE
+            return b"id: %d\n" % e.seq + openai_error(e.data.get("code"), e.data.get("message", ""))
         return b""
 
     def _done(self, e: Event) -> bytes:
@@ -63,6 +61,12 @@ class OpenAIWriter:
             out += self._frame(e.seq, self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage"))
                                + b"}")
         return out + DONE_LINE
+
+
+def openai_error(code: str | None, message: str) -> bytes:
+    """How an OpenAI-format stream ends in error: an `error` object (OpenAI clients raise it), then [DONE]."""
+    err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
+    return b"data: " + orjson.dumps(err) + b"\n\n" + DONE_LINE
 
 
 def completion(stream_id: str, model: str, created: int, text: str, done: Event) -> dict[str, Any]:

@@ -90,8 +90,7 @@ def _worker(name: str, h: dict[bytes, bytes]) -> dict[str, Any]:
         return h.get(k.encode(), b"").decode()
 
     return {"name": name, "model": get("model"), "state": get("state") or "unknown", "stream": get("stream"),
-            "host": name.split(".")[0], "pid": int(name.split(".")[1]) if name.count(".") >= 2 and
-            name.split(".")[1].isdigit() else 0, "jobs": int(get("jobs") or 0),
+            "host": get("host"), "pid": int(get("pid") or 0), "jobs": int(get("jobs") or 0),
             "last_seen": float(get("last_seen") or 0)}
 
 

@@ -141,8 +141,12 @@ class SyncBus:
     def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
         ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])
         if ok:
-            self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)})
+            self.set_deadline(stream_id, ttl_s)
         return bool(ok)
+
+    def set_deadline(self, stream_id: str, seconds: float) -> None:
+        """When reapers should look at this stream again (the lease set's score)."""
+        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + seconds) * 1000)})
 
     def handback(self, stream_id: str, owner: str, attempt: int) -> bool:
         ks = [keys.lease(stream_id), keys.state(stream_id)]

@@ -7,9 +7,9 @@
     ├── NotFound (404)             unknown stream or model (or another key's stream)
     ├── Unauthorized (401)         no API key, or an unknown one
     ├── Forbidden (403)            a revoked key, or not an admin key
-    ├── RateLimited (429)          over a key's limits; carries retry_after
+    ├── RateLimited (429)          over a key's limits (with retry_after)
     ├── Unavailable (503)          Redis down, no worker, shutting down
-    │   └── Overloaded             the model's queue is full; carries retry_after
+    │   └── Overloaded             the model's queue is full (with retry_after)
     ├── EngineError                the model failed while generating
     └── InvalidJob                 a job payload that does not validate
 
@@ -26,10 +26,12 @@ class TokenfanError(Exception):
     type = "server_error"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds; sent as Retry-After when set
         if code is not None:
             self.code = code
 
@@ -91,14 +93,6 @@ class RateLimited(TokenfanError):
     type = "rate_limit_error"
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
-
 
 class Overloaded(Unavailable):
     code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after

@@ -34,7 +34,7 @@ def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
     acted = 0
     for raw in due:
         sid = raw.decode()
-        dead = (bus.redis.hget(keys.state(sid), "worker") or b"").decode()
+        state = bus.state(sid)  # read before the claim, which overwrites its worker
         status, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
         if status == "taken":
             continue
@@ -45,7 +45,7 @@ def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
             msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
             end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
         else:
-            _recover(bus, settings, reaper, sid, seq, dead)
+            _recover(bus, settings, reaper, sid, seq, state)
         acted += 1
     return acted
 
@@ -58,14 +58,13 @@ def hand_over(bus: SyncBus, settings: Settings, owner: str, payload: JobPayload)
     """
     if not bus.handback(payload.stream_id, owner, payload.attempt):
         return False
-    deadline = int((time.time() + settings.failover_wait_s) * 1000)
-    bus.redis.zadd(keys.LEASES, {payload.stream_id: deadline})
+    bus.set_deadline(payload.stream_id, settings.failover_wait_s)
     enqueue(bus.queue, payload, timeout_s=settings.job_timeout_s, at_front=True)
     return True
 
 
-def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int, dead: str) -> None:
-    state = bus.state(sid)
+def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int, state: dict[str, str]) -> None:
+    dead = state.get("worker", "")
     payload = JobPayload.model_validate(orjson.loads(state["request"]))
     attempt = int(state.get("attempt", payload.attempt)) + 1
     others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]

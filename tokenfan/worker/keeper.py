@@ -10,6 +10,8 @@ workers. RQ's SimpleWorker sends no heartbeat during a job, so we own this.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,11 +48,13 @@ class Keeper(threading.Thread):
         self.watch: Watch | None = None
         self.jobs = 0
         self.started = time.time()
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
         self._stop_evt = threading.Event()
 
     def begin(self, stream_id: str, owner: str) -> Watch:
         self.watch = Watch(stream_id, owner)
-        self.bus.redis.zadd(keys.LEASES, {stream_id: int((time.time() + self.settings.lease_ttl_s) * 1000)})
+        self.bus.set_deadline(stream_id, self.settings.lease_ttl_s)
         self.beat()
         return self.watch
 
@@ -84,6 +88,8 @@ class Keeper(threading.Thread):
             "stream": watch.stream_id if watch else "",
             "jobs": self.jobs,
             "started": self.started,
+            "host": self.host,
+            "pid": self.pid,
         })
 
     def _renew(self, watch: Watch) -> None:
