@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
 from tokenfan.shared import events, keys
-from tokenfan.shared.bus import SyncBus
+from tokenfan.shared.bus import SyncBus, TokenPipe
 from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
@@ -197,22 +197,39 @@ class StreamJob:
             self.r.bus.mark_served(self.p.model, int(ticket))
 
     def _generate(self, req: GenRequest) -> str:
-        reason = "stop"
         if self.watch.cancel:
             return "cancelled"
+        pipe = self.r.bus.token_pipe(self.sid, self.r.name)
+        try:
+            reason = self._tokens(req, pipe)
+            if self._check(pipe.collect()) == CANCELLED:
+                return "cancelled"
+            return reason
+        finally:
+            pipe.close()
+
+    def _tokens(self, req: GenRequest, pipe: TokenPipe) -> str:
+        """Token events through the pipe: each is sent once the one before it is confirmed."""
         for text, finish in self.r.engine.generate(req):
             if text:
                 if not self.first_token_at:
                     self.first_token_at = time.time()
-                self.generated += 1
-                if self.emit(events.TOKEN, {"text": text}) == CANCELLED:
+                self.seq += 1
+                if self._check(pipe.send(events.Event(self.seq, events.TOKEN, {"text": text}))) == CANCELLED:
+                    self.seq -= 1  # this one was not sent
                     return "cancelled"
+                self.generated += 1
             if finish:
                 return finish
             self._between_tokens()
             if self.watch.cancel:
                 return "cancelled"
-        return reason
+        return "stop"
+
+    def _check(self, status: int) -> int:
+        if status == FENCED:
+            raise Fenced(self.sid)
+        return status
 
     def _between_tokens(self) -> None:
         if self.watch.lost:

@@ -1,0 +1,215 @@
+"""The API's shared pub/sub connection (`tokenfan.api.hub`) against a real Redis.
+
+The hub parses Redis's pushes itself (an asyncio.Protocol with hiredis), so
+these tests cover what redis-py's PubSub used to: delivery and order per
+channel, subscribe and unsubscribe, AUTH, reconnecting after a restart (and
+marking every subscription to re-read the log), dropping a connection
+that stops answering, and failing a subscribe cleanly while Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from tokenfan.api import hub as hubmod
+from tokenfan.api.hub import Hub, Subscription
+from tokenfan.ops.embedded import EmbeddedRedis
+from tokenfan.shared.errors import Unavailable
+
+
+async def until(check: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def drain(sub: Subscription, n: int, timeout: float = 5.0) -> tuple[list[bytes], bool]:
+    """Collect n messages (or a gap) from one subscription."""
+    got: list[bytes] = []
+    gap = False
+    deadline = time.monotonic() + timeout
+    while len(got) < n and not gap:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        res = await sub.get(left)
+        if res is not None:
+            got.extend(res[0])
+            gap = gap or res[1]
+    return got, gap
+
+
+async def open_hub(url: str, **kw: object) -> tuple[Hub, aredis.Redis]:
+    client = aredis.Redis.from_url(url)
+    hub = Hub(client, **kw)  # type: ignore[arg-type]
+    await hub.start()
+    return hub, client
+
+
+async def test_delivery_order_and_unsubscribe(redis_url: str) -> None:
+    hub, client = await open_hub(redis_url)
+    try:
+        a1 = await hub.subscribe("tf:test:a")
+        a2 = await hub.subscribe("tf:test:a")
+        b = await hub.subscribe("tf:test:b")
+        for i in range(50):
+            await client.publish("tf:test:a", f"a{i}")
+        await client.publish("tf:test:b", "b0")
+        want = [f"a{i}".encode() for i in range(50)]
+        assert (await drain(a1, 50)) == (want, False)
+        assert (await drain(a2, 50)) == (want, False)
+        assert (await drain(b, 1)) == ([b"b0"], False)
+        assert len(hub.subscriptions()) == 3
+
+        await hub.unsubscribe(a1)
+        await hub.unsubscribe(a2)
+        # Redis itself no longer counts this connection on the channel.
+        async def count() -> int:
+            return dict(await client.pubsub_numsub("tf:test:a"))[b"tf:test:a"]
+        deadline = time.monotonic() + 5
+        while await count() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert await count() == 0
+        assert dict(await client.pubsub_numsub("tf:test:b"))[b"tf:test:b"] == 1
+        assert await a1.get(0.05) is None
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def test_a_full_buffer_becomes_a_gap(redis_url: str) -> None:
+    hub, client = await open_hub(redis_url, buffer=4)
+    try:
+        sub = await hub.subscribe("tf:test:slow")
+        for i in range(10):
+            await client.publish("tf:test:slow", str(i))
+        await until(lambda: sub.gap, what="the overflow mark")
+        items, gap = await drain(sub, 10, timeout=1)
+        assert gap is True
+        assert len(items) < 10  # what overflowed is dropped: the viewer re-reads the log instead
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def test_reconnects_after_restart_and_marks_gaps() -> None:
+    server = EmbeddedRedis().start()
+    reconnects: list[float] = []
+    hub, client = await open_hub(server.url, on_reconnect=lambda: reconnects.append(time.monotonic()))
+    try:
+        sub = await hub.subscribe("tf:test:r")
+        await client.publish("tf:test:r", "before")
+        assert (await drain(sub, 1)) == ([b"before"], False)
+
+        server.stop()
+        await until(lambda: reconnects, what="the hub to notice the lost connection")
+        server = EmbeddedRedis(port=server.port).start()
+        # Once re-subscribed, the subscription is told it may have missed something...
+        await until(lambda: sub.gap, timeout=15, what="the re-subscribe to mark a gap")
+        assert hub.connected
+        res = await sub.get(1)
+        assert res is not None and res[1] is True
+        # ...and what is published from then on arrives again.
+        fresh = aredis.Redis.from_url(server.url)
+        try:
+            assert await fresh.publish("tf:test:r", "after") == 1
+            assert (await drain(sub, 1)) == ([b"after"], False)
+        finally:
+            await fresh.aclose()
+    finally:
+        await hub.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hubmod, "SUBSCRIBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(hubmod, "CONNECT_TIMEOUT_S", 0.5)
+    server = EmbeddedRedis().start()
+    port = server.port
+    server.stop()
+    hub, client = await open_hub(f"redis://127.0.0.1:{port}/0")
+    try:
+        assert not hub.connected
+        with pytest.raises(Unavailable):
+            await hub.subscribe("tf:test:down")
+        assert hub.subscriptions() == []
+        # Redis comes up: the same hub connects by itself and serves.
+        server = EmbeddedRedis(port=port).start()
+        await until(lambda: hub.connected, timeout=10, what="the hub to connect")
+        sub = await hub.subscribe("tf:test:down")
+        await client.publish("tf:test:down", "x")
+        assert (await drain(sub, 1)) == ([b"x"], False)
+    finally:
+        await hub.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_auth_with_acl_user_and_a_wrong_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hubmod, "SUBSCRIBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(hubmod, "CONNECT_TIMEOUT_S", 1.0)
+    with EmbeddedRedis() as server:
+        url = f"redis://hubber:s3cret@127.0.0.1:{server.port}/0"
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser("hubber", enabled=True, passwords=["+s3cret"], keys=["*"], channels=["*"],
+                          commands=["+@all"])
+        admin.close()
+        with redis.Redis.from_url(url) as as_hubber:
+            as_hubber.acl_setuser("default", enabled=False)  # only the ACL user can connect now
+        hub, client = await open_hub(url)
+        try:
+            sub = await hub.subscribe("tf:test:auth")
+            await client.publish("tf:test:auth", "ok")
+            assert (await drain(sub, 1)) == ([b"ok"], False)
+        finally:
+            await hub.close()
+            await client.aclose()
+
+        bad, bad_client = await open_hub(url.replace("s3cret", "wrong"))
+        try:
+            assert not bad.connected
+            with pytest.raises(Unavailable):
+                await bad.subscribe("tf:test:auth")
+        finally:
+            await bad.close()
+            await bad_client.aclose()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url.replace("s3cret", "wrong")).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(server.url).ping()
+
+
+async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hubmod, "IDLE_PING_S", 0.3)
+    monkeypatch.setattr(hubmod, "PING_TIMEOUT_S", 0.3)
+    server = EmbeddedRedis().start()
+    reconnects: list[float] = []
+    hub, client = await open_hub(server.url, on_reconnect=lambda: reconnects.append(time.monotonic()))
+    assert server.proc is not None
+    try:
+        sub = await hub.subscribe("tf:test:frozen")
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
+        try:
+            await until(lambda: reconnects, timeout=10, what="the PING timeout to drop the connection")
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await until(lambda: sub.gap, timeout=10, what="the re-subscribe after the frozen Redis woke up")
+        res = await sub.get(1)
+        assert res is not None and res[1] is True
+        await client.publish("tf:test:frozen", "alive")
+        assert (await drain(sub, 1)) == ([b"alive"], False)
+    finally:
+        await hub.close()
+        await client.aclose()
+        server.stop()
