@@ -47,7 +47,7 @@ class Sizes:
     ttft_gap_s: float
     e2e_tokens: int
     e2e_rounds: int
-    e2e_one_thread_too: bool  # also compare both sides at one thread (less CPU contention on small machines)
+    e2e_all_cpus_too: bool  # also compare both sides with llama.cpp on every CPU (shared with the relay)
     server_tokens: int
     server_levels: tuple[int, ...]
     server_requests_per_level: int
@@ -68,8 +68,8 @@ FULL = Sizes(
     ttft_requests=100,
     ttft_gap_s=0.1,
     e2e_tokens=256,
-    e2e_rounds=5,
-    e2e_one_thread_too=True,
+    e2e_rounds=7,
+    e2e_all_cpus_too=True,
     server_tokens=128,
     server_levels=(1, 4, 16),
     server_requests_per_level=8,
@@ -87,7 +87,7 @@ QUICK = Sizes(
     ttft_gap_s=0.05,
     e2e_tokens=8,
     e2e_rounds=1,
-    e2e_one_thread_too=False,
+    e2e_all_cpus_too=False,
     server_tokens=4,
     server_levels=(1, 2),
     server_requests_per_level=2,
@@ -104,9 +104,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help="Markdown file for the tables (default %(default)s)")
     p.add_argument("--json", default=DEFAULT_JSON, help="JSON results (default %(default)s)")
     p.add_argument("--chart", default=DEFAULT_CHART, help="PNG chart (default %(default)s)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="llama.cpp threads on every model side (default: all CPUs, %(default)s)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="llama.cpp threads on every model side (default: llama-cpp-python's own default, "
+                        "half the CPUs: %(default)s)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the API process to a CPU of its own")
+
+
+def default_threads() -> int:
+    """llama-cpp-python's own default (`Llama(n_threads=None)`, `llama_cpp.server`): half the logical
+    CPUs, the physical cores on most machines. It leaves room for the rest of the machine, which is
+    where tokenfan's relay runs when the model is on the same CPUs."""
+    return max((os.cpu_count() or 1) // 2, 1)
 
 
 def scenarios_of(given: list[str]) -> list[str]:
@@ -125,7 +133,7 @@ def command_of(args: argparse.Namespace) -> list[str]:
     for flag, default in (("out", DEFAULT_OUT), ("json", DEFAULT_JSON), ("chart", DEFAULT_CHART)):
         if getattr(args, flag) != default:
             out += [f"--{flag}", getattr(args, flag)]
-    if args.threads != (os.cpu_count() or 1):
+    if args.threads != default_threads():
         out += ["--threads", str(args.threads)]
     if args.no_pin:
         out.append("--no-pin")
@@ -207,7 +215,8 @@ def _ttft(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
 def _e2e(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
     from tokenfan.ops.bench_model import end_to_end
 
-    counts = [args.threads] + ([1] if sizes.e2e_one_thread_too and args.threads > 1 else [])
+    every = os.cpu_count() or 1
+    counts = [args.threads] + ([every] if sizes.e2e_all_cpus_too and every > args.threads else [])
     return end_to_end(stack, counts, N_CTX, sizes.e2e_tokens, sizes.e2e_rounds)
 
 

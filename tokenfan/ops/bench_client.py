@@ -492,13 +492,14 @@ class ChatRun:
     async def _one(self, body: bytes) -> dict[str, Any]:
         h = Chat()
         req = request_bytes("POST", self.job.get("path", "/v1/chat/completions"), self.host, self.port, body)
-        t_send = time.time()
+        t_send, cpu0 = time.time(), time.thread_time()
         try:
             await asyncio.wait_for(exchange(self.host, self.port, h, req), float(self.job.get("timeout_s", 300)))
         except TimeoutError:
             h.error = h.error or "timeout"
         return {
             "t_send": t_send, "t_first": h.t_first, "t_last": h.t_last, "t_end": time.time(),
+            "cpu_s": time.thread_time() - cpu0,  # this client's own CPU for the request (one thread)
             "status": h.status, "tokens": h.tokens, "finish": h.finish, "done": h.done, "error": h.error,
             "stream_id": (getattr(h, "headers", {}) or {}).get(b"x-tokenfan-stream-id", b"").decode(),
             "body": bytes(h.data[:300]).decode(errors="replace"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenfan.ops.bench_procs import Child, LineChild, Stack, progress
+from tokenfan.ops.bench_procs import Child, LineChild, Stack, progress, sched_ns
 from tokenfan.ops.bench_stats import median, rate, summary
 from tokenfan.shared import defaults as d
 from tokenfan.shared import events
@@ -142,7 +142,12 @@ def _e2e_run(stack: Stack, api: Child, threads: int, n_ctx: int, max_tokens: int
     body = {"messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     sides: dict[str, list[dict[str, Any]]] = {"tokenfan": [], "direct": []}
     for rnd in range(rounds + 1):  # round 0 warms both sides up and is not counted
-        got = {"direct": _direct_once(direct), "tokenfan": run_client(stack, chat_job(api.port, body))["records"][0]}
+        with _Sched({"model": direct.pid}) as d_sched:
+            d_rec = _direct_once(direct)
+        with _Sched({"model": worker.pid, "api": api.pid, "redis": stack.redis_pid}) as t_sched:
+            t_rec = run_client(stack, chat_job(api.port, body))["records"][0]
+        got = {"direct": {**d_rec, "sched": d_sched.per_token(d_rec["tokens"])},
+               "tokenfan": {**t_rec, "sched": t_sched.per_token(t_rec["tokens"], client_s=t_rec.get("cpu_s", 0.0))}}
         if rnd:
             for side, rec in got.items():
                 sides[side].append(rec)
@@ -151,6 +156,32 @@ def _e2e_run(stack: Stack, api: Child, threads: int, n_ctx: int, max_tokens: int
     stack.stop(direct)
     stack.stop(worker)
     return _e2e_result(sides, threads)
+
+
+class _Sched:
+    """Where a round's time went, per token: each process's CPU, and how long the model's threads
+    waited, runnable, for a CPU someone else had (Linux schedstat)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before: dict[str, tuple[int, int]] = {}
+        self.after: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> _Sched:
+        self.before = {k: sched_ns(p) for k, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = {k: sched_ns(p) for k, p in self.pids.items()}
+
+    def per_token(self, tokens: int, client_s: float = 0.0) -> dict[str, float]:
+        if tokens <= 0 or not self.after:
+            return {}
+        out = {f"{k}_cpu_us": (self.after[k][0] - self.before[k][0]) / tokens / 1000 for k in self.pids}
+        out["model_wait_us"] = (self.after["model"][1] - self.before["model"][1]) / tokens / 1000
+        if client_s:
+            out["client_cpu_us"] = client_s / tokens * 1e6
+        return out
 
 
 def _direct_once(direct: LineChild) -> dict[str, Any]:
@@ -167,6 +198,8 @@ def _e2e_result(sides: dict[str, list[dict[str, Any]]], threads: int) -> dict[st
             "ttft_ms": round(median([(r["t_first"] - r["t_send"]) * 1000 for r in recs if r["t_first"]]), 1),
             "tokens": [r["tokens"] for r in recs],
             "failed": sum(1 for r in recs if r.get("error") or r.get("status") != 200 or not r["tokens"]),
+            "per_token_us": {k: round(median([r["sched"][k] for r in recs if k in r.get("sched", {})]), 1)
+                             for k in sorted({k for r in recs for k in r.get("sched", {})})},
         }
     out["same_text"] = {r["text_crc"] for r in sides["direct"]} == {r["text_crc"] for r in sides["tokenfan"]}
     # Each round pairs two runs made seconds apart: their ratio shrugs off the machine's slower minutes.

@@ -238,6 +238,21 @@ def _e2e_table(r: dict[str, Any]) -> list[str]:
                      f"| {'yes' if run['same_text'] else 'no'}") if side == "tokenfan" else " | | "
             rows.append(f"| {run['threads']} | {side} | {s['decode_tokens_per_s']} | {s['e2e_tokens_per_s']} "
                         f"| {s['ttft_ms']} | {', '.join(map(str, s['tokens']))} | {s['failed']} | {extra} |")
+    if any(run[side].get("per_token_us") for run in r["runs"] for side in ("direct", "tokenfan")):
+        rows += ["", "Where a token's time went (µs per token, medians of the rounds; Linux schedstat for the "
+                 "processes, the client's own thread time): the model's threads' CPU and their wait, runnable, "
+                 "for a CPU that another process had; the CPU of the API, Redis and the client.", "",
+                 "| threads | side | token interval µs | model threads' CPU | model threads' wait for a CPU "
+                 "| API CPU | Redis CPU | client CPU |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for run in r["runs"]:
+            for side in ("direct", "tokenfan"):
+                s = run[side]
+                u = s.get("per_token_us", {})
+                interval = round(1e6 / s["decode_tokens_per_s"]) if s["decode_tokens_per_s"] else "-"
+                rows.append(f"| {run['threads']} | {side} | {interval} | {u.get('model_cpu_us', '-')} "
+                            f"| {u.get('model_wait_us', '-')} | {u.get('api_cpu_us', '-')} "
+                            f"| {u.get('redis_cpu_us', '-')} | {u.get('client_cpu_us', '-')} |")
     return rows
 
 
