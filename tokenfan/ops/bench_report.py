@@ -257,7 +257,8 @@ def _e2e_table(r: dict[str, Any]) -> list[str]:
 
 
 def _server_table(r: dict[str, Any]) -> list[str]:
-    rows = [f"One model instance per side ({r['threads']} threads), {r['max_tokens']} tokens at most, "
+    threads = f"{r['threads']} thread" + ("" if r["threads"] == 1 else "s")
+    rows = [f"One model instance per side ({threads}), {r['max_tokens']} tokens at most, "
             "temperature 0, the same client code on the OpenAI route:", "",
             "| clients | side | requests | got a first token | TTFT p50 ms | TTFT p95 ms | tokens "
             "| aggregate tokens/s | completed | interrupted | failed |",
