@@ -145,14 +145,14 @@ def _provenance(scenarios: dict[str, Any]) -> str:
     for name in TITLES:
         if name in scenarios:
             e = scenarios[name]
-            key = (e["command"], e.get("run_started", e["started"]))
+            key = (e["command"], e.get("run_started", e["started"]), e["machine"].get("commit") or "unknown")
             runs.setdefault(key, []).append(f"{name} ({e['seconds']:g} s, load average {_loads(e)})")
-    lines = [f"- `{cmd}`, started {started}: {', '.join(names)}" for (cmd, started), names in runs.items()]
+    lines = [f"- `{cmd}`, started {started}, tokenfan commit {commit}: {', '.join(names)}"
+             for (cmd, started, commit), names in runs.items()]
     m = next(iter(scenarios.values()))["machine"] if scenarios else {}
     lines.append(f"- machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('memory_gib')} GiB, {m.get('os')}, "
                  f"Python {m.get('python')}, llama-cpp-python {m.get('llama_cpp_python')}, "
-                 f"redis-py {m.get('redis_py')}, tokenfan commit {m.get('commit') or 'unknown'}; "
-                 f"{m.get('pinning', '')}")
+                 f"redis-py {m.get('redis_py')}; {m.get('pinning', '')}")
     if any(e.get("quick") for e in scenarios.values()):
         lines.append("- **quick sizes** (`--quick`): a smoke run; its figures say nothing about the targets")
     return "\n".join(lines)
