@@ -125,6 +125,12 @@ BAD_BODIES = [
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 999999}', "max_tokens_too_large"),
     ('{"messages": [{"role": "user", "content": "x"}], "model": "nope"}', "model_not_found"),
     ('[1, 2]', "invalid_value"),
+    # Found by the schema fuzzer: both were a 500 (orjson cannot store either).
+    ('{"messages": [{"role": "user", "content": "a\\udbf9b"}]}', "invalid_value"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', "invalid_value"),
+    ('{"messages": [{"role": "user", "content": "x"}], "stop": ["\\ud800"]}', "invalid_value"),
+    ('{"messages": [{"role": "user", "content": "x"}], "seed": -75027582023117910647228071936}', "invalid_value"),
+    ('{"messages": [{"role": "user", "content": "x"}], "seed": 9223372036854775808}', "invalid_value"),
 ]
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -88,3 +90,26 @@ def test_job_payload_is_plain_json_and_strict() -> None:
         JobPayload.model_validate({**dumped, "evil": "__import__('os')"})
     with pytest.raises(ValidationError):
         JobPayload.model_validate({**dumped, "stream_id": "../../etc"})
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "a\udbf9b"}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+    {"messages": [{"role": "user", "content": "x", "name": "\ud800"}]},
+    {"messages": [{"role": "user", "content": "x"}], "stop": "\ud800"},
+    {"messages": [{"role": "user", "content": "x"}], "model": "\udfff"},
+    {"messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1},
+    {"messages": [{"role": "user", "content": "x"}], "seed": 2**63},
+])
+def test_what_cannot_be_stored_is_rejected(body: dict) -> None:
+    """Lone surrogates (JSON can spell them) and seeds past 64 bits: orjson cannot encode either."""
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate(body)
+
+
+def test_paired_surrogates_and_64_bit_seeds_are_fine() -> None:
+    # As the API parses a body: JSON's escaped surrogate pair is one character.
+    body = json.loads('{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "seed": -9223372036854775808}')
+    req = ChatRequest.model_validate(body)
+    assert req.messages[0].text() == "\N{GRINNING FACE}"
+    assert req.seed == -(2**63)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -123,6 +124,11 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+# Pydantic names the member of a union (or the validator) it tried in an error's location:
+# `messages.0.content.function-after[_unicode(), str]`. A client needs only the field.
+_TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
+
+
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TokenfanError)
     async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
@@ -131,9 +137,11 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        msg = str(first.get("msg", "invalid request"))
+        # The deepest error is the most specific: for a union (a string or a list of parts) it is
+        # the member that got furthest, not "Input should be a valid string".
+        first: dict[str, Any] = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             return error_response(InvalidRequest("the body is not valid JSON", code="invalid_json"))
         param = ".".join(loc) or None

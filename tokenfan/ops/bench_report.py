@@ -141,7 +141,7 @@ def render(doc: dict[str, Any], chart: str | None) -> str:
 
 
 def _provenance(scenarios: dict[str, Any]) -> str:
-    runs: dict[tuple[str, str], list[str]] = {}
+    runs: dict[tuple[str, str, str], list[str]] = {}
     for name in TITLES:
         if name in scenarios:
             e = scenarios[name]

@@ -9,24 +9,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.settings import Settings
 
 Role = Literal["system", "user", "assistant", "developer"]
+# What Redis, RQ's JSON and orjson can carry: a seed is stored as a signed 64-bit integer.
+INT64 = 2**63
+
+
+def _unicode(s: str) -> str:
+    """JSON's `\\udXXX` escapes can spell a lone surrogate, which no UTF-8 encoder accepts."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode: an unpaired surrogate (\\ud800-\\udfff) "
+                         "is not allowed") from None
+    return s
+
+
+# Every string a request keeps: it is stored and sent on as UTF-8.
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Role
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -40,7 +56,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model: Text | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -48,8 +64,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: int = Field(default=1, ge=1, le=1)
     cancel_on_disconnect: bool = False
 
