@@ -132,11 +132,13 @@ async def test_reconnects_after_restart_and_marks_gaps() -> None:
 
 async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hubmod, "SUBSCRIBE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(hubmod, "CONNECT_TIMEOUT_S", 0.5)
     server = EmbeddedRedis().start()
     port = server.port
     server.stop()
+    began = time.monotonic()
     hub, client = await open_hub(f"redis://127.0.0.1:{port}/0")
+    # A refused connection does not hold the API's start-up for the whole connect timeout.
+    assert time.monotonic() - began < hubmod.CONNECT_TIMEOUT_S / 2
     try:
         assert not hub.connected
         with pytest.raises(Unavailable):

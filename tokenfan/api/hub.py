@@ -194,12 +194,13 @@ class Hub:
         self._unsub_cmd = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
 
     async def start(self) -> None:
-        """Connect before the first request (a failure here is retried in the background)."""
+        """Connect before the first request: returns after the first attempt (or CONNECT_TIMEOUT_S);
+        a failure is retried in the background."""
         self._task = asyncio.create_task(self._supervise(), name="tokenfan-hub")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), CONNECT_TIMEOUT_S)
         except TimeoutError:
-            log.warning("Hub: Redis unreachable at start; still trying in the background")
+            log.warning("Hub: no answer from Redis at start; still trying in the background")
 
     async def close(self) -> None:
         if self._task:
@@ -261,6 +262,8 @@ class Hub:
             except (OSError, redis.RedisError, TimeoutError) as exc:
                 failures += 1
                 self._lost(exc, failures)
+                if not self._ready.done():  # start() need not wait out a Redis that refused at once
+                    self._ready.set_result(None)
                 await asyncio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
                 continue
             failures = 0
