@@ -5,7 +5,6 @@ on a Redis of the suite's own, each waited for with a deadline, each stopped
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import httpx
 import orjson
 import redis
 
-from tokenfan.ops.embedded import free_port
+from tokenfan.ops.embedded import free_port, stop_process
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
 
@@ -59,13 +58,7 @@ class Proc:
             self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

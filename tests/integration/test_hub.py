@@ -13,7 +13,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis
@@ -49,16 +50,35 @@ async def drain(sub: Subscription, n: int, within: float = 5.0) -> tuple[list[by
     return got, gap
 
 
-async def open_hub(url: str, **kw: object) -> tuple[Hub, aredis.Redis]:
+@asynccontextmanager
+async def hub_on(url: str, **kw: object) -> AsyncIterator[tuple[Hub, aredis.Redis]]:
+    """A started hub and a client to publish with, both closed afterwards."""
     client = aredis.Redis.from_url(url)
     hub = Hub(client, **kw)  # type: ignore[arg-type]
-    await hub.start()
-    return hub, client
+    try:
+        await hub.start()
+        yield hub, client
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., EmbeddedRedis]]:
+    """Start Redis servers of the test's own (again on a port, to restart one); all stopped at the end."""
+    started: list[EmbeddedRedis] = []
+
+    def start(port: int | None = None) -> EmbeddedRedis:
+        started.append(EmbeddedRedis(port=port).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 async def test_delivery_order_and_unsubscribe(redis_url: str) -> None:
-    hub, client = await open_hub(redis_url)
-    try:
+    async with hub_on(redis_url) as (hub, client):
         a1 = await hub.subscribe("tf:test:a")
         a2 = await hub.subscribe("tf:test:a")
         b = await hub.subscribe("tf:test:b")
@@ -80,14 +100,10 @@ async def test_delivery_order_and_unsubscribe(redis_url: str) -> None:
             await asyncio.sleep(0.02)
         assert dict(await client.pubsub_numsub("tf:test:b"))[b"tf:test:b"] == 1
         assert await a1.get(0.05) is None
-    finally:
-        await hub.close()
-        await client.aclose()
 
 
 async def test_a_full_buffer_becomes_a_gap(redis_url: str) -> None:
-    hub, client = await open_hub(redis_url, buffer=4)
-    try:
+    async with hub_on(redis_url, buffer=4) as (hub, client):
         sub = await hub.subscribe("tf:test:slow")
         for i in range(10):
             await client.publish("tf:test:slow", str(i))
@@ -95,23 +111,19 @@ async def test_a_full_buffer_becomes_a_gap(redis_url: str) -> None:
         items, gap = await drain(sub, 10, within=1)
         assert gap is True
         assert len(items) < 10  # what overflowed is dropped: the viewer re-reads the log instead
-    finally:
-        await hub.close()
-        await client.aclose()
 
 
-async def test_reconnects_after_restart_and_marks_gaps() -> None:
-    server = EmbeddedRedis().start()
+async def test_reconnects_after_restart_and_marks_gaps(servers: Callable[..., EmbeddedRedis]) -> None:
+    server = servers()
     reconnects: list[float] = []
-    hub, client = await open_hub(server.url, on_reconnect=lambda: reconnects.append(time.monotonic()))
-    try:
+    async with hub_on(server.url, on_reconnect=lambda: reconnects.append(time.monotonic())) as (hub, client):
         sub = await hub.subscribe("tf:test:r")
         await client.publish("tf:test:r", "before")
         assert (await drain(sub, 1)) == ([b"before"], False)
 
         server.stop()
         await until(lambda: reconnects, what="the hub to notice the lost connection")
-        server = EmbeddedRedis(port=server.port).start()
+        server = servers(port=server.port)
         # Once re-subscribed, the subscription is told it may have missed something...
         await until(lambda: sub.gap, within=15, what="the re-subscribe to mark a gap")
         assert hub.connected
@@ -124,36 +136,28 @@ async def test_reconnects_after_restart_and_marks_gaps() -> None:
             assert (await drain(sub, 1)) == ([b"after"], False)
         finally:
             await fresh.aclose()
-    finally:
-        await hub.close()
-        await client.aclose()
-        server.stop()
 
 
-async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                            servers: Callable[..., EmbeddedRedis]) -> None:
     monkeypatch.setattr(hubmod, "SUBSCRIBE_TIMEOUT_S", 0.5)
-    server = EmbeddedRedis().start()
-    port = server.port
-    server.stop()
+    down = servers()
+    port = down.port
+    down.stop()  # a port where nothing answers
     began = time.monotonic()
-    hub, client = await open_hub(f"redis://127.0.0.1:{port}/0")
-    # A refused connection does not hold the API's start-up for the whole connect timeout.
-    assert time.monotonic() - began < hubmod.CONNECT_TIMEOUT_S / 2
-    try:
+    async with hub_on(f"redis://127.0.0.1:{port}/0") as (hub, client):
+        # A refused connection does not hold the API's start-up for the whole connect timeout.
+        assert time.monotonic() - began < hubmod.CONNECT_TIMEOUT_S / 2
         assert not hub.connected
         with pytest.raises(Unavailable):
             await hub.subscribe("tf:test:down")
         assert hub.subscriptions() == []
         # Redis comes up: the same hub connects by itself and serves.
-        server = EmbeddedRedis(port=port).start()
+        servers(port=port)
         await until(lambda: hub.connected, within=10, what="the hub to connect")
         sub = await hub.subscribe("tf:test:down")
         await client.publish("tf:test:down", "x")
         assert (await drain(sub, 1)) == ([b"x"], False)
-    finally:
-        await hub.close()
-        await client.aclose()
-        server.stop()
 
 
 async def test_auth_with_acl_user_and_a_wrong_password(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,37 +171,29 @@ async def test_auth_with_acl_user_and_a_wrong_password(monkeypatch: pytest.Monke
         admin.close()
         with redis.Redis.from_url(url) as as_hubber:
             as_hubber.acl_setuser("default", enabled=False)  # only the ACL user can connect now
-        hub, client = await open_hub(url)
-        try:
+        async with hub_on(url) as (hub, client):
             sub = await hub.subscribe("tf:test:auth")
             await client.publish("tf:test:auth", "ok")
             assert (await drain(sub, 1)) == ([b"ok"], False)
-        finally:
-            await hub.close()
-            await client.aclose()
 
-        bad, bad_client = await open_hub(url.replace("s3cret", "wrong"))
-        try:
+        async with hub_on(url.replace("s3cret", "wrong")) as (bad, _):
             assert not bad.connected
             with pytest.raises(Unavailable):
                 await bad.subscribe("tf:test:auth")
-        finally:
-            await bad.close()
-            await bad_client.aclose()
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(url.replace("s3cret", "wrong")).ping()
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(server.url).ping()
 
 
-async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.MonkeyPatch,
+                                                       servers: Callable[..., EmbeddedRedis]) -> None:
     monkeypatch.setattr(hubmod, "IDLE_PING_S", 0.3)
     monkeypatch.setattr(hubmod, "PING_TIMEOUT_S", 0.3)
-    server = EmbeddedRedis().start()
-    reconnects: list[float] = []
-    hub, client = await open_hub(server.url, on_reconnect=lambda: reconnects.append(time.monotonic()))
+    server = servers()
     assert server.proc is not None
-    try:
+    reconnects: list[float] = []
+    async with hub_on(server.url, on_reconnect=lambda: reconnects.append(time.monotonic())) as (hub, client):
         sub = await hub.subscribe("tf:test:frozen")
         os.kill(server.proc.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
         try:
@@ -209,7 +205,3 @@ async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.Monke
         assert res is not None and res[1] is True
         await client.publish("tf:test:frozen", "alive")
         assert (await drain(sub, 1)) == ([b"alive"], False)
-    finally:
-        await hub.close()
-        await client.aclose()
-        server.stop()

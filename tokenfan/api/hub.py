@@ -46,7 +46,6 @@ CONNECT_TIMEOUT_S = 5.0
 
 MESSAGE, SMESSAGE = b"message", b"smessage"
 SUBSCRIBE_KINDS = (b"subscribe", b"ssubscribe")
-PUSH_KINDS = frozenset((MESSAGE, SMESSAGE, b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe", b"pong"))
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
@@ -84,8 +83,7 @@ class Subscription:
             self.gap = True
         else:
             self.buf.append(raw)
-        if self.waiter is not None:
-            _release(self.waiter)
+        self.wake()
 
     def wake(self) -> None:
         if self.waiter is not None:
@@ -115,7 +113,10 @@ class Subscription:
 
 
 class _Wire(asyncio.Protocol):
-    """The pub/sub socket: hiredis parses, pushes go straight to the hub, other replies (AUTH) to waiters."""
+    """The pub/sub socket: hiredis parses, pushes go straight to the hub, other replies (AUTH) to waiters.
+
+    Once subscribed, everything Redis sends is an array (a push); before that, only AUTH is
+    sent, and its reply is not one."""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -123,14 +124,14 @@ class _Wire(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.replies: deque[asyncio.Future[Any]] = deque()
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self.last_read = 0.0
+        self.heard = False  # something arrived since the supervisor last looked
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        self.last_read = -1.0  # "just now": the supervisor reads the clock only when it checks
+        self.heard = True
         push = self.hub._push
         while True:
             try:
@@ -141,7 +142,7 @@ class _Wire(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if type(reply) is list and reply and reply[0] in PUSH_KINDS:
+            if type(reply) is list:
                 push(reply)
             elif self.replies:
                 fut = self.replies.popleft()
@@ -261,7 +262,7 @@ class Hub:
                 wire = await self._connect()
             except (OSError, redis.RedisError, TimeoutError) as exc:
                 failures += 1
-                self._lost(exc, failures)
+                self._lost(exc)
                 if not self._ready.done():  # start() need not wait out a Redis that refused at once
                     self._ready.set_result(None)
                 await asyncio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
@@ -272,10 +273,10 @@ class Hub:
             reason = await self._watch(wire)
             self.wire = None
             failures += 1
-            self._lost(reason, failures)
+            self._lost(reason)
             await asyncio.sleep(RECONNECT_BACKOFF_S[0])
 
-    def _lost(self, exc: BaseException | None, failures: int) -> None:
+    def _lost(self, exc: BaseException | None) -> None:
         log.warning("Hub: pub/sub connection failed (%s); reconnecting", exc or "closed by Redis")
         if self.on_reconnect:
             self.on_reconnect()
@@ -318,8 +319,8 @@ class Hub:
                 return await asyncio.wait_for(asyncio.shield(wire.lost), IDLE_PING_S if not pinged else PING_TIMEOUT_S)
             except TimeoutError:
                 pass
-            if wire.last_read < 0:  # something arrived since the last look
-                wire.last_read = 0.0
+            if wire.heard:
+                wire.heard = False
                 quiet_since = loop.time()
                 pinged = False
             elif pinged:
@@ -330,7 +331,8 @@ class Hub:
                 pinged = True
 
     def _push(self, msg: list[Any]) -> None:
-        kind = msg[0]
+        """A message, a (re)subscribe confirmation, or what needs nothing (unsubscribe, pong)."""
+        kind = msg[0] if msg else None
         if kind == MESSAGE or kind == SMESSAGE:
             for sub in self.subs.get(msg[1], ()):
                 sub.push(msg[2])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import orjson
 import psutil
 import redis
 
-from tokenfan.ops.embedded import EmbeddedRedis, free_port
+from tokenfan.ops.embedded import EmbeddedRedis, free_port, stop_process
 from tokenfan.shared import keys
 from tokenfan.shared.jobs import queue as rq_queue
 
@@ -129,13 +128,7 @@ class Child:
             return ""
 
     def stop(self) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen, STOP_TIMEOUT_S)
         self._close_pipes()
 
     def _close_pipes(self) -> None:

@@ -128,10 +128,7 @@ class StreamJob:
 
     def emit(self, kind: str, data: dict[str, Any]) -> int:
         self.seq += 1
-        result = self.r.bus.publish(self.sid, self.r.name, events.Event(self.seq, kind, data))
-        if result == FENCED:
-            raise Fenced(self.sid)
-        return result
+        return self._check(self.r.bus.publish(self.sid, self.r.name, events.Event(self.seq, kind, data)))
 
     def run(self) -> str:
         try:
@@ -214,10 +211,10 @@ class StreamJob:
             if text:
                 if not self.first_token_at:
                     self.first_token_at = time.time()
-                self.seq += 1
-                if self._check(pipe.send(events.Event(self.seq, events.TOKEN, {"text": text}))) == CANCELLED:
-                    self.seq -= 1  # this one was not sent
+                event = events.Event(self.seq + 1, events.TOKEN, {"text": text})
+                if self._check(pipe.send(event)) == CANCELLED:  # the one before saw the cancel: not sent
                     return "cancelled"
+                self.seq += 1
                 self.generated += 1
             if finish:
                 return finish
@@ -227,6 +224,7 @@ class StreamJob:
         return "stop"
 
     def _check(self, status: int) -> int:
+        """A publish's status; our lease was taken when it is FENCED."""
         if status == FENCED:
             raise Fenced(self.sid)
         return status
