@@ -92,7 +92,7 @@ class Cluster:
         n = len(self.procs)
         log_path = LOG_DIR / f"{self.test_name}.{kind}{n}.log"
         fh = log_path.open("wb")
-        popen = subprocess.Popen([sys.executable, "-m", "tokenfan", kind, *args], env=self._env(extra),
+        popen = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", kind, *args], env=self._env(extra),
                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         fh.close()
         proc = Proc(kind, popen, log_path)

@@ -49,7 +49,7 @@ METRICS: dict[str, str] = {
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-# Every environment variable tokenfan reads (tokenfan/shared/settings.py);
+# Every environment variable tokenfan reads (shared/settings.py);
 # a misspelt one in a manifest would be silently ignored.
 KNOWN_ENV = {
     "REDIS_URL",
@@ -381,7 +381,8 @@ def dockerignored(rel: str) -> bool:
 def test_dockerignore_matcher() -> None:
     # The matcher the next test relies on, checked on this repo's own patterns.
     assert dockerignored(".git/config")
-    assert dockerignored("tokenfan/api/__pycache__/app.cpython-311.pyc")
+    assert dockerignored("api/__pycache__/app.cpython-311.pyc")
+    assert dockerignored("bench/main.py")
     assert not dockerignored("pyproject.toml")
 
 
@@ -401,13 +402,18 @@ def test_dockerfile_copies_exist_in_the_context(name: str) -> None:
                 continue  # BuildKit allows a wildcard to match nothing (README.md*)
             assert (ROOT / src).exists(), f"{name}: COPY source {src} is not in the repo"
             assert not dockerignored(src.strip("./") or "."), f"{name}: .dockerignore drops {src}"
-    assert "pyproject.toml" in sources and any(s.rstrip("/") == "tokenfan" for s in sources)
+    folders = {s.rstrip("/") for s in sources}
+    # Every package setuptools maps must be in the context, the benchmark never.
+    assert {"pyproject.toml", "shared", "api", "worker", "ops/*.py"} <= folders
+    assert not folders & {"bench", "tests", "docs", "."}
     # pyproject.toml names a readme; setuptools reads it when it is there.
     assert any(re.fullmatch(_glob_regex(s).pattern, "README.md") for s in sources)
 
 
 def test_dockerignore_keeps_the_package() -> None:
-    files = [p for p in (ROOT / "tokenfan").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    product = [ROOT / d for d in ("shared", "api", "worker")]
+    files = [p for d in product for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files += [*(ROOT / "ops").glob("*.py"), ROOT / "ops/docker/requirements.py"]
     assert files
     dropped = [str(p.relative_to(ROOT)) for p in files if dockerignored(str(p.relative_to(ROOT)))]
     assert not dropped, f".dockerignore drops package files: {dropped[:5]}"

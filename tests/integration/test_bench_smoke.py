@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tokenfan.ops import bench
+from tokenfan.bench import main as bench
 
 
 def _run(tmp_path: Path, scenario: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def clean_env() -> dict[str, str]:
 
 
 def tokenfan(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tokenfan", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tokenfan.ops", *args], capture_output=True, text=True,
                           timeout=timeout, env=env if env is not None else clean_env())
 
 
@@ -144,7 +144,7 @@ def _describe(p: psutil.Process) -> str:
 def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(stop_signal: int, presses: int) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    up = subprocess.Popen([sys.executable, "-m", "tokenfan", "up", "--engine", "fake", "--port", str(port),
+    up = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", "up", "--engine", "fake", "--port", str(port),
                            "--metrics-port", "0"],
                           env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert up.stdout is not None
@@ -221,7 +221,7 @@ def test_redis_url_from_the_environment_is_enough(command: str, redis_url: str, 
     env = {**clean_env(), "REDIS_URL": redis_url, "TOKENFAN_ENGINE": "fake"}
     port = free_port()
     args = ["--port", str(port)] if command == "api" else ["--metrics-port", "0", "--worker-name", f"envtest-{port}"]
-    proc = subprocess.Popen([sys.executable, "-m", "tokenfan", command, *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", command, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         if command == "api":

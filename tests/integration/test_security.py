@@ -32,7 +32,7 @@ def _h(key: str | None) -> dict[str, str]:
 
 def test_keys_cli_adds_lists_and_revokes(cluster: Cluster, r: redis.Redis) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tokenfan", "keys", "--redis-url", cluster.redis_url, *args],
+        return subprocess.run([sys.executable, "-m", "tokenfan.ops", "keys", "--redis-url", cluster.redis_url, *args],
                               capture_output=True, text=True, timeout=30)
 
     added = cli("add", "acme", "--rpm", "7")

@@ -22,7 +22,7 @@ STOP_TIMEOUT_S = 30.0
 
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C reaches only us, and we stop the children in order.
-    return subprocess.Popen([sys.executable, "-m", "tokenfan", *args], env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "tokenfan.ops", *args], env=env, start_new_session=True)
 
 
 def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:

@@ -141,8 +141,8 @@ def command_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenfan.ops import bench_report as report
-    from tokenfan.ops.bench_procs import BenchError, Layout, Stack, progress
+    from tokenfan.bench import report as report
+    from tokenfan.bench.procs import BenchError, Layout, Stack, progress
 
     names = scenarios_of(args.scenario)
     sizes = QUICK if args.quick else FULL
@@ -183,8 +183,8 @@ def _loadavg() -> float:
 
 
 def _write(args: argparse.Namespace, entries: dict[str, dict[str, Any]]) -> None:
-    from tokenfan.ops import bench_report as report
-    from tokenfan.ops.bench_procs import progress
+    from tokenfan.bench import report as report
+    from tokenfan.bench.procs import progress
 
     doc = report.merge_json(Path(args.json), entries)
     chart = Path(args.chart)
@@ -194,26 +194,26 @@ def _write(args: argparse.Namespace, entries: dict[str, dict[str, Any]]) -> None
 
 
 def _relay(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
-    from tokenfan.ops.bench_relay import relay_overhead
+    from tokenfan.bench.relay import relay_overhead
 
     return relay_overhead(stack, list(sizes.relay_levels))
 
 
 def _capacity(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
-    from tokenfan.ops.bench_relay import capacity
+    from tokenfan.bench.relay import capacity
 
     return capacity(stack, sizes.capacity_streams, list(sizes.capacity_offered), sizes.capacity_seconds,
                     list(sizes.idle_levels), sizes.idle_hold_s, sizes.burst_at)
 
 
 def _ttft(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
-    from tokenfan.ops.bench_model import ttft_overhead
+    from tokenfan.bench.model import ttft_overhead
 
     return ttft_overhead(stack, sizes.ttft_requests, sizes.ttft_gap_s)
 
 
 def _e2e(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
-    from tokenfan.ops.bench_model import end_to_end
+    from tokenfan.bench.model import end_to_end
 
     every = os.cpu_count() or 1
     counts = [args.threads] + ([every] if sizes.e2e_all_cpus_too and every > args.threads else [])
@@ -221,7 +221,7 @@ def _e2e(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _server(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
-    from tokenfan.ops.bench_model import versus_server
+    from tokenfan.bench.model import versus_server
 
     return versus_server(stack, args.threads, N_CTX, sizes.server_tokens, list(sizes.server_levels),
                          sizes.server_requests_per_level, sizes.server_no_interrupt)
@@ -233,7 +233,7 @@ RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tokenfan.ops.bench …`, the same as `tokenfan bench …`."""
+    """`python -m tokenfan.bench.main …`, the same as `tokenfan bench …`."""
     parser = argparse.ArgumentParser(prog="tokenfan")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))

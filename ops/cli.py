@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="models, queues, workers, streams and errors")
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--api-key")
-    from tokenfan.ops import bench, keys
+    from tokenfan.bench import main as bench
+    from tokenfan.ops import keys
 
     keys.add_parser(sub)
     bench.add_parser(sub)
@@ -138,6 +139,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tokenfan.ops import bench
+    from tokenfan.bench import main as bench
 
     return bench.run(args)

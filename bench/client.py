@@ -1,6 +1,6 @@
 """The benchmark's client process: many HTTP/1.1 connections on one asyncio loop.
 
-`tokenfan bench` starts it as `python -m tokenfan.ops.bench_client`, sends
+`tokenfan bench` starts it as `python -m tokenfan.bench.client`, sends
 one JSON object (the job) as the first line of stdin, and reads JSON lines
 back from stdout (`created`, `ready`, `result`); later stdin lines are
 commands (`connect`). It runs in a process of its own so that what the
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from tokenfan.ops.bench_stats import summary
+from tokenfan.bench.stats import summary
 
 # Connections being opened at once: keeps the server's accept backlog from overflowing.
 CONNECT_CONCURRENCY = 32

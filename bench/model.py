@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenfan.ops.bench_procs import Child, LineChild, Stack, progress, sched_ns
-from tokenfan.ops.bench_stats import median, rate, summary
+from tokenfan.bench.procs import Child, LineChild, Stack, progress, sched_ns
+from tokenfan.bench.stats import median, rate, summary
 from tokenfan.shared import defaults as d
 from tokenfan.shared import events
 from tokenfan.shared.bus import BusConfig, SyncBus
 from tokenfan.worker.engines import bundled_model_path
 
-CLIENT = "tokenfan.ops.bench_client"
-DIRECT = "tokenfan.ops.bench_direct"
+CLIENT = "tokenfan.bench.client"
+DIRECT = "tokenfan.bench.direct"
 TTFT_PROMPT = [{"role": "user", "content": "time to first token"}]
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 # Requests sent before measuring: loads lazy code paths and llama.cpp's prompt cache on every side.

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tokenfan.ops.bench_client import emit
+from tokenfan.bench.client import emit
 
 
 def load(job: dict[str, Any]) -> Any:

@@ -247,7 +247,7 @@ class Stack:
 
     def api(self, pinned: bool = False, extra: dict[str, str] | None = None) -> Child:
         port = free_port()
-        child = self.spawn("api", ["-m", "tokenfan", "api", "--port", str(port), "--log-level", "WARNING"],
+        child = self.spawn("api", ["-m", "tokenfan.ops", "api", "--port", str(port), "--log-level", "WARNING"],
                            child_env(self.redis_url, extra))
         child.port = port
         if pinned:
@@ -266,7 +266,7 @@ class Stack:
         self.drain_queue()
 
     def worker(self, name: str, args: list[str], extra: dict[str, str] | None = None) -> Child:
-        argv = ["-m", "tokenfan", "worker", "--worker-name", name, "--log-level", "WARNING", *args]
+        argv = ["-m", "tokenfan.ops", "worker", "--worker-name", name, "--log-level", "WARNING", *args]
         child = self.spawn("worker", argv, child_env(self.redis_url, extra))
         r = self.redis()
         try:

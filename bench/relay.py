@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tokenfan.ops.bench_procs import BenchError, Child, LineChild, Stack, cpu_seconds, progress, rss_bytes
-from tokenfan.ops.bench_stats import rate
+from tokenfan.bench.procs import BenchError, Child, LineChild, Stack, cpu_seconds, progress, rss_bytes
+from tokenfan.bench.stats import rate
 
-CLIENT = "tokenfan.ops.bench_client"
-PUBLISHER = "tokenfan.ops.bench_publisher"
+CLIENT = "tokenfan.bench.client"
+PUBLISHER = "tokenfan.bench.publisher"
 # What every benchmark stream is created with; the publisher decides its length.
 STREAM_BODY = {"messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 4096}
 # The bench's publisher, not RQ, claims the streams: their jobs are dropped, yet the

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tokenfan.ops.bench_client import emit
+from tokenfan.bench.client import emit
 from tokenfan.shared import defaults as d
 from tokenfan.shared import events
 from tokenfan.shared.bus import PUBLISH_LUA, BusConfig, SyncBus, _publish_args

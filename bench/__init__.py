@@ -1,0 +1,1 @@
+"""`tokenfan bench`: scenarios, load clients and reports. Never shipped in an image."""
