@@ -43,7 +43,7 @@ from tokenfan.shared.errors import (
 )
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -97,7 +97,7 @@ def error_response(exc: TokenfanError, headers: dict[str, str] | None = None) ->
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         edge = await Edge.open(settings)

@@ -21,7 +21,7 @@ from fastapi import Request
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.apikeys import KeyRecord
 from tokenfan.shared.errors import Forbidden, Unauthorized
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ OPEN = Principal(ANONYMOUS, ANONYMOUS, admin=True)
 
 
 class Authenticator:
-    def __init__(self, redis: aredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: aredis.Redis, settings: ApiSettings) -> None:
         self.redis = redis
         self.static = apikeys.load_static(settings.api_keys_file, settings.api_keys)
         self.allow = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]

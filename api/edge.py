@@ -22,14 +22,14 @@ from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
 from tokenfan.shared.defaults import VIEWER_TTL_S, WORKER_LIVE_S
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.redisconn import async_client, sync_client
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Edge:
-    settings: Settings
+    settings: ApiSettings
     redis: aredis.Redis
     queue_redis: aredis.Redis
     bus: AsyncBus
@@ -45,7 +45,7 @@ class Edge:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings) -> Edge:
+    async def open(cls, settings: ApiSettings) -> Edge:
         cfg = BusConfig(settings.log_maxlen, settings.log_active_ttl_s, settings.log_ttl_s, settings.redis_cluster)
         r = async_client(settings.redis_url, cluster=settings.redis_cluster)
         sr = sync_client(settings.redis_url, cluster=settings.redis_cluster)

@@ -10,12 +10,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenfan.shared.errors import TokenfanError
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings, CommonSettings, WorkerSettings
 
 log = logging.getLogger("tokenfan")
+S = TypeVar("S", bound=CommonSettings)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -78,9 +79,10 @@ SETTING_FLAGS = (
 )
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    given: dict[str, Any] = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
-    return Settings(**given)
+def settings_from(args: argparse.Namespace, cls: type[S]) -> S:
+    given: dict[str, Any] = {k: getattr(args, k) for k in SETTING_FLAGS
+                             if getattr(args, k, None) is not None and k in cls.model_fields}
+    return cls(**given)
 
 
 def _setup_logging(level: str) -> None:
@@ -105,19 +107,19 @@ def main(argv: list[str] | None = None) -> int:
 def _api(args: argparse.Namespace) -> int:
     from tokenfan.ops.serve import serve_api
 
-    return serve_api(settings_from(args))
+    return serve_api(settings_from(args, ApiSettings))
 
 
 def _worker(args: argparse.Namespace) -> int:
     from tokenfan.worker.main import run_worker
 
-    return run_worker(settings_from(args))
+    return run_worker(settings_from(args, WorkerSettings))
 
 
 def _up(args: argparse.Namespace) -> int:
     from tokenfan.ops.up import run_up
 
-    return run_up(settings_from(args), args)
+    return run_up(settings_from(args, ApiSettings), args)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -135,7 +137,7 @@ def _status(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from tokenfan.ops import keys
 
-    return keys.run(args, settings_from(args).redis_url)
+    return keys.run(args, settings_from(args, CommonSettings).redis_url)
 
 
 def _bench(args: argparse.Namespace) -> int:

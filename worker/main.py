@@ -25,9 +25,10 @@ from rq.serializers import JSONSerializer
 
 from tokenfan.shared import registry
 from tokenfan.shared.bus import BusConfig, SyncBus
+from tokenfan.shared.errors import ConfigError
 from tokenfan.shared.jobs import queue
 from tokenfan.shared.redisconn import redacted, sync_client
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 from tokenfan.worker.engines import load_engine
 from tokenfan.worker.keeper import Keeper
 from tokenfan.worker.metrics import WorkerMetrics
@@ -59,21 +60,31 @@ class TokenfanWorker(SimpleWorker):  # type: ignore[misc]
         super().request_stop(signum, frame)
 
 
-def worker_name(settings: Settings) -> str:
+def worker_name(settings: WorkerSettings) -> str:
     return settings.worker_name or f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(2)}"
 
 
-def bus_config(settings: Settings) -> BusConfig:
+def bus_config(settings: WorkerSettings) -> BusConfig:
     return BusConfig(settings.log_maxlen, settings.log_active_ttl_s, settings.log_ttl_s, settings.redis_cluster)
 
 
-def run_worker(settings: Settings) -> int:
+def start_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> None:
+    if not settings.metrics_port:
+        return
+    try:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
+    except OSError as exc:  # most often a second worker on this host with the same port
+        raise ConfigError(f"TOKENFAN_METRICS_PORT: cannot listen on port {settings.metrics_port} ({exc.strerror}); "
+                          "give each worker on a host its own port, or 0 to turn the exporter off",
+                          param="metrics_port") from exc
+
+
+def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> int:
     name = worker_name(settings)
     metrics = WorkerMetrics(settings.model)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=metrics.registry)
+    start_metrics(settings, metrics)
     t0 = time.perf_counter()
-    engine = load_engine(settings)
+    engine = load_engine(settings, fake)
     metrics.model_load.set(time.perf_counter() - t0)
     log.info("Worker %s: %s engine ready in %.2fs; serving model %s from %s", name, engine.name,
              time.perf_counter() - t0, settings.model, redacted(settings.redis_url))

@@ -9,7 +9,7 @@ from tokenfan.api.streams import new_stream_id
 from tokenfan.shared import keys
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
-from tokenfan.shared.settings import Settings
+from tokenfan.shared.settings import ApiSettings
 
 
 def _slot_tag(key: str) -> str:
@@ -64,7 +64,7 @@ def test_content_parts_are_joined() -> None:
 
 
 def test_caps_name_the_cap() -> None:
-    s = Settings(max_tokens_cap=10, max_messages=2, max_prompt_chars=5, max_stop=1)
+    s = ApiSettings(max_tokens_cap=10, max_messages=2, max_prompt_chars=5, max_stop=1)
     with pytest.raises(InvalidRequest) as e:
         check_caps(_req(max_tokens=11), s)
     assert e.value.param == "max_tokens" and "10" in e.value.message
@@ -80,7 +80,7 @@ def test_caps_name_the_cap() -> None:
 
 
 def test_job_payload_is_plain_json_and_strict() -> None:
-    s = Settings()
+    s = ApiSettings()
     p = JobPayload.from_request(_req(max_tokens=7, stop="x"), stream_id=new_stream_id(), model="m", settings=s,
                                 now=1.0)
     dumped = p.dump()
