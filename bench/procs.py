@@ -227,12 +227,13 @@ class Stack:
         return redis.Redis.from_url(self.redis_url)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              cls: type[Child] = Child, pipes: bool = False) -> Child:
+              cls: type[Child] = Child, pipes: bool = False, python: bool = True) -> Child:
+        """Start `python argv…` (or, with `python=False`, the program `argv[0]`) with its output in a log."""
         self.spawned += 1
         log_path = self.logs / f"{self.spawned:02d}-{name}.log"
         with log_path.open("wb") as fh:
             popen = subprocess.Popen(
-                [sys.executable, *argv], env=env or child_env(self.redis_url), stderr=fh,
+                [sys.executable, *argv] if python else argv, env=env or child_env(self.redis_url), stderr=fh,
                 stdout=subprocess.PIPE if pipes else fh, stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 start_new_session=True,
             )
