@@ -18,6 +18,7 @@ import orjson
 import redis
 
 from tokenfan.ops.embedded import free_port, stop_process
+from tokenfan.worker.engines import fake_tokens
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
 
@@ -164,6 +165,11 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SSE]:
             kind = value
         elif name == "data":
             data.append(value)
+
+
+def expected_text(content: str, n: int) -> str:
+    """What the fake engine answers a one-message chat with `n` tokens."""
+    return "".join(fake_tokens([{"role": "user", "content": content}], n))
 
 
 def create_stream(base: str, content: str = "hello there", max_tokens: int = 12, **extra: Any) -> str:

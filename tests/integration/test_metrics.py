@@ -12,9 +12,8 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import SSE, Cluster, Proc, create_stream, logged, parse_sse, read_stream, wait_for
+from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
 from tokenfan.ops.embedded import free_port
-from tokenfan.worker.engines import fake_tokens
 
 MODEL = "smollm2"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -67,10 +66,6 @@ def worker_with_metrics(cluster: Cluster, **env: str) -> tuple[Proc, str]:
     return w, url
 
 
-def expected(content: str, n: int) -> str:
-    return "".join(fake_tokens([{"role": "user", "content": content}], n))
-
-
 def tokens_of(evs: list[SSE]) -> str:
     return "".join(e.json()["text"] for e in evs if e.event == "token")
 
@@ -111,7 +106,7 @@ def test_metrics_move_for_a_native_and_an_openai_stream(cluster: Cluster) -> Non
     status, got = read_stream(api.url, sid)
     assert status == 200
     native = logged(got)
-    assert native[-1].event == "done" and tokens_of(native) == expected(content, n)
+    assert native[-1].event == "done" and tokens_of(native) == expected_text(content, n)
 
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": n, "stream": True}
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=30) as resp:
@@ -119,7 +114,7 @@ def test_metrics_move_for_a_native_and_an_openai_stream(cluster: Cluster) -> Non
         frames = list(parse_sse(resp.iter_lines()))
     assert frames[-1].data == "[DONE]"
     chunks = [orjson.loads(f.data) for f in frames[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected(content, n)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected_text(content, n)
 
     def settled() -> tuple[Samples, Samples] | None:
         a, w = scrape(api.url), scrape(wurl)

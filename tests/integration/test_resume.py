@@ -10,16 +10,11 @@ import httpx
 import orjson
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, logged, parse_sse, read_stream, wait_for
-from tokenfan.worker.engines import fake_tokens
+from tests.procs import SSE, Cluster, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
 
 
 def _text(evs: list[SSE]) -> str:
     return "".join(e.json()["text"] for e in evs if e.event == "token")
-
-
-def _expected(content: str, n: int) -> str:
-    return "".join(fake_tokens([{"role": "user", "content": content}], n))
 
 
 def _assert_exact(evs: list[SSE], n_total: int | None = None) -> None:
@@ -60,7 +55,7 @@ def test_resume_at_random_points_while_generating(cluster: Cluster) -> None:
         sid = create_stream(api.url, content, max_tokens=n)
         evs = _read_with_drops([api.url], sid, points)
         _assert_exact(evs, n + 3)
-        assert _text(evs) == _expected(content, n), points
+        assert _text(evs) == expected_text(content, n), points
 
 
 def test_resume_after_finish_and_on_another_api(cluster: Cluster) -> None:
@@ -87,7 +82,7 @@ def test_drop_mid_stream_and_resume_on_other_api_while_live(cluster: Cluster) ->
     sid = create_stream(a.url, "live switch", max_tokens=30)
     evs = _read_with_drops([a.url, b.url], sid, [4, 6, 9])
     _assert_exact(evs, 33)
-    assert _text(evs) == _expected("live switch", 30)
+    assert _text(evs) == expected_text("live switch", 30)
 
 
 def test_three_viewers_get_the_full_sequence(cluster: Cluster) -> None:
@@ -100,7 +95,7 @@ def test_three_viewers_get_the_full_sequence(cluster: Cluster) -> None:
     for got in results:
         evs = logged(got)
         _assert_exact(evs, 28)
-        assert _text(evs) == _expected("three viewers", 25)
+        assert _text(evs) == expected_text("three viewers", 25)
 
 
 def test_openai_format_resumes_to_done(cluster: Cluster) -> None:
@@ -122,7 +117,7 @@ def test_openai_format_resumes_to_done(cluster: Cluster) -> None:
     chunks = [orjson.loads(f.data) for f in frames + rest[:-1]]
     assert {c["id"] for c in chunks} == {sid}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == _expected("openai resume", 12)
+    assert text == expected_text("openai resume", 12)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
@@ -256,5 +251,5 @@ def test_slow_client_catches_up_from_the_log(cluster: Cluster) -> None:
                 break
     evs = logged(got)
     _assert_exact(evs, 403)
-    assert _text(evs) == _expected("slow reader", 400)
+    assert _text(evs) == expected_text("slow reader", 400)
     assert logged(read_stream(api.url, fast)[1])[-1].event == "done"

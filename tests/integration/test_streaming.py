@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import zlib
 
 import httpx
 import openai
@@ -10,12 +11,8 @@ import orjson
 import pytest
 import redis
 
-from tests.procs import Cluster, create_stream, logged, parse_sse, read_stream, wait_for
-from tokenfan.worker.engines import fake_tokens
-
-
-def _expected(content: str, n: int) -> str:
-    return "".join(fake_tokens([{"role": "user", "content": content}], n))
+from tests.procs import Cluster, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
+from tokenfan.shared import keys
 
 
 def _check_native(got: list, content: str, n: int) -> None:
@@ -25,7 +22,7 @@ def _check_native(got: list, content: str, n: int) -> None:
     assert evs[-1].event == "done"
     assert sum(e.event in ("done", "error") for e in evs) == 1
     text = "".join(e.json()["text"] for e in evs if e.event == "token")
-    assert text == _expected(content, n)
+    assert text == expected_text(content, n)
     assert all(e.json()["seq"] == int(e.id) for e in evs)
 
 
@@ -89,14 +86,14 @@ def test_openai_client_streams_and_completes(cluster: Cluster) -> None:
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
-    assert text == _expected(content, 8)
+    assert text == expected_text(content, 8)
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
     full = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": content}],
                                           max_tokens=8)
-    assert full.choices[0].message.content == _expected(content, 8)
+    assert full.choices[0].message.content == expected_text(content, 8)
     assert full.usage is not None and full.usage.completion_tokens == 8
     assert [m.id for m in client.models.list()] == ["smollm2"]
 
@@ -144,12 +141,16 @@ def test_bad_input_gets_openai_shaped_4xx_and_enqueues_nothing(cluster: Cluster,
         err = resp.json()["error"]
         assert err["code"] == code, (body, err)
         assert err["message"] and "type" in err
-    assert r.llen("rq:queue:tf:q:smollm2") == 0
-    assert not r.keys("tf:stream:*")
+    assert r.llen(keys.queue_list("smollm2")) == 0
+    assert not r.keys(keys.stream_tag("*") + "*")
+    # Under the body cap (1 MB) but over max_prompt_chars (100,000): the prompt, not the body, is refused.
     long_prompt = {"messages": [{"role": "user", "content": "x" * 200_000}]}
     resp = httpx.post(f"{api.url}{route}", json=long_prompt)
-    assert resp.status_code in (400, 413) and resp.json()["error"]["code"] in (
-        "context_length_exceeded", "payload_too_large")
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded", resp.text
+    # Over the body cap: 413 before the body is parsed.
+    huge = {"messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    resp = httpx.post(f"{api.url}{route}", json=huge)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large", resp.text
 
 
 def test_unknown_stream_is_404_and_bad_last_event_id_is_400(cluster: Cluster) -> None:
@@ -209,8 +210,6 @@ def test_redis_unreachable_is_503(cluster: Cluster, own_redis) -> None:
 
 
 def test_invalid_job_payload_is_rejected_with_error_event_not_run(cluster: Cluster, r: redis.Redis) -> None:
-    from rq.serializers import JSONSerializer
-
     from tokenfan.shared import jobs
 
     api = cluster.api()
@@ -220,13 +219,17 @@ def test_invalid_job_payload_is_rejected_with_error_event_not_run(cluster: Clust
     # now a hand-made job with a bad payload for a fresh queued stream
     sid2 = create_stream(api.url, max_tokens=3)
     read_stream(api.url, sid2)
-    r.hset(f"tf:stream:{{{sid2}}}:state", mapping={"status": "queued"})
-    r.delete(f"tf:stream:{{{sid2}}}:log")
+    r.hset(keys.state(sid2), mapping={"status": "queued"})
+    r.delete(keys.log(sid2))
     q = jobs.queue(r, "smollm2")
     q.enqueue_call(func=jobs.JOB_FUNC, args=({"stream_id": sid2, "max_tokens": "lots", "code": "evil"},),
                    job_id=f"{sid2}_9")
-    assert JSONSerializer  # the queue serialises with JSON
-    wait_for(lambda: r.xlen(f"tf:stream:{{{sid2}}}:log") >= 1, what="the rejection event")
+    stored = r.hget(f"rq:job:{sid2}_9", "data")
+    assert stored is not None
+    # RQ stores (function, instance, args, kwargs) compressed; with our serializer that is JSON, not a pickle.
+    func, _, args, _ = orjson.loads(zlib.decompress(stored))
+    assert func == jobs.JOB_FUNC and args == [{"stream_id": sid2, "max_tokens": "lots", "code": "evil"}]
+    wait_for(lambda: r.xlen(keys.log(sid2)) >= 1, what="the rejection event")
     _, got2 = read_stream(api.url, sid2)
     evs = logged(got2)
     assert [e.event for e in evs] == ["error"]
