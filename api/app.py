@@ -44,6 +44,7 @@ from tokenfan.shared.errors import (
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import ApiSettings
+from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -184,8 +185,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         t0 = time.time()
         edge = edge_of(request)
         started = await start_stream(edge, req, who)
-        state = {"status": "queued", "model": started.model, "cancel_on_disconnect": str(int(req.cancel_on_disconnect))}
-        follower = Follower(edge, started.stream_id, 0, state, started.sub)
+        follower = Follower(edge, started.stream_id, 0, started.state, started.sub)
         if not req.stream:
             return await _collect(edge, follower, started.model, started.created, who.owner)
         writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
@@ -200,7 +200,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         await edge.hub.unsubscribe(started.sub)
         url = f"/v1/streams/{started.stream_id}"
         return JSONResponse(
-            {"id": started.stream_id, "url": url, "model": started.model, "status": "queued",
+            {"id": started.stream_id, "url": url, "model": started.model, "status": started.state.status.value,
              "created": started.created},
             status_code=201, headers={"Location": url},
         )
@@ -215,7 +215,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
             raise InvalidRequest("format must be 'native' or 'openai'", code="invalid_value", param="format")
         last = parse_last_id(request.headers.get("last-event-id"), last_event_id)
         state = await load_state(edge, stream_id, who.owner)
-        if state.get("status") == "finished" and last >= await _terminal_seq(edge, stream_id):
+        if state.ended and last >= await _terminal_seq(edge, stream_id):
             return Response(status_code=204)
         if last:
             edge.metrics.resumes.inc()
@@ -273,12 +273,11 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         return FileResponse(page)
 
 
-def _writer(fmt: str, sid: str, state: dict[str, str], request: Request) -> NativeWriter | OpenAIWriter:
+def _writer(fmt: str, sid: str, state: StreamState, request: Request) -> NativeWriter | OpenAIWriter:
     if fmt == "native":
         return NativeWriter()
-    created = int(float(state.get("created", "0") or 0))
     include_usage = request.query_params.get("include_usage", "") in ("1", "true")
-    return OpenAIWriter(sid, state.get("model", ""), created, include_usage)
+    return OpenAIWriter(sid, state.model, int(state.created), include_usage)
 
 
 async def _terminal_seq(edge: Edge, sid: str) -> int:
@@ -337,7 +336,7 @@ def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> b
 
 
 async def _idle_bytes(edge: Edge, follower: Follower, native: bool, silent_s: float) -> bytes:
-    if native and follower.state.get("status") == "queued":
+    if native and follower.state.status is StreamStatus.QUEUED:
         return events.sse_named(events.QUEUED, follower.last, {"position": await follower.queue_position()})
     if silent_s >= edge.settings.heartbeat_s:
         return events.sse_comment("ping")

@@ -31,6 +31,7 @@ from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import Event
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
+from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Started:
     model: str
     created: int
     sub: Subscription
+    state: StreamState
 
 
 async def start_stream(edge: Edge, req: ChatRequest, who: Principal) -> Started:
@@ -68,13 +70,13 @@ async def start_stream(edge: Edge, req: ChatRequest, who: Principal) -> Started:
         await release(edge, who, sid)
         raise
     try:
-        await _create_state(edge, payload, who.owner, req.cancel_on_disconnect)
+        state = await _create_state(edge, payload, who.owner, req.cancel_on_disconnect)
         await asyncio.to_thread(enqueue, edge.sync_bus.queue, payload, timeout_s=edge.settings.job_timeout_s)
     except BaseException:
         await edge.hub.unsubscribe(sub)
         await release(edge, who, sid)
         raise
-    return Started(sid, model, int(now), sub)
+    return Started(sid, model, int(now), sub, state)
 
 
 async def resolve_model(edge: Edge, name: str | None) -> str:
@@ -87,29 +89,29 @@ async def resolve_model(edge: Edge, name: str | None) -> str:
                    param="model")
 
 
-async def _create_state(edge: Edge, payload: JobPayload, owner: str, cancel_on_disconnect: bool) -> None:
+async def _create_state(edge: Edge, payload: JobPayload, owner: str, cancel_on_disconnect: bool) -> StreamState:
     s = edge.settings
     sid = payload.stream_id
-    ticket = await edge.redis.incr(keys.queue_ticket(payload.model))
+    state = StreamState(
+        model=payload.model, owner=owner, created=payload.enqueued_at,
+        ticket=await edge.redis.incr(keys.queue_ticket(payload.model)),
+        cancel_on_disconnect=cancel_on_disconnect, request=orjson.dumps(payload.dump()),
+    )
     pipe = edge.redis.pipeline(transaction=False)
-    pipe.hset(keys.state(sid), mapping={
-        "model": payload.model, "owner": owner, "status": "queued", "worker": "",
-        "created": payload.enqueued_at, "ticket": ticket, "attempt": 0,
-        "cancel_on_disconnect": int(cancel_on_disconnect), "request": orjson.dumps(payload.dump()),
-    })
-    pipe.expire(keys.state(sid), s.log_active_ttl_s)
+    state.create(pipe, sid, s.log_active_ttl_s)
     pipe.zadd(keys.viewers(sid), {"created": int((time.time() + VIEWER_TTL_S) * 1000)})
     pipe.expire(keys.viewers(sid), s.log_active_ttl_s)
     pipe.zadd(keys.active(), {sid: int(payload.enqueued_at * 1000)})
     await pipe.execute()
+    return state
 
 
-async def load_state(edge: Edge, sid: str, owner: str) -> dict[str, str]:
+async def load_state(edge: Edge, sid: str, owner: str) -> StreamState:
     """The stream's state, or 404 for a stream that is unknown, expired or someone else's."""
     if not sid or len(sid) > 64:
         raise NotFound("no such stream", code="stream_not_found")
-    state = await edge.bus.state(sid)
-    if not state or state.get("owner") != owner:
+    state = await edge.bus.state(sid, with_request=False)
+    if state is None or state.owner != owner:
         raise NotFound("no such stream (it never existed, expired, or belongs to another key)",
                        code="stream_not_found")
     return state
@@ -117,10 +119,10 @@ async def load_state(edge: Edge, sid: str, owner: str) -> dict[str, str]:
 
 async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client") -> str:
     state = await load_state(edge, sid, owner)
-    if state.get("status") == "finished":
-        return "finished"
+    if state.status is StreamStatus.FINISHED:
+        return StreamStatus.FINISHED.value
     await edge.redis.set(keys.cancel(sid), reason, nx=True, ex=edge.settings.log_active_ttl_s)
-    if state.get("status") == "queued":
+    if state.status is StreamStatus.QUEUED:
         await _end_queued(edge, sid, reason)
     return "cancelling"
 
@@ -128,8 +130,8 @@ async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client"
 async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
     """A stream nobody generates yet is ended here; its job is skipped later."""
     owner = f"{edge.name}:cancel"
-    status, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
-    if status not in ("queued", "running"):  # "running" here: its worker's lease had lapsed
+    result, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
+    if not result.claimed:  # claimed while "running" too: its worker's lease had lapsed
         return
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     await edge.bus.publish(sid, owner, Event(seq + 1, events.DONE, {
@@ -157,7 +159,7 @@ def parse_last_id(header: str | None, query: str | None) -> int:
 class Follower:
     """Yields batches of new events (or None on an idle tick) until the terminal event."""
 
-    def __init__(self, edge: Edge, sid: str, last: int, state: dict[str, str], sub: Subscription | None = None):
+    def __init__(self, edge: Edge, sid: str, last: int, state: StreamState, sub: Subscription | None = None):
         self.edge = edge
         self.sid = sid
         self.last = last
@@ -166,7 +168,7 @@ class Follower:
         self.finished = False
         self.handed_off = False
         self.viewer = secrets.token_hex(6)
-        self.cancel_on_disconnect = state.get("cancel_on_disconnect") == "1"
+        self.cancel_on_disconnect = state.cancel_on_disconnect
         self._heard_at = time.monotonic()
 
     async def batches(self) -> AsyncIterator[list[Event] | None]:
@@ -188,7 +190,7 @@ class Follower:
                 await self.edge.hub.unsubscribe(self.sub)
 
     def _tick(self) -> float:
-        if self.state.get("status") == "queued":
+        if self.state.status is StreamStatus.QUEUED:
             return self.edge.settings.queued_interval_s
         return min(self.edge.settings.heartbeat_s, LIVENESS_S)
 
@@ -215,30 +217,26 @@ class Follower:
             if e.terminal:
                 self.finished = True
                 break
-        if out and self.state.get("status") == "queued":
-            self.state["status"] = "running"
+        if out and self.state.status is StreamStatus.QUEUED:
+            self.state.status = StreamStatus.RUNNING
         return out
 
     async def _idle(self) -> list[Event] | None:
         """No event for a tick: refresh what we know, catch up if the log moved on."""
-        if self.state.get("status") != "queued" and time.monotonic() - self._heard_at < LIVENESS_S:
+        if self.state.status is not StreamStatus.QUEUED and time.monotonic() - self._heard_at < LIVENESS_S:
             return None
         self._heard_at = time.monotonic()
-        fields = ("status", "model", "ticket", "owner")
-        values = await self.edge.redis.hmget(keys.state(self.sid), fields)
-        fresh = {k: v.decode() for k, v in zip(fields, values, strict=True) if v is not None}
-        if not fresh:
+        fresh = await self.edge.bus.state(self.sid, with_request=False)
+        if fresh is None:
             raise Unavailable("the stream's state is gone (Redis lost it); start a new request",
                               code="stream_lost")
-        self.state.update(fresh)
+        self.state = fresh
         caught_up = self._accept(await self.edge.bus.read_log(self.sid, self.last))
         return caught_up or None
 
     async def queue_position(self) -> int:
-        model = self.state.get("model", "")
-        served = await self.edge.redis.get(keys.queue_served(model))
-        ticket = int(self.state.get("ticket", "0") or 0)
-        return max(0, ticket - int(served or 0) - 1)
+        served = await self.edge.redis.get(keys.queue_served(self.state.model))
+        return max(0, self.state.ticket - int(served or 0) - 1)
 
     async def _touch_viewer(self) -> None:
         expiry = int((time.time() + VIEWER_TTL_S) * 1000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from string import Template
 from typing import Any
 
 from redis import Redis
@@ -21,12 +22,23 @@ from redis.exceptions import ResponseError
 
 from tokenfan.shared import keys
 from tokenfan.shared.events import Event, decode
+from tokenfan.shared.state import AcquireResult, Field, PublishResult, StreamState, StreamStatus
 
-PUBLISH_LUA = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+# The scripts are the only code that changes a stream's status: its field
+# names, status values and the replies they return come from shared/state.py.
+_NAMES = {
+    "status": Field.STATUS.value, "worker": Field.WORKER.value, "attempt": Field.ATTEMPT.value,
+    "queued": StreamStatus.QUEUED.value, "running": StreamStatus.RUNNING.value,
+    "finished": StreamStatus.FINISHED.value,
+    "missing": AcquireResult.MISSING.value, "taken": AcquireResult.TAKEN.value,
+    "fenced": int(PublishResult.FENCED),
+}
+
+PUBLISH_LUA = Template("""
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2] .. '-0', 'e', ARGV[3])
 if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[4], 'status', 'finished')
+  redis.call('HSET', KEYS[4], '$status', '$finished')
   redis.call('DEL', KEYS[3])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
   redis.call('EXPIRE', KEYS[6], ARGV[7])
@@ -35,21 +47,21 @@ elseif tonumber(ARGV[2]) % 64 == 1 then
 end
 if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call('PUBLISH', KEYS[2], ARGV[3]) end
 return redis.call('EXISTS', KEYS[5])
-"""
+""").substitute(_NAMES)
 
-ACQUIRE_LUA = """
-local status = redis.call('HGET', KEYS[2], 'status')
-if not status then return {'missing', 0} end
-if status == 'finished' then return {'finished', 0} end
+ACQUIRE_LUA = Template("""
+local status = redis.call('HGET', KEYS[2], '$status')
+if not status then return {'$missing', 0} end
+if status == '$finished' then return {'$finished', 0} end
 local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {'taken', 0} end
+if cur and cur ~= ARGV[1] then return {'$taken', 0} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'status', 'running', 'worker', ARGV[3])
+redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local seq = 0
 if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) end
 return {status, seq}
-"""
+""").substitute(_NAMES)
 
 RENEW_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -57,12 +69,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-HANDBACK_LUA = """
+HANDBACK_LUA = Template("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], 'status', 'queued', 'worker', '', 'attempt', ARGV[2])
+redis.call('HSET', KEYS[2], '$status', '$queued', '$worker', '', '$attempt', ARGV[2])
 return 1
-"""
+""").substitute(_NAMES)
 
 MAX_SET_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -116,6 +128,16 @@ def _as_str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _published(reply: Any) -> PublishResult:
+    """The publish script's integer reply, as the enum (the one place it is converted)."""
+    return PublishResult(int(reply))
+
+
+def _acquired(reply: Any) -> tuple[AcquireResult, int]:
+    status, seq = reply
+    return AcquireResult(_as_str(status)), int(seq)
+
+
 class SyncBus:
     """The worker's side (and the reapers'): blocking redis-py."""
 
@@ -129,18 +151,17 @@ class SyncBus:
         self._handback = redis.register_script(HANDBACK_LUA)
         self._max_set = redis.register_script(MAX_SET_LUA)
 
-    def publish(self, stream_id: str, owner: str, event: Event) -> int:
-        """-1: fenced (lease lost), 0: published, 1: published and cancel is requested."""
+    def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
-        return int(self._publish(keys=ks, args=args))
+        return _published(self._publish(keys=ks, args=args))
 
     def token_pipe(self, stream_id: str, owner: str) -> TokenPipe:
         return TokenPipe(self, stream_id, owner)
 
-    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "") -> tuple[str, int]:
+    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "") -> tuple[AcquireResult, int]:
+        """Claim the stream's lease; the result, and the last seq in its log."""
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        status, seq = self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), worker or owner])
-        return _as_str(status), int(seq)
+        return _acquired(self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), worker or owner]))
 
     def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
         ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])
@@ -162,8 +183,8 @@ class SyncBus:
     def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         return _entries_to_events(self.redis.xrange(keys.log(stream_id), f"({after}-0" if after else "-", "+"))
 
-    def state(self, stream_id: str) -> dict[str, str]:
-        return {_as_str(k): _as_str(v) for k, v in self.redis.hgetall(keys.state(stream_id)).items()}
+    def state(self, stream_id: str) -> StreamState | None:
+        return StreamState.load(self.redis, stream_id)
 
 
 class TokenPipe:
@@ -189,10 +210,10 @@ class TokenPipe:
         self._conn: Any = None
         self._pool: Any = None
 
-    def send(self, event: Event) -> int:
-        """The status of the event sent before this one; this one is sent only when that was PUBLISHED (0)."""
+    def send(self, event: Event) -> PublishResult:
+        """The result of the event sent before this one; this one is sent only when that was PUBLISHED."""
         status = self.collect()
-        if status != 0:
+        if status is not PublishResult.PUBLISHED:
             return status
         ks, args = _publish_args(self.stream_id, self.owner, event, self.bus.cfg)
         conn = self._connection(ks[0])
@@ -202,15 +223,15 @@ class TokenPipe:
             self._discard()
             raise
         self._pending = event
-        return 0
+        return PublishResult.PUBLISHED
 
-    def collect(self) -> int:
-        """Wait for the reply to the event in flight (0 when there is none)."""
+    def collect(self) -> PublishResult:
+        """Wait for the reply to the event in flight (PUBLISHED when there is none)."""
         event, self._pending = self._pending, None
         if event is None:
-            return 0
+            return PublishResult.PUBLISHED
         try:
-            return int(self._conn.read_response())
+            return _published(self._conn.read_response())
         except ResponseError:
             return self.bus.publish(self.stream_id, self.owner, event)
         except BaseException:
@@ -259,15 +280,13 @@ class AsyncBus:
         start = f"({after}-0" if after else "-"
         return _entries_to_events(await self.redis.xrange(keys.log(stream_id), start, "+"))
 
-    async def state(self, stream_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(keys.state(stream_id))
-        return {_as_str(k): _as_str(v) for k, v in raw.items()}
+    async def state(self, stream_id: str, *, with_request: bool = True) -> StreamState | None:
+        return await StreamState.aload(self.redis, stream_id, with_request=with_request)
 
-    async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[str, int]:
+    async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[AcquireResult, int]:
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        status, seq = await self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), owner])
-        return _as_str(status), int(seq)
+        return _acquired(await self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), owner]))
 
-    async def publish(self, stream_id: str, owner: str, event: Event) -> int:
+    async def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
-        return int(await self._publish(keys=ks, args=args))
+        return _published(await self._publish(keys=ks, args=args))

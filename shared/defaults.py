@@ -75,3 +75,8 @@ VIEWER_TTL_S = 10.0
 
 # A worker is live while its heartbeat is younger than this.
 WORKER_LIVE_S = 5.0
+# A worker's record outlives a few missed heartbeats, then expires with it.
+WORKER_RECORD_TTL_S = int(WORKER_LIVE_S * 3)
+# Dead workers' names are pruned from a model's set after this: long enough
+# for the ops page to show a crash, short enough that the set stays small.
+WORKER_PRUNE_AFTER_S = 300

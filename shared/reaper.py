@@ -20,6 +20,7 @@ from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import CommonSettings
+from tokenfan.shared.state import AcquireResult, PublishResult, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     for raw in due:
         sid = raw.decode()
         state = bus.state(sid)  # read before the claim, which overwrites its worker
-        status, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
-        if status == "taken":
+        result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
+        if result is AcquireResult.TAKEN:
             continue
         bus.redis.zrem(keys.LEASES, sid)
-        if status in ("missing", "finished"):
+        if not result.claimed or state is None:
             continue
-        if status == "queued":  # handed over, but no worker took it in time
+        if result is AcquireResult.QUEUED:  # handed over, but no worker took it in time
             msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
             end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
         else:
@@ -63,10 +64,10 @@ def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPa
     return True
 
 
-def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq: int, state: dict[str, str]) -> None:
-    dead = state.get("worker", "")
-    payload = JobPayload.model_validate(orjson.loads(state["request"]))
-    attempt = int(state.get("attempt", payload.attempt)) + 1
+def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq: int, state: StreamState) -> None:
+    dead = state.worker
+    payload = JobPayload.model_validate(orjson.loads(state.request))
+    attempt = max(state.attempt, payload.attempt) + 1
     others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]
     can_continue = settings.failover == "continue" and attempt < settings.max_attempts and others
     payload.attempt = attempt
@@ -78,7 +79,8 @@ def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq:
     log.warning("Reaper %s: stream %s lost its worker; ended it (%s)", reaper, sid, why)
 
 
-def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, message: str, retryable: bool) -> int:
+def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, message: str,
+                   retryable: bool) -> PublishResult:
     ev = events.Event(seq + 1, events.ERROR, {"code": code, "message": message, "retryable": retryable})
     result = bus.publish(sid, owner, ev)
     record_error(bus, sid, code, message)

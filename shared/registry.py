@@ -1,26 +1,79 @@
-"""Which workers are alive, which model each serves: heartbeats in Redis."""
+"""Which workers are alive, which model each serves: heartbeats in Redis.
+
+Each worker keeps a small hash (`keys.worker(name)`, a `WorkerInfo`) and a
+score in its model's set (`keys.workers(model)`, name -> last heartbeat ms).
+A worker is live while that score is younger than `WORKER_LIVE_S`; this
+module is the one place that asks, for the reapers (sync) and the API
+(asyncio) alike.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from tokenfan.shared import keys
-from tokenfan.shared.defaults import WORKER_LIVE_S
-
-# Heartbeats older than this are pruned from a model's set.
-PRUNE_AFTER_S = 300
+from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_PRUNE_AFTER_S, WORKER_RECORD_TTL_S
 
 
-def heartbeat(redis: Redis, name: str, model: str, fields: dict[str, Any]) -> None:
-    now_ms = int(time.time() * 1000)
+class WorkerState(StrEnum):
+    BUSY = "busy"  # generating a stream
+    IDLE = "idle"
+    UNKNOWN = "unknown"  # a record without a state (an older worker, or half-expired)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """One worker's heartbeat record."""
+
+    name: str
+    model: str
+    state: WorkerState = WorkerState.UNKNOWN
+    stream: str = ""
+    jobs: int = 0
+    started: float = 0.0
+    host: str = ""
+    pid: int = 0
+    last_seen: float = 0.0
+
+    def to_hash(self, now: float) -> dict[str, str | int | float]:
+        return {"model": self.model, "state": self.state.value, "stream": self.stream, "jobs": self.jobs,
+                "started": self.started, "host": self.host, "pid": self.pid, "last_seen": now}
+
+    @classmethod
+    def parse(cls, name: str, raw: Mapping[bytes, bytes]) -> WorkerInfo:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(name=name, model=h.get("model", ""), state=_state(h.get("state", "")),
+                   stream=h.get("stream", ""), jobs=int(h.get("jobs") or 0), started=float(h.get("started") or 0),
+                   host=h.get("host", ""), pid=int(h.get("pid") or 0), last_seen=float(h.get("last_seen") or 0))
+
+    def as_json(self) -> dict[str, Any]:
+        """The ops page's view of the worker."""
+        return {"name": self.name, "model": self.model, "state": self.state.value, "stream": self.stream,
+                "host": self.host, "pid": self.pid, "jobs": self.jobs, "last_seen": self.last_seen}
+
+
+def _state(raw: str) -> WorkerState:
+    try:
+        return WorkerState(raw)
+    except ValueError:
+        return WorkerState.UNKNOWN
+
+
+def heartbeat(redis: Redis, info: WorkerInfo) -> None:
+    now = time.time()
+    now_ms = int(now * 1000)
     pipe = redis.pipeline(transaction=False)
-    pipe.hset(keys.worker(name), mapping={**fields, "model": model, "last_seen": now_ms / 1000})
-    pipe.expire(keys.worker(name), int(WORKER_LIVE_S * 3))
-    pipe.zadd(keys.workers(model), {name: now_ms})
-    pipe.zremrangebyscore(keys.workers(model), 0, now_ms - PRUNE_AFTER_S * 1000)
+    pipe.hset(keys.worker(info.name), mapping=info.to_hash(now))
+    pipe.expire(keys.worker(info.name), WORKER_RECORD_TTL_S)
+    pipe.zadd(keys.workers(info.model), {info.name: now_ms})
+    pipe.zremrangebyscore(keys.workers(info.model), 0, now_ms - WORKER_PRUNE_AFTER_S * 1000)
     pipe.execute()
 
 
@@ -31,6 +84,18 @@ def deregister(redis: Redis, name: str, model: str) -> None:
     pipe.execute()
 
 
+def _live_since() -> int:
+    """The oldest heartbeat (ms) that still counts as live."""
+    return int((time.time() - WORKER_LIVE_S) * 1000)
+
+
 def live_workers(redis: Redis, model: str) -> list[str]:
-    since = int((time.time() - WORKER_LIVE_S) * 1000)
-    return [n.decode() for n in redis.zrangebyscore(keys.workers(model), since, "+inf")]
+    return [n.decode() for n in redis.zrangebyscore(keys.workers(model), _live_since(), "+inf")]
+
+
+async def live_workers_async(redis: AsyncRedis, model: str) -> list[str]:
+    return [n.decode() for n in await redis.zrangebyscore(keys.workers(model), _live_since(), "+inf")]
+
+
+async def worker_info(redis: AsyncRedis, name: str) -> WorkerInfo:
+    return WorkerInfo.parse(name, await redis.hgetall(keys.worker(name)))

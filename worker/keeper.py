@@ -83,14 +83,12 @@ class Keeper(threading.Thread):
 
     def beat(self) -> None:
         watch = self.watch
-        registry.heartbeat(self.bus.redis, self.worker, self.settings.model, {
-            "state": "busy" if watch else "idle",
-            "stream": watch.stream_id if watch else "",
-            "jobs": self.jobs,
-            "started": self.started,
-            "host": self.host,
-            "pid": self.pid,
-        })
+        registry.heartbeat(self.bus.redis, registry.WorkerInfo(
+            name=self.worker, model=self.settings.model,
+            state=registry.WorkerState.BUSY if watch else registry.WorkerState.IDLE,
+            stream=watch.stream_id if watch else "", jobs=self.jobs, started=self.started,
+            host=self.host, pid=self.pid,
+        ))
 
     def _renew(self, watch: Watch) -> None:
         if not self.bus.renew(watch.stream_id, watch.owner, self.settings.lease_ttl_s):

@@ -26,6 +26,7 @@ from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
+from tokenfan.shared.state import JobOutcome, PublishResult, StreamState
 from tokenfan.worker.engines import Engine, GenRequest
 from tokenfan.worker.keeper import Keeper, Watch
 from tokenfan.worker.metrics import WorkerMetrics
@@ -33,7 +34,6 @@ from tokenfan.worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 CURRENT: ContextVar[Runner] = ContextVar("tokenfan_runner")
-FENCED, PUBLISHED, CANCELLED = -1, 0, 1
 
 
 class Fenced(Exception):
@@ -76,33 +76,33 @@ class Runner:
             payload = JobPayload.model_validate(raw)
         except ValidationError as exc:
             self._reject(raw, exc)
-            return {"outcome": "invalid"}
-        status, seq = self.bus.acquire(payload.stream_id, self.name, self.settings.lease_ttl_s, self.name)
-        if status not in ("queued", "running"):
-            log.info("Worker %s: stream %s is %s; skipping its job", self.name, payload.stream_id, status)
-            return {"outcome": f"skipped-{status}"}
+            return {"outcome": JobOutcome.INVALID.value}
+        result, seq = self.bus.acquire(payload.stream_id, self.name, self.settings.lease_ttl_s, self.name)
+        if not result.claimed:
+            log.info("Worker %s: stream %s is %s; skipping its job", self.name, payload.stream_id, result)
+            return {"outcome": JobOutcome.skipped(result).value}
         watch = self.keeper.begin(payload.stream_id, self.name)
         self.metrics.busy.set(1)
-        outcome = "error"
+        outcome = JobOutcome.ERROR
         try:
             outcome = StreamJob(self, payload, watch, seq).run()
         finally:
             self.metrics.busy.set(0)
             self.keeper.end()
-            if outcome != "handed_over":
+            if outcome is not JobOutcome.HANDED_OVER:
                 self.bus.redis.zrem(keys.LEASES, payload.stream_id)
         self.metrics.job(outcome)
-        return {"outcome": outcome}
+        return {"outcome": outcome.value}
 
     def _reject(self, raw: Any, exc: ValidationError) -> None:
         """An invalid payload is never run; its stream (if it names one) gets an error event."""
         sid = raw.get("stream_id") if isinstance(raw, dict) else None
         log.error("Worker %s: rejected an invalid job for stream %r: %s", self.name, sid, exc.errors()[:3])
-        self.metrics.job("error")
+        self.metrics.job(JobOutcome.ERROR)  # counted with the errors: the alert on failed jobs sees it
         if not isinstance(sid, str) or not sid.replace("-", "").replace("_", "").isalnum() or len(sid) > 64:
             return
-        status, seq = self.bus.acquire(sid, self.name, self.settings.lease_ttl_s, self.name)
-        if status in ("queued", "running"):
+        result, seq = self.bus.acquire(sid, self.name, self.settings.lease_ttl_s, self.name)
+        if result.claimed:
             msg = "the job's payload is not valid; it was not executed"
             self.bus.publish(sid, self.name, _error(seq + 1, "invalid_job", msg, False))
             record_error(self.bus, sid, "invalid_job", msg)
@@ -126,18 +126,18 @@ class StreamJob:
         self.generated = 0
         self.prompt_tokens = 0
 
-    def emit(self, kind: str, data: dict[str, Any]) -> int:
+    def emit(self, kind: str, data: dict[str, Any]) -> PublishResult:
         self.seq += 1
         return self._check(self.r.bus.publish(self.sid, self.r.name, events.Event(self.seq, kind, data)))
 
-    def run(self) -> str:
+    def run(self) -> JobOutcome:
         try:
             return self._run()
         except Fenced:
             log.warning("Worker %s: lost the lease of stream %s; stopping", self.r.name, self.sid)
-            return "handed_over"
+            return JobOutcome.HANDED_OVER
         except HandedBack:
-            return "handed_over"
+            return JobOutcome.HANDED_OVER
         except ContextLengthExceeded as exc:
             return self._fail(exc.code, exc.message, False)
         except JobTimeoutException:
@@ -146,20 +146,20 @@ class StreamJob:
             return self._fail(exc.code, exc.message, exc.retryable)
         except redis.RedisError:
             log.exception("Worker %s: Redis failed during stream %s", self.r.name, self.sid)
-            return "error"
+            return JobOutcome.ERROR
         except Exception as exc:  # the engine is third-party code: any failure ends the stream cleanly
             log.exception("Worker %s: stream %s failed", self.r.name, self.sid)
             return self._fail("engine_error", f"generation failed: {type(exc).__name__}", True)
 
-    def _fail(self, code: str, message: str, retryable: bool) -> str:
+    def _fail(self, code: str, message: str, retryable: bool) -> JobOutcome:
         try:
             self.emit(events.ERROR, {"code": code, "message": message, "retryable": retryable})
             record_error(self.r.bus, self.sid, code, message)
         except (Fenced, redis.RedisError):
             log.warning("Worker %s: could not end stream %s with its error", self.r.name, self.sid)
-        return "error"
+        return JobOutcome.ERROR
 
-    def _run(self) -> str:
+    def _run(self) -> JobOutcome:
         prefix, prefix_tokens, created = self._history()
         resumed = self.seq > 0
         self.emit(events.META, {
@@ -189,9 +189,9 @@ class StreamJob:
         return "".join(texts), len(texts), created
 
     def _mark_served(self) -> None:
-        ticket = self.r.bus.redis.hget(keys.state(self.sid), "ticket")
+        ticket = StreamState.load_ticket(self.r.bus.redis, self.sid)
         if ticket:
-            self.r.bus.mark_served(self.p.model, int(ticket))
+            self.r.bus.mark_served(self.p.model, ticket)
 
     def _generate(self, req: GenRequest) -> str:
         if self.watch.cancel:
@@ -199,7 +199,7 @@ class StreamJob:
         pipe = self.r.bus.token_pipe(self.sid, self.r.name)
         try:
             reason = self._tokens(req, pipe)
-            if self._check(pipe.collect()) == CANCELLED:
+            if self._check(pipe.collect()) is PublishResult.CANCELLED:
                 return "cancelled"
             return reason
         finally:
@@ -212,7 +212,7 @@ class StreamJob:
                 if not self.first_token_at:
                     self.first_token_at = time.time()
                 event = events.Event(self.seq + 1, events.TOKEN, {"text": text})
-                if self._check(pipe.send(event)) == CANCELLED:  # the one before saw the cancel: not sent
+                if self._check(pipe.send(event)) is PublishResult.CANCELLED:  # the one before saw the cancel: not sent
                     return "cancelled"
                 self.seq += 1
                 self.generated += 1
@@ -223,11 +223,11 @@ class StreamJob:
                 return "cancelled"
         return "stop"
 
-    def _check(self, status: int) -> int:
-        """A publish's status; our lease was taken when it is FENCED."""
-        if status == FENCED:
+    def _check(self, result: PublishResult) -> PublishResult:
+        """A publish's result; our lease was taken when it is FENCED."""
+        if result is PublishResult.FENCED:
             raise Fenced(self.sid)
-        return status
+        return result
 
     def _between_tokens(self) -> None:
         if self.watch.lost:
@@ -250,7 +250,7 @@ class StreamJob:
         raw = self.r.bus.redis.get(keys.cancel(self.sid))
         return raw.decode() if raw else "client"
 
-    def _finish(self, reason: str) -> str:
+    def _finish(self, reason: str) -> JobOutcome:
         now = time.time()
         gen_s = now - (self.first_token_at or now)
         new_tokens = self.generated
@@ -267,7 +267,7 @@ class StreamJob:
             data["cancel_reason"] = self._cancel_reason()
         self.emit(events.DONE, data)
         self.r.bus.redis.zrem(keys.active(), self.sid)
-        return "cancelled" if reason == "cancelled" else "done"
+        return JobOutcome.CANCELLED if reason == "cancelled" else JobOutcome.DONE
 
     def _timings(self, now: float, gen_s: float, tokens: int) -> dict[str, Any]:
         m = self.r.metrics
