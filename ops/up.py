@@ -1,8 +1,13 @@
-"""`tokenfan up`: everything on one machine, stopped cleanly on Ctrl-C."""
+"""`tokenfan up`: everything on one machine, stopped cleanly on Ctrl-C.
+
+The worker and the API run as the same `tokenfan worker` and `tokenfan api`
+commands an operator runs, given the flags `up` was given for each tier; the
+CLI built both tiers' settings first, so a mistake in either stops `up`
+before anything starts.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -13,7 +18,7 @@ import time
 import httpx
 
 from tokenfan.ops.embedded import EmbeddedRedis
-from tokenfan.shared.settings import ApiSettings
+from tokenfan.shared.settings import ApiSettings, WorkerSettings
 
 READY_TIMEOUT_S = 120.0
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -23,15 +28,6 @@ STOP_TIMEOUT_S = 30.0
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C reaches only us, and we stop the children in order.
     return subprocess.Popen([sys.executable, "-m", "tokenfan.ops", *args], env=env, start_new_session=True)
-
-
-def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            out += [f"--{name.replace('_', '-')}", str(value)]
-    return out
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> bool:
@@ -65,22 +61,22 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_up(settings: ApiSettings, args: argparse.Namespace) -> int:
+def run_up(api: ApiSettings, worker: WorkerSettings, worker_flags: list[str], api_flags: list[str]) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop cleans up like Ctrl-C
-    redis = None if settings.redis_url else EmbeddedRedis().start()
-    url = settings.redis_url or (redis.url if redis else "")
+    redis = None if api.redis_url else EmbeddedRedis().start()
+    url = api.redis_url or (redis.url if redis else "")
     env = {**os.environ, "TOKENFAN_REDIS_URL": url}
     env.pop("REDIS_URL", None)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(_child(["worker", *_flags(args, WORKER_FLAGS)], env))
-        procs.append(_child(["api", *_flags(args, API_FLAGS)], env))
-        base = f"http://{settings.host}:{settings.port}"
+        procs.append(_child(["worker", *worker_flags], env))
+        procs.append(_child(["api", *api_flags], env))
+        base = f"http://{api.host}:{api.port}"
         if not _wait_ready(base, procs):
             print("tokenfan: the worker or the API did not come up; see the log above", file=sys.stderr)
             return 1
         where = f"embedded Redis at {url}" if redis else "Redis from REDIS_URL"
-        print(f"\ntokenfan is up ({where}, model {settings.model}).\n"
+        print(f"\ntokenfan is up ({where}, model {worker.model}).\n"
               f"  chat page   {base}/\n  API         {base}/v1  (OpenAI-compatible: {base}/v1/chat/completions)\n"
               f"  ops page    {base}/ops\n  try         tokenfan chat \"Hello\"\n"
               "Press Ctrl-C to stop.", flush=True)
@@ -99,7 +95,3 @@ def run_up(settings: ApiSettings, args: argparse.Namespace) -> int:
         if redis:
             redis.stop()
 
-
-WORKER_FLAGS = ("log_level", "model", "model_path", "engine", "threads", "n_gpu_layers", "n_ctx", "metrics_port",
-                "fake_rate", "fake_tokens")
-API_FLAGS = ("log_level", "host", "port", "models")
