@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +27,7 @@ from tokenfan.shared.errors import ConfigError, TokenfanError
 from tokenfan.shared.settings import ApiSettings, CommonSettings, FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger("tokenfan")
+F = TypeVar("F", bound=Callable[..., Any])
 
 API = Group(ApiSettings)
 WORKER = Group(WorkerSettings)
@@ -35,7 +37,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _log_level(default: str = "info") -> Any:
+def _log_level(default: str = "info") -> Callable[[F], F]:
     return click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=default,
                         show_default=True, help="how much the process logs")
 
@@ -121,7 +123,7 @@ def status(**params: Any) -> int:
 @click.option("--file", help="a JSON key file (TOKENFAN_API_KEYS_FILE) instead of Redis")
 @_log_level("warning")
 @click.pass_context
-def keys(ctx: click.Context, log_level: str, file: str | None, **params: Any) -> None:
+def keys(ctx: click.Context, /, log_level: str, file: str | None, **params: Any) -> None:
     _setup_logging(log_level)
     ctx.obj = {"file": file, "params": params}
 
@@ -141,20 +143,20 @@ def _keys_run(ctx: click.Context, command: str, **args: Any) -> int:
 @click.option("--max-concurrent", type=int, default=8, show_default=True, help="concurrent streams")
 @click.option("--rpm", type=int, default=120, show_default=True, help="requests per minute")
 @click.pass_context
-def keys_add(ctx: click.Context, **args: Any) -> int:
+def keys_add(ctx: click.Context, /, **args: Any) -> int:
     return _keys_run(ctx, "add", **args)
 
 
 @keys.command("list", help="list keys (hash prefix, tenant, limits, state)")
 @click.pass_context
-def keys_list(ctx: click.Context) -> int:
+def keys_list(ctx: click.Context, /) -> int:
     return _keys_run(ctx, "list")
 
 
 @keys.command("revoke", help="revoke a key by its hash prefix (from `list`) or the key itself")
 @click.argument("key")
 @click.pass_context
-def keys_revoke(ctx: click.Context, key: str) -> int:
+def keys_revoke(ctx: click.Context, /, key: str) -> int:
     return _keys_run(ctx, "revoke", key=key)
 
 

@@ -125,7 +125,7 @@ def _metavar(info: FieldInfo) -> str:
     if get_origin(ann) is list:
         return "A,B,…"
     base = args[0] if args else ann
-    return {int: "INTEGER", float: "NUMBER"}.get(base, "TEXT")  # type: ignore[call-overload]
+    return "INTEGER" if base is int else "NUMBER" if base is float else "TEXT"
 
 
 def options(*groups: Group) -> Callable[[F], F]:

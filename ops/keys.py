@@ -1,31 +1,17 @@
-"""`tokenfan keys add|list|revoke`: API keys in Redis (default) or in a JSON file (`--file`)."""
+"""`tokenfan keys add|list|revoke`: API keys in Redis (default) or in a JSON file (`--file`).
+
+The flags are declared with the other commands' in ops/cli.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.apikeys import KeyRecord
 from tokenfan.shared.redisconn import sync_client
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("keys", help="manage API keys (in Redis, or in a file with --file)")
-    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL / TOKENFAN_REDIS_URL)")
-    p.add_argument("--file", help="a JSON key file (TOKENFAN_API_KEYS_FILE) instead of Redis")
-    p.add_argument("--log-level", default="WARNING")
-    ks = p.add_subparsers(dest="keys_command", required=True)
-    add = ks.add_parser("add", help="create a key; it is printed once and stored only as a hash")
-    add.add_argument("tenant")
-    add.add_argument("--admin", action="store_true", help="may read /ops and /metrics")
-    add.add_argument("--max-concurrent", type=int, default=8, help="concurrent streams (default 8)")
-    add.add_argument("--rpm", type=int, default=120, help="requests per minute (default 120)")
-    ks.add_parser("list", help="list keys (hash prefix, tenant, limits, state)")
-    rev = ks.add_parser("revoke", help="revoke a key by its hash prefix (from `list`) or the key itself")
-    rev.add_argument("key")
 
 
 class _Store:
