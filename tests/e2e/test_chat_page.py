@@ -13,9 +13,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 
 from tests.e2e.conftest import ARTIFACTS, DEFAULT_TIMEOUT_MS, PageLog, kill_hard, restart_api
-from tests.procs import Cluster, Proc, logged, read_stream
+from tests.procs import Cluster, Proc, logged, read_stream, wait_for
+from tokenfan.shared import events, keys
 from tokenfan.worker.engines import fake_tokens
 
 if TYPE_CHECKING:
@@ -31,6 +33,12 @@ REPORT = ".turn.assistant .report[data-finish-reason]"
 
 def tokens_for(content: str, n: int) -> list[str]:
     return fake_tokens([{"role": "user", "content": content}], n)
+
+
+def seen_tokens(text: str, toks: list[str]) -> list[str]:
+    """The leading tokens of `toks` that `text` shows."""
+    n = next((i for i in range(len(toks), -1, -1) if text.startswith("".join(toks[:i]))), 0)
+    return toks[:n]
 
 
 def expected(content: str, n: int) -> str:
@@ -188,7 +196,18 @@ def test_server_drop_mid_stream_resumes_with_exact_text(cluster: Cluster, page: 
     assert seen_at_kill != "".join(toks), "the answer ended before the API was killed: nothing tested"
     # the page notices the drop and says so while it retries
     page.wait_for_selector(".turn.assistant .status", timeout=15_000)
-    time.sleep(0.5)  # tokens keep coming from the worker while no API is up
+    # The worker goes on while no API is up: restart only once the log holds tokens the page never saw.
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        (log_key,) = r.keys(keys.log("*"))
+        shown = len(seen_tokens(seen_at_kill, toks))
+
+        def logged_tokens() -> int:
+            return sum(events.decode(f[b"e"]).type == events.TOKEN for _, f in r.xrange(log_key))
+
+        wait_for(lambda: logged_tokens() > shown, what="tokens while the API is down")
+    finally:
+        r.close()
     restart_api(cluster, api.port)
 
     wait_reports(page, timeout_ms=60_000)

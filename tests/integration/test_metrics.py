@@ -279,8 +279,8 @@ def test_readyz_turns_503_when_a_killed_worker_heartbeat_goes_stale(cluster: Clu
     # no deregistration: the killed worker still counts as live for a while
     assert readyz(api.url)[0] == 200
     wait_for(lambda: _unready_naming_model(api.url), timeout=10, what="/readyz 503 after SIGKILL")
-    elapsed = time.monotonic() - t_kill
-    assert 3.0 <= elapsed <= 10.0, elapsed
+    # Not before its heartbeat went stale (load can only make that later); wait_for is the deadline.
+    assert time.monotonic() - t_kill >= 3.0
 
     cluster.worker(wait=False)
     wait_for(lambda: readyz(api.url)[0] == 200, timeout=30, what="/readyz 200 again with a new worker")

@@ -204,10 +204,8 @@ def test_abandoned_stream_stops_after_grace(cluster: Cluster, r: redis.Redis) ->
     cluster.worker(TOKENFAN_ABANDON_GRACE_S="1", TOKENFAN_FAKE_RATE="10", TOKENFAN_FAKE_TOKENS="300")
     sid = create_stream(api.url, max_tokens=300)
     read_stream(api.url, sid, stop_after=4)  # look briefly, then go away
-    t0 = time.monotonic()
     wait_for(lambda: r.hget(f"tf:stream:{{{sid}}}:state", "status") == b"finished", timeout=20,
              what="the abandoned stream to stop")
-    assert time.monotonic() - t0 < 15
     evs = logged(read_stream(api.url, sid)[1])
     assert evs[-1].json()["finish_reason"] == "cancelled" and evs[-1].json()["cancel_reason"] == "abandoned"
     assert len([e for e in evs if e.event == "token"]) < 200
