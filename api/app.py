@@ -35,11 +35,16 @@ from tokenfan.api.streams import (
     start_stream,
 )
 from tokenfan.shared import events, keys
+from tokenfan.shared.defaults import REDIS_RETRY_S
 from tokenfan.shared.errors import (
+    EngineError,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
+    Timeout,
     TokenfanError,
     Unavailable,
+    from_code,
 )
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
@@ -48,6 +53,8 @@ from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+# Starlette's own HTTP errors, as our classes (which carry the status).
+ROUTE_ERRORS: dict[int, type[TokenfanError]] = {404: NotFound, 405: MethodNotAllowed}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
@@ -94,7 +101,8 @@ def error_body(exc: TokenfanError) -> dict[str, Any]:
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
-def error_response(exc: TokenfanError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: TokenfanError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
@@ -133,8 +141,7 @@ _TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TokenfanError)
     async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return error_response(exc, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,14 +159,14 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("API: Redis failed during %s %s: %s", request.method, request.url.path, exc)
-        return error_response(Unavailable("Redis is unreachable; try again shortly", code="redis_unavailable"),
-                              headers={"Retry-After": "2"})
+        return error_response(Unavailable("Redis is unreachable; try again shortly", code="redis_unavailable",
+                                          retry_after=REDIS_RETRY_S))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = TokenfanError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
-        err.status, err.type = exc.status_code, "invalid_request_error"
-        return error_response(err)
+        # Starlette's routing raises these (unknown path, wrong method); our own code raises ours.
+        cls = ROUTE_ERRORS.get(exc.status_code, InvalidRequest if exc.status_code < 500 else TokenfanError)
+        return error_response(cls(str(exc.detail)))
 
 
 def edge_of(request: Request) -> Edge:
@@ -381,21 +388,12 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
                         return _error_event_response(e)
     except TimeoutError:
         await cancel_stream(edge, follower.sid, owner, "timeout")
-        err = TokenfanError("the answer took longer than the request timeout", code="timeout")
-        err.status = 504
-        return error_response(err)
+        return error_response(Timeout("the answer took longer than the request timeout"))
     finally:
         if not follower.finished:
             await follower.leave()
     raise Unavailable("the stream ended without an answer", code="stream_lost")
 
 
-ERROR_STATUS = {"context_length_exceeded": 400, "invalid_job": 400, "worker_lost": 503, "timeout": 504}
-
-
 def _error_event_response(e: events.Event) -> JSONResponse:
-    code = str(e.data.get("code", "engine_error"))
-    err = TokenfanError(str(e.data.get("message", "")), code=code)
-    err.status = ERROR_STATUS.get(code, 502)
-    err.type = "invalid_request_error" if err.status == 400 else "server_error"
-    return error_response(err)
+    return error_response(from_code(str(e.data.get("code", EngineError.code)), str(e.data.get("message", ""))))

@@ -20,13 +20,12 @@ from fastapi import Request
 
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.apikeys import KeyRecord
+from tokenfan.shared.defaults import AUTH_CACHE_S
 from tokenfan.shared.errors import Forbidden, Unauthorized
 from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
-# How long a key lookup (or the answer "no keys exist") is reused.
-AUTH_CACHE_S = 5.0
 ANONYMOUS = "anonymous"
 
 

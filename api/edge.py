@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
-from redis.commands.core import AsyncScript
 
-from tokenfan.api.admission import ADMIT_LUA
+from tokenfan.api.admission import Admission
 from tokenfan.api.auth import Authenticator
 from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
-from tokenfan.shared import keys
+from tokenfan.shared import keys, registry
 from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
-from tokenfan.shared.defaults import VIEWER_TTL_S, WORKER_LIVE_S
+from tokenfan.shared.defaults import VIEWER_REFRESH_S, VIEWER_TTL_S
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.redisconn import async_client, sync_client
 from tokenfan.shared.settings import ApiSettings
@@ -38,7 +37,7 @@ class Edge:
     metrics: ApiMetrics
     name: str
     auth: Authenticator
-    admit_script: AsyncScript
+    admission: Admission
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
     viewers: set[tuple[str, str]] = field(default_factory=set)
@@ -60,7 +59,7 @@ class Edge:
         name = f"api:{socket.gethostname()}.{secrets.token_hex(3)}"
         sync_bus = SyncBus(sr, cfg, queue=sync_client(settings.queue_url()))
         edge = cls(settings, r, qr, AsyncBus(r, cfg), sync_bus, hub, metrics, name, Authenticator(r, settings),
-                   r.register_script(ADMIT_LUA))
+                   Admission(r, qr, max_queue=settings.max_queue, slot_ttl_s=settings.log_active_ttl_s))
         await hub.start()
         edge.tasks.append(asyncio.create_task(edge._reaper(), name="tokenfan-reaper"))
         edge.tasks.append(asyncio.create_task(edge._refresh_viewers(), name="tokenfan-viewers"))
@@ -94,7 +93,7 @@ class Edge:
     async def _refresh_viewers(self) -> None:
         """Keep every attached viewer's entry fresh, all of them in one round trip."""
         while True:
-            await asyncio.sleep(VIEWER_TTL_S / 3)
+            await asyncio.sleep(VIEWER_REFRESH_S)
             if not self.viewers:
                 continue
             expiry = int((time.time() + VIEWER_TTL_S) * 1000)
@@ -116,14 +115,9 @@ class Edge:
                 log.debug("API %s: reaper cannot reach Redis: %s", self.name, exc)
 
     async def live_workers(self, model: str) -> int:
-        since = int((time.time() - WORKER_LIVE_S) * 1000)
-        return int(await self.redis.zcount(keys.workers(model), since, "+inf"))
+        return await registry.live_count(self.redis, model)
 
     async def models(self) -> list[str]:
         """Configured models, then any model a live worker serves."""
         found = list(self.settings.served_models())
-        async for key in self.redis.scan_iter(match=keys.workers("*"), count=100):
-            model = key.decode().removeprefix(keys.workers(""))
-            if model not in found and await self.live_workers(model):
-                found.append(model)
-        return found
+        return found + [m for m in await registry.live_models(self.redis) if m not in found]

@@ -31,18 +31,17 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.credentials import UsernamePasswordCredentialProvider
 
+from tokenfan.shared import defaults as d
 from tokenfan.shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-# How long to wait for Redis to confirm a SUBSCRIBE before giving up.
-SUBSCRIBE_TIMEOUT_S = 5.0
-# Backoff after the pub/sub connection fails, before trying again.
-RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
-# A connection quiet this long gets a PING; one that stays quiet PING_TIMEOUT_S more is dropped.
-IDLE_PING_S = 15.0
-PING_TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_S = 5.0
+# The defaults (and their reasons) are in shared/defaults.py; bound here, where tests may tune them.
+SUBSCRIBE_TIMEOUT_S = d.HUB_SUBSCRIBE_TIMEOUT_S
+RECONNECT_BACKOFF_S = d.HUB_RECONNECT_BACKOFF_S
+IDLE_PING_S = d.HUB_IDLE_PING_S
+PING_TIMEOUT_S = d.HUB_PING_TIMEOUT_S
+CONNECT_TIMEOUT_S = d.HUB_CONNECT_TIMEOUT_S
 
 MESSAGE, SMESSAGE = b"message", b"smessage"
 SUBSCRIBE_KINDS = (b"subscribe", b"ssubscribe")
@@ -180,7 +179,7 @@ class Hub:
     def subscriptions(self) -> list[Subscription]:
         return [s for subs in self.subs.values() for s in subs]
 
-    def __init__(self, client: aredis.Redis, *, sharded: bool = False, buffer: int = 1024,
+    def __init__(self, client: aredis.Redis, *, sharded: bool = False, buffer: int = d.SUBSCRIBER_BUFFER,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.client = client
         self.sharded = sharded
@@ -353,7 +352,7 @@ class ShardedHub:
     reader task, so a slow shard never delays another.
     """
 
-    def __init__(self, cluster: AsyncRedisCluster, url: str, *, buffer: int = 1024,
+    def __init__(self, cluster: AsyncRedisCluster, url: str, *, buffer: int = d.SUBSCRIBER_BUFFER,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.cluster = cluster
         self.conn_kwargs = parse_url(url)
@@ -361,14 +360,20 @@ class ShardedHub:
         self.on_reconnect = on_reconnect
         self.hubs: dict[str, Hub] = {}
         self.owner: dict[Subscription, Hub] = {}
+        self._starting: dict[str, asyncio.Future[Hub]] = {}
 
     async def start(self) -> None:
         await self.cluster.initialize()
 
     async def close(self) -> None:
+        starting = list(self._starting.values())
+        for fut in starting:
+            fut.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
         for hub in self.hubs.values():
             await hub.close()
             await hub.client.aclose()
+        self.hubs.clear()
 
     def subscriptions(self) -> list[Subscription]:
         return [s for hub in self.hubs.values() for s in hub.subscriptions()]
@@ -376,13 +381,31 @@ class ShardedHub:
     async def _hub_for(self, channel: str) -> Hub:
         node = self.cluster.get_node_from_key(channel)
         hub = self.hubs.get(node.name)
-        if hub is None:
-            kwargs = {**self.conn_kwargs, "host": node.host, "port": node.port}
-            client = aredis.Redis(**kwargs)
-            hub = Hub(client, sharded=True, buffer=self.buffer, on_reconnect=self.on_reconnect)
+        if hub is not None:
+            return hub
+        # Starting a hub awaits its first connect, so the first subscribes to a new primary may
+        # overlap: they all wait for one start. (Each starting its own left all but the last
+        # hub running unreachable: its connection and reader task leaked, never closed.)
+        starting = self._starting.get(node.name)
+        if starting is None:
+            starting = asyncio.ensure_future(self._start_hub(node.name, node.host, node.port))
+            self._starting[node.name] = starting
+        # Shielded: one caller giving up (its client left) must not cancel the others' start.
+        return await asyncio.shield(starting)
+
+    async def _start_hub(self, name: str, host: str, port: int) -> Hub:
+        client = aredis.Redis(**{**self.conn_kwargs, "host": host, "port": port})
+        hub = Hub(client, sharded=True, buffer=self.buffer, on_reconnect=self.on_reconnect)
+        try:
             await hub.start()
-            self.hubs[node.name] = hub
-        return hub
+            self.hubs[name] = hub
+            return hub
+        except BaseException:
+            await hub.close()
+            await client.aclose()
+            raise
+        finally:
+            self._starting.pop(name, None)
 
     async def subscribe(self, channel: str) -> Subscription:
         hub = await self._hub_for(channel)

@@ -14,16 +14,14 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from tokenfan.shared import keys
-from tokenfan.shared.defaults import WORKER_LIVE_S
+from tokenfan.shared import keys, registry
+from tokenfan.shared.defaults import ERRORS_SHOWN, OPS_FEED_INTERVAL_S, OPS_MAX_STREAMS
+from tokenfan.shared.state import StreamState, StreamStatus
 
 if TYPE_CHECKING:
     from tokenfan.api.edge import Edge
 
 STATIC = Path(__file__).parent / "static"
-# Streams listed on the page at most: the page is a glance, not a database.
-MAX_STREAMS = 100
-FEED_INTERVAL_S = 1.0
 
 
 def install(app: FastAPI) -> None:
@@ -55,7 +53,7 @@ async def _feed(edge: Edge) -> AsyncIterator[bytes]:
         except redis.RedisError as exc:
             body = orjson.dumps({"error": f"Redis unreachable: {exc}"})
         yield b"id: %d\nevent: snapshot\ndata: %s\n\n" % (n, body)
-        await asyncio.sleep(FEED_INTERVAL_S)
+        await asyncio.sleep(OPS_FEED_INTERVAL_S)
 
 
 async def refresh_gauges(edge: Edge) -> None:
@@ -69,41 +67,30 @@ async def snapshot(edge: Edge) -> dict[str, Any]:
     now = time.time()
     models, workers = [], []
     for model in await edge.models():
-        names = await r.zrangebyscore(keys.workers(model), int((now - WORKER_LIVE_S) * 1000), "+inf")
+        names = await registry.live_workers_async(r, model)
         models.append({"name": model, "queue_depth": await edge.queue_redis.llen(keys.queue_list(model)),
                        "workers_live": len(names)})
-        for name in names:
-            workers.append(_worker(name.decode(), await r.hgetall(keys.worker(name.decode()))))
-    found = [await _stream(edge, sid.decode(), now) for sid in await r.zrange(keys.active(), 0, MAX_STREAMS - 1)]
+        workers += [(await registry.worker_info(r, name)).as_json() for name in names]
+    active = await r.zrange(keys.active(), 0, OPS_MAX_STREAMS - 1)
+    found = [await _stream(edge, sid.decode(), now) for sid in active]
     streams = [s for s in found if s]
-    errors = [orjson.loads(e) for e in await r.lrange(keys.errors(), 0, 19)]
+    errors = [orjson.loads(e) for e in await r.lrange(keys.errors(), 0, ERRORS_SHOWN - 1)]
     return {
         "time": now, "models": models, "workers": workers, "streams": streams, "errors": errors,
-        "totals": {"active_streams": sum(s["status"] == "running" for s in streams),
-                   "queued": sum(s["status"] == "queued" for s in streams),
+        "totals": {"active_streams": sum(s["status"] == StreamStatus.RUNNING for s in streams),
+                   "queued": sum(s["status"] == StreamStatus.QUEUED for s in streams),
                    "workers_live": len(workers)},
     }
 
 
-def _worker(name: str, h: dict[bytes, bytes]) -> dict[str, Any]:
-    def get(k: str) -> str:
-        return h.get(k.encode(), b"").decode()
-
-    return {"name": name, "model": get("model"), "state": get("state") or "unknown", "stream": get("stream"),
-            "host": get("host"), "pid": int(get("pid") or 0), "jobs": int(get("jobs") or 0),
-            "last_seen": float(get("last_seen") or 0)}
-
-
 async def _stream(edge: Edge, sid: str, now: float) -> dict[str, Any] | None:
-    fields = ("model", "status", "worker", "created")
-    values = await edge.redis.hmget(keys.state(sid), fields)
-    st = {k: v.decode() for k, v in zip(fields, values, strict=True) if v is not None}
-    if not st or st.get("status") == "finished":
-        if not st:
+    st = await StreamState.aload(edge.redis, sid, with_request=False)
+    if st is None or st.ended:
+        if st is None:
             await edge.redis.zrem(keys.active(), sid)
         return None
     tokens = await edge.redis.xlen(keys.log(sid))
-    age = max(0.0, now - float(st.get("created", now)))
-    n_tok = max(0, tokens - 2)
-    return {"id": sid, "model": st.get("model", ""), "status": st.get("status", ""), "worker": st.get("worker", ""),
+    age = max(0.0, now - (st.created or now))
+    n_tok = max(0, tokens - 2)  # the log's meta and disclosure events are not tokens
+    return {"id": sid, "model": st.model, "status": st.status.value, "worker": st.worker,
             "tokens": n_tok, "tokens_per_s": round(n_tok / age, 1) if age > 0 else 0.0, "age_s": round(age, 1)}

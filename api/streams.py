@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
-from tokenfan.api.admission import admit, check_queue, release
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
-from tokenfan.shared.defaults import VIEWER_TTL_S
+from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS, VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import Event
 from tokenfan.shared.jobs import enqueue
@@ -59,22 +58,22 @@ async def start_stream(edge: Edge, req: ChatRequest, who: Principal) -> Started:
     """Validate, admit, subscribe, then enqueue: no first token can be missed."""
     model = await resolve_model(edge, req.model)
     check_caps(req, edge.settings)
-    await check_queue(edge, model)
+    await edge.admission.check_queue(model)
     sid = new_stream_id()
-    await admit(edge, who, sid)
+    await edge.admission.admit(who, sid)
     now = time.time()
     payload = JobPayload.from_request(req, stream_id=sid, model=model, settings=edge.settings, now=now)
     try:
         sub = await edge.hub.subscribe(keys.channel(sid))
     except BaseException:
-        await release(edge, who, sid)
+        await edge.admission.release(who, sid)
         raise
     try:
         state = await _create_state(edge, payload, who.owner, req.cancel_on_disconnect)
         await asyncio.to_thread(enqueue, edge.sync_bus.queue, payload, timeout_s=edge.settings.job_timeout_s)
     except BaseException:
         await edge.hub.unsubscribe(sub)
-        await release(edge, who, sid)
+        await edge.admission.release(who, sid)
         raise
     return Started(sid, model, int(now), sub, state)
 
@@ -108,7 +107,7 @@ async def _create_state(edge: Edge, payload: JobPayload, owner: str, cancel_on_d
 
 async def load_state(edge: Edge, sid: str, owner: str) -> StreamState:
     """The stream's state, or 404 for a stream that is unknown, expired or someone else's."""
-    if not sid or len(sid) > 64:
+    if not sid or len(sid) > MAX_STREAM_ID_CHARS:
         raise NotFound("no such stream", code="stream_not_found")
     state = await edge.bus.state(sid, with_request=False)
     if state is None or state.owner != owner:

@@ -21,6 +21,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from tokenfan.shared import keys
+from tokenfan.shared.defaults import LOG_TTL_REFRESH_EVERY
 from tokenfan.shared.events import Event, decode
 from tokenfan.shared.state import AcquireResult, Field, PublishResult, StreamState, StreamStatus
 
@@ -31,7 +32,7 @@ _NAMES = {
     "queued": StreamStatus.QUEUED.value, "running": StreamStatus.RUNNING.value,
     "finished": StreamStatus.FINISHED.value,
     "missing": AcquireResult.MISSING.value, "taken": AcquireResult.TAKEN.value,
-    "fenced": int(PublishResult.FENCED),
+    "fenced": int(PublishResult.FENCED), "refresh_every": LOG_TTL_REFRESH_EVERY,
 }
 
 PUBLISH_LUA = Template("""
@@ -42,7 +43,7 @@ if ARGV[6] == '1' then
   redis.call('DEL', KEYS[3])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
   redis.call('EXPIRE', KEYS[6], ARGV[7])
-elseif tonumber(ARGV[2]) % 64 == 1 then
+elseif tonumber(ARGV[2]) % $refresh_every == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call('PUBLISH', KEYS[2], ARGV[3]) end

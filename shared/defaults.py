@@ -72,6 +72,7 @@ FAKE_TOKENS = 64
 # A viewer's entry in a stream's viewer set lives this long unless its API
 # process refreshes it (every third of it, for all its viewers in one round trip).
 VIEWER_TTL_S = 10.0
+VIEWER_REFRESH_S = VIEWER_TTL_S / 3
 
 # A worker is live while its heartbeat is younger than this.
 WORKER_LIVE_S = 5.0
@@ -80,3 +81,50 @@ WORKER_RECORD_TTL_S = int(WORKER_LIVE_S * 3)
 # Dead workers' names are pruned from a model's set after this: long enough
 # for the ops page to show a crash, short enough that the set stays small.
 WORKER_PRUNE_AFTER_S = 300
+
+# Admission. Retry-After for a key at its concurrency limit: streams take seconds, not minutes.
+CONCURRENCY_RETRY_S = 5
+# Retry-After for a full queue: this many seconds per queued job per live worker (rough)...
+QUEUE_RETRY_S = 5
+# ...and never more: past five minutes a caller should look again rather than sleep.
+QUEUE_RETRY_MAX_S = 300
+# A key's `rpm` limit counts in fixed windows of this many seconds (a minute, as the name says).
+RATE_WINDOW_S = 60
+# Retry-After when Redis is unreachable: the client retries soon; a failover takes seconds.
+REDIS_RETRY_S = 2
+
+# A stream id longer than this is not one of ours (ours are 24 characters); refused unread.
+MAX_STREAM_ID_CHARS = 64
+
+# A running stream's log TTL is refreshed once every this many events: often enough
+# that LOG_ACTIVE_TTL_S never lapses mid-stream, rarely enough to cost nothing per token.
+LOG_TTL_REFRESH_EVERY = 64
+
+# Streams a reaper looks at per pass: bounded so one pass stays short.
+REAP_BATCH = 100
+# Recent stream errors kept for the ops page (a capped list), and how many it shows.
+ERRORS_KEPT = 50
+ERRORS_SHOWN = 20
+# Streams listed on the ops page at most: the page is a glance, not a database.
+OPS_MAX_STREAMS = 100
+# The ops page's live feed sends a snapshot this often.
+OPS_FEED_INTERVAL_S = 1.0
+
+# RQ keeps a finished job's short trace this long (the answer itself is in the stream's log)...
+JOB_RESULT_TTL_S = 60
+# ...and a failed job's for an hour, for whoever looks into it.
+JOB_FAILURE_TTL_S = 3600
+
+# How long a key lookup (or the answer "no keys exist") is reused by an API process.
+AUTH_CACHE_S = 5.0
+
+# The API's pub/sub hub. How long to wait for Redis to confirm a SUBSCRIBE before a 503.
+HUB_SUBSCRIBE_TIMEOUT_S = 5.0
+# Backoff after the pub/sub connection fails, before each next try.
+HUB_RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+# A pub/sub connection quiet this long gets a PING (proxies drop idle TCP at about a minute)...
+HUB_IDLE_PING_S = 15.0
+# ...and one that stays quiet this much longer is taken for dead and reconnected.
+HUB_PING_TIMEOUT_S = 10.0
+# Connecting the pub/sub socket gives up after this (then the backoff above).
+HUB_CONNECT_TIMEOUT_S = 5.0

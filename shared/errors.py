@@ -4,18 +4,23 @@
     ├── InvalidRequest (400)       bad input; `param` names the field
     │   └── ContextLengthExceeded  the prompt does not fit the model's context
     ├── PayloadTooLarge (413)      request body over the configured cap
-    ├── NotFound (404)             unknown stream or model (or another key's stream)
+    ├── NotFound (404)             unknown stream, model or route (or another key's stream)
+    ├── MethodNotAllowed (405)     a known route called with the wrong method
     ├── Unauthorized (401)         no API key, or an unknown one
     ├── Forbidden (403)            a revoked key, or not an admin key
     ├── RateLimited (429)          over a key's limits (with retry_after)
     ├── Unavailable (503)          Redis down, no worker, shutting down
-    │   └── Overloaded             the model's queue is full (with retry_after)
-    ├── EngineError                the model failed while generating
-    ├── InvalidJob                 a job payload that does not validate
+    │   ├── Overloaded             the model's queue is full (with retry_after)
+    │   └── WorkerLost             the stream's worker stopped and none took it over
+    ├── Timeout (504)              the answer took longer than the request timeout
+    ├── EngineError (502)          the model failed while generating
+    ├── InvalidJob (500)           a job payload that does not validate
     └── ConfigError                a setting that cannot work; `param` names it
 
 Raised inside; mapped to HTTP status and OpenAI-shaped JSON only at the
-API's edge, and to `error` events only in the worker.
+API's edge, and to `error` events only in the worker. The HTTP status of
+an error is its class's and nothing else's: an `error` event that ends a
+non-streaming request becomes the class its `code` names (`from_code`).
 """
 
 from __future__ import annotations
@@ -73,7 +78,26 @@ class EngineError(TokenfanError):
 
 
 class InvalidJob(TokenfanError):
+    """500, not 400: the API validated the request before enqueueing it, so a job the
+    worker refuses is our fault (an API and a worker that disagree), not the caller's."""
+
     code = "invalid_job"
+
+
+class MethodNotAllowed(TokenfanError):
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+
+class Timeout(TokenfanError):
+    status = 504
+    code = "timeout"
+    retryable = True
+
+
+class WorkerLost(Unavailable):
+    code = "worker_lost"
 
 
 class Unauthorized(TokenfanError):
@@ -103,3 +127,16 @@ class ConfigError(TokenfanError):
     """A setting whose value cannot work: the command prints one line and exits 2."""
 
     code = "config_error"
+
+
+def _by_code(cls: type[TokenfanError]) -> dict[str, type[TokenfanError]]:
+    found = {cls.code: cls}
+    for sub in cls.__subclasses__():
+        found.update(_by_code(sub))
+    return found
+
+
+def from_code(code: str, message: str) -> TokenfanError:
+    """The error an `error` event's `code` stands for; an engine error when no class has that code."""
+    cls = _by_code(TokenfanError).get(code, EngineError)
+    return cls(message, code=code)

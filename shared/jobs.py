@@ -7,13 +7,11 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from tokenfan.shared import keys
+from tokenfan.shared.defaults import JOB_FAILURE_TTL_S, JOB_RESULT_TTL_S
 from tokenfan.shared.schema import JobPayload
 
 # The worker's entry for every job; named by string so the API never imports it.
 JOB_FUNC = "tokenfan.worker.runner.run_job"
-# Results live in the stream's log; RQ keeps only a short trace of a job.
-RESULT_TTL_S = 60
-FAILURE_TTL_S = 3600
 
 
 def job_id(payload: JobPayload) -> str:
@@ -31,8 +29,8 @@ def enqueue(redis: Redis, payload: JobPayload, *, timeout_s: int, at_front: bool
         args=(payload.dump(),),
         job_id=job_id(payload),
         timeout=timeout_s,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
+        result_ttl=JOB_RESULT_TTL_S,
+        failure_ttl=JOB_FAILURE_TTL_S,
         at_front=at_front,
     )
     return str(job.id)

@@ -17,6 +17,7 @@ import orjson
 
 from tokenfan.shared import events, keys, registry
 from tokenfan.shared.bus import SyncBus
+from tokenfan.shared.defaults import ERRORS_KEPT, REAP_BATCH
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import CommonSettings
@@ -24,14 +25,11 @@ from tokenfan.shared.state import AcquireResult, PublishResult, StreamState
 
 log = logging.getLogger(__name__)
 
-# Streams looked at per pass: bounded so one pass stays short.
-BATCH = 100
-
 
 def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     """One pass; returns how many streams it took over or ended."""
     now_ms = int(time.time() * 1000)
-    due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=BATCH)
+    due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=REAP_BATCH)
     acted = 0
     for raw in due:
         sid = raw.decode()
@@ -91,6 +89,6 @@ def record_error(bus: SyncBus, sid: str, code: str, message: str) -> None:
     entry = orjson.dumps({"time": time.time(), "stream_id": sid, "code": code, "message": message})
     pipe = bus.redis.pipeline(transaction=False)
     pipe.lpush(keys.errors(), entry)
-    pipe.ltrim(keys.errors(), 0, 49)
+    pipe.ltrim(keys.errors(), 0, ERRORS_KEPT - 1)
     pipe.zrem(keys.active(), sid)
     pipe.execute()

@@ -21,6 +21,9 @@ from redis.asyncio import Redis as AsyncRedis
 from tokenfan.shared import keys
 from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_PRUNE_AFTER_S, WORKER_RECORD_TTL_S
 
+# SCAN's per-call hint for the models' worker sets: there are a handful of models.
+SCAN_COUNT = 100
+
 
 class WorkerState(StrEnum):
     BUSY = "busy"  # generating a stream
@@ -99,3 +102,17 @@ async def live_workers_async(redis: AsyncRedis, model: str) -> list[str]:
 
 async def worker_info(redis: AsyncRedis, name: str) -> WorkerInfo:
     return WorkerInfo.parse(name, await redis.hgetall(keys.worker(name)))
+
+
+async def live_count(redis: AsyncRedis, model: str) -> int:
+    return int(await redis.zcount(keys.workers(model), _live_since(), "+inf"))
+
+
+async def live_models(redis: AsyncRedis) -> list[str]:
+    """Every model at least one live worker serves."""
+    found = []
+    async for key in redis.scan_iter(match=keys.workers("*"), count=SCAN_COUNT):
+        model = key.decode().removeprefix(keys.workers(""))
+        if await live_count(redis, model):
+            found.append(model)
+    return found
