@@ -282,3 +282,54 @@ def test_a_flag_wins_over_its_variable(cluster: Cluster, r: redis.Redis) -> None
         assert r.zscore(keys.workers("from-env"), name) is None
     finally:
         stop_process(proc, 20)
+
+# --- configuration mistakes: one line naming the setting, exit code 2 ------
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["api", "--port", "eighty"], {"REDIS_URL": "redis://127.0.0.1:1"}, "--port"),
+    (["api"], {"REDIS_URL": "redis://127.0.0.1:1", "TOKENFAN_PORT": "eighty"}, "TOKENFAN_PORT"),
+    (["api"], {}, "TOKENFAN_REDIS_URL (or REDIS_URL) is not set"),
+    (["worker", "--engine", "gpu"], {}, "--engine"),
+    (["worker"], {"TOKENFAN_REDIS_CLUSTER": "maybe"}, "TOKENFAN_REDIS_CLUSTER"),
+    (["worker", "--engine", "fake"], {"REDIS_URL": "redis://127.0.0.1:1", "TOKENFAN_FAKE_RATE": "fast"},
+     "TOKENFAN_FAKE_RATE"),
+    (["worker", "--metrics-port", "0", "--model-path", "/nonexistent.gguf"], {"REDIS_URL": "redis://127.0.0.1:1"},
+     "TOKENFAN_MODEL_PATH: model file not found: /nonexistent.gguf"),
+    (["up", "--n-ctx", "big"], {}, "--n-ctx"),  # up checks the worker's settings before starting anything
+    (["up", "--max-queue", "-"], {}, "--max-queue"),  # and the API's
+], ids=["flag", "variable", "api-no-redis", "worker-flag", "worker-variable", "fake-variable", "model-file",
+        "up-worker", "up-api"])
+def test_a_configuration_mistake_is_one_line_naming_the_setting(args: list[str], env: dict[str, str],
+                                                                named: str) -> None:
+    res = tokenfan(*args, env={**clean_env(), **env})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"tokenfan: {named}"), res.stderr
+    assert res.stderr.count("\n") == 1 and res.stdout == "", res.stderr
+
+
+def test_a_second_worker_on_the_metrics_port_is_one_line_naming_it(redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = tokenfan("worker", "--engine", "fake", "--metrics-port", str(port), "--redis-url", redis_url)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"tokenfan: TOKENFAN_METRICS_PORT: cannot listen on port {port}"), res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_flag_wins_over_its_variable(cluster: Cluster, r: redis.Redis) -> None:
+    """The worker serves the model its flag names, not its variable's."""
+    name = f"flagtest-{free_port()}"
+    env = {**clean_env(), "REDIS_URL": cluster.redis_url, "TOKENFAN_ENGINE": "fake", "TOKENFAN_MODEL": "from-env",
+           "TOKENFAN_METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", "worker", "--model", "from-flag",
+                             "--worker-name", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: r.zscore(keys.workers("from-flag"), name) is not None or proc.poll() is not None,
+                 timeout=30, what="worker registered")
+        assert proc.poll() is None
+        assert r.zscore(keys.workers("from-env"), name) is None
+    finally:
+        stop_process(proc, 20)
