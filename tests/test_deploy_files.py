@@ -898,3 +898,14 @@ def test_keda_scales_workers_on_the_rq_queue(k8s: dict[tuple[str, str], dict[str
     refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
     assert refs["password"]["name"] == secret["metadata"]["name"]
     assert refs["password"]["key"] in secret["stringData"]
+
+
+def test_every_known_variable_is_read_by_the_production_settings() -> None:
+    """The list above is the deploy files' contract; the settings must keep reading each name in it
+    (a renamed variable would leave a manifest setting something nobody reads)."""
+    from tokenfan.ops.flags import Group
+    from tokenfan.shared.settings import ApiSettings, WorkerSettings
+
+    read = {env for cls in (ApiSettings, WorkerSettings) for f in cls.model_fields for env in Group(cls).envs(f)}
+    assert KNOWN_ENV <= read, f"no setting reads {KNOWN_ENV - read}"
+    assert not {v for v in KNOWN_ENV if v.startswith("TOKENFAN_FAKE_")}, "the fake engine is no production setting"
