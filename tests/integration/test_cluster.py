@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -9,10 +10,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 
+from tests.integration.test_hub import until
 from tests.procs import Cluster, create_stream, logged, read_stream, wait_for
+from tokenfan.api.hub import ShardedHub
 from tokenfan.ops.embedded import EmbeddedRedis, find_redis_server, free_port
+from tokenfan.shared import keys
 from tokenfan.worker.engines import fake_tokens
 
 
@@ -77,8 +82,8 @@ def test_streams_on_a_redis_cluster(cluster: Cluster, redis_cluster: list[Embedd
     # every stream's keys sit on one node, and the streams spread over several nodes
     holders = set()
     for sid in sids:
-        slot = key_slot(f"tf:stream:{{{sid}}}:log".encode())
-        assert slot == key_slot(f"tf:stream:{{{sid}}}:state".encode()) == key_slot(f"tf:stream:{{{sid}}}".encode())
+        slot = key_slot(keys.log(sid).encode())
+        assert slot == key_slot(keys.state(sid).encode()) == key_slot(keys.channel(sid).encode())
         owners = {n.port for n in redis_cluster
                   if redis.Redis(port=n.port).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= 2}
         assert len(owners) == 1
@@ -86,3 +91,36 @@ def test_streams_on_a_redis_cluster(cluster: Cluster, redis_cluster: list[Embedd
     assert len(holders) >= 2
     # RQ's queues are on the plain Redis
     assert r.exists("rq:queues")
+
+
+def _pubsub_connections(port: int) -> int:
+    """Connections to one node holding a sharded subscription (CLIENT LIST's `ssub=`)."""
+    with redis.Redis(port=port) as c:
+        lines = c.execute_command("CLIENT", "LIST").decode().splitlines()
+    clients = [dict(f.split("=", 1) for f in line.split()) for line in lines]
+    return sum(int(fields.get("ssub", "0")) > 0 for fields in clients)
+
+
+async def test_first_subscribes_to_a_new_node_share_one_hub(redis_cluster: list[EmbeddedRedis]) -> None:
+    url = f"redis://127.0.0.1:{redis_cluster[0].port}/0"
+    cluster = AsyncRedisCluster.from_url(url)
+    hub = ShardedHub(cluster, url)
+    await hub.start()
+    try:
+        node = cluster.get_node_from_key(keys.channel("first"))
+        sids = [s for s in (f"s{i}" for i in range(400))
+                if cluster.get_node_from_key(keys.channel(s)).name == node.name][:8]
+        # eight first subscribes at once, all to channels of one primary nobody subscribed to yet
+        subs = await asyncio.gather(*(hub.subscribe(keys.channel(sid)) for sid in sids))
+        assert list(hub.hubs) == [node.name]
+        assert {id(hub.owner[sub]) for sub in subs} == {id(hub.hubs[node.name])}
+        assert _pubsub_connections(node.port) == 1  # one connection, not one per first subscriber
+        with redis.Redis(port=node.port) as c:
+            assert c.execute_command("SPUBLISH", keys.channel(sids[-1]), b"hello") == 1
+        got = await subs[-1].get(5.0)
+        assert got is not None and got[0] == [b"hello"]
+    finally:
+        await hub.close()
+        await cluster.aclose()
+    # closing the hub closed every connection it made
+    await until(lambda: _pubsub_connections(node.port) == 0, what="the node to see no subscriber")
