@@ -89,10 +89,11 @@ class ApiSettings(CommonSettings):
                                    "catches up from the log")
 
     # Access and admission
-    api_keys_file: str | None = Field(default=None, description="file of API keys (none and no api_keys: open API)")
-    api_keys: str | None = Field(default=None, description="comma-separated API keys")
+    api_keys_file: str | None = Field(default=None, description="JSON file of API key hashes (`tokenfan keys "
+                                      "--file`); with no key anywhere the API is open")
+    api_keys: str | None = Field(default=None, description="API key hashes as JSON, the key file's format")
     metrics_allow: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated networks allowed to read /metrics without a key")
+        default_factory=list, description="comma-separated networks (CIDRs) allowed to read /metrics without a key")
     max_queue: int = Field(default=d.MAX_QUEUE, description="jobs waiting per model before new requests get 503")
 
     # Caps on requests

@@ -4,7 +4,9 @@ engine's knobs are accepted but not listed; `bench` gets its arguments untouched
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -122,3 +124,12 @@ def test_bench_not_installed_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setitem(sys.modules, "tokenfan.bench", None)
     assert cli.main(["bench", "--quick"]) == 2
     assert capsys.readouterr().err == "tokenfan: the benchmark is not installed: pip install ./bench\n"
+
+
+def test_the_configuration_doc_lists_every_setting_and_no_other() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"`((?:TOKENFAN_[A-Z0-9_]+)|REDIS_URL)`", doc))
+    groups = [Group(ApiSettings), Group(WorkerSettings), Group(FakeEngineSettings, prefix="fake")]
+    read = {env for g in groups for f, _ in g.fields() for env in g.envs(f)}
+    assert read - documented == set(), "settings missing from docs/configuration.md"
+    assert documented - read == set(), "docs/configuration.md names variables no setting reads"
