@@ -23,7 +23,10 @@ import redis.asyncio as aredis
 from tokenfan.api import hub as hubmod
 from tokenfan.api.hub import Hub, Subscription
 from tokenfan.ops.embedded import EmbeddedRedis
+from tokenfan.shared import keys
 from tokenfan.shared.errors import Unavailable
+
+A, B = keys.channel("test-a"), keys.channel("test-b")
 
 
 async def until(check: Callable[[], object], within: float = 10.0, what: str = "condition") -> None:
@@ -79,12 +82,12 @@ def servers() -> Iterator[Callable[..., EmbeddedRedis]]:
 
 async def test_delivery_order_and_unsubscribe(redis_url: str) -> None:
     async with hub_on(redis_url) as (hub, client):
-        a1 = await hub.subscribe("tf:test:a")
-        a2 = await hub.subscribe("tf:test:a")
-        b = await hub.subscribe("tf:test:b")
+        a1 = await hub.subscribe(A)
+        a2 = await hub.subscribe(A)
+        b = await hub.subscribe(B)
         for i in range(50):
-            await client.publish("tf:test:a", f"a{i}")
-        await client.publish("tf:test:b", "b0")
+            await client.publish(A, f"a{i}")
+        await client.publish(B, "b0")
         want = [f"a{i}".encode() for i in range(50)]
         assert (await drain(a1, 50)) == (want, False)
         assert (await drain(a2, 50)) == (want, False)
@@ -95,18 +98,18 @@ async def test_delivery_order_and_unsubscribe(redis_url: str) -> None:
         await hub.unsubscribe(a2)
         # Redis itself no longer counts this connection on the channel.
         deadline = time.monotonic() + 5
-        while dict(await client.pubsub_numsub("tf:test:a"))[b"tf:test:a"]:
+        while dict(await client.pubsub_numsub(A))[A.encode()]:
             assert time.monotonic() < deadline, "Redis still counts the hub on the channel"
             await asyncio.sleep(0.02)
-        assert dict(await client.pubsub_numsub("tf:test:b"))[b"tf:test:b"] == 1
+        assert dict(await client.pubsub_numsub(B))[B.encode()] == 1
         assert await a1.get(0.05) is None
 
 
 async def test_a_full_buffer_becomes_a_gap(redis_url: str) -> None:
     async with hub_on(redis_url, buffer=4) as (hub, client):
-        sub = await hub.subscribe("tf:test:slow")
+        sub = await hub.subscribe(keys.channel("test-slow"))
         for i in range(10):
-            await client.publish("tf:test:slow", str(i))
+            await client.publish(keys.channel("test-slow"), str(i))
         await until(lambda: sub.gap, what="the overflow mark")
         items, gap = await drain(sub, 10, within=1)
         assert gap is True
@@ -117,8 +120,8 @@ async def test_reconnects_after_restart_and_marks_gaps(servers: Callable[..., Em
     server = servers()
     reconnects: list[float] = []
     async with hub_on(server.url, on_reconnect=lambda: reconnects.append(time.monotonic())) as (hub, client):
-        sub = await hub.subscribe("tf:test:r")
-        await client.publish("tf:test:r", "before")
+        sub = await hub.subscribe(keys.channel("test-r"))
+        await client.publish(keys.channel("test-r"), "before")
         assert (await drain(sub, 1)) == ([b"before"], False)
 
         server.stop()
@@ -132,7 +135,7 @@ async def test_reconnects_after_restart_and_marks_gaps(servers: Callable[..., Em
         # ...and what is published from then on arrives again.
         fresh = aredis.Redis.from_url(server.url)
         try:
-            assert await fresh.publish("tf:test:r", "after") == 1
+            assert await fresh.publish(keys.channel("test-r"), "after") == 1
             assert (await drain(sub, 1)) == ([b"after"], False)
         finally:
             await fresh.aclose()
@@ -150,13 +153,13 @@ async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.
         assert time.monotonic() - began < hubmod.CONNECT_TIMEOUT_S / 2
         assert not hub.connected
         with pytest.raises(Unavailable):
-            await hub.subscribe("tf:test:down")
+            await hub.subscribe(keys.channel("test-down"))
         assert hub.subscriptions() == []
         # Redis comes up: the same hub connects by itself and serves.
         servers(port=port)
         await until(lambda: hub.connected, within=10, what="the hub to connect")
-        sub = await hub.subscribe("tf:test:down")
-        await client.publish("tf:test:down", "x")
+        sub = await hub.subscribe(keys.channel("test-down"))
+        await client.publish(keys.channel("test-down"), "x")
         assert (await drain(sub, 1)) == ([b"x"], False)
 
 
@@ -172,14 +175,14 @@ async def test_auth_with_acl_user_and_a_wrong_password(monkeypatch: pytest.Monke
         with redis.Redis.from_url(url) as as_hubber:
             as_hubber.acl_setuser("default", enabled=False)  # only the ACL user can connect now
         async with hub_on(url) as (hub, client):
-            sub = await hub.subscribe("tf:test:auth")
-            await client.publish("tf:test:auth", "ok")
+            sub = await hub.subscribe(keys.channel("test-auth"))
+            await client.publish(keys.channel("test-auth"), "ok")
             assert (await drain(sub, 1)) == ([b"ok"], False)
 
         async with hub_on(url.replace("s3cret", "wrong")) as (bad, _):
             assert not bad.connected
             with pytest.raises(Unavailable):
-                await bad.subscribe("tf:test:auth")
+                await bad.subscribe(keys.channel("test-auth"))
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(url.replace("s3cret", "wrong")).ping()
         with pytest.raises(redis.AuthenticationError):
@@ -194,7 +197,7 @@ async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.Monke
     assert server.proc is not None
     reconnects: list[float] = []
     async with hub_on(server.url, on_reconnect=lambda: reconnects.append(time.monotonic())) as (hub, client):
-        sub = await hub.subscribe("tf:test:frozen")
+        sub = await hub.subscribe(keys.channel("test-frozen"))
         os.kill(server.proc.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
         try:
             await until(lambda: reconnects, within=10, what="the PING timeout to drop the connection")
@@ -203,5 +206,5 @@ async def test_a_redis_that_stops_answering_is_dropped(monkeypatch: pytest.Monke
         await until(lambda: sub.gap, within=10, what="the re-subscribe after the frozen Redis woke up")
         res = await sub.get(1)
         assert res is not None and res[1] is True
-        await client.publish("tf:test:frozen", "alive")
+        await client.publish(keys.channel("test-frozen"), "alive")
         assert (await drain(sub, 1)) == ([b"alive"], False)

@@ -221,7 +221,7 @@ def test_redis_url_from_the_environment_is_enough(command: str, redis_url: str, 
             wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
                      timeout=30, what="API up with REDIS_URL")
         else:
-            wait_for(lambda: r.zscore(f"tf:workers:{MODEL}", f"envtest-{port}") is not None, timeout=30,
+            wait_for(lambda: r.zscore(keys.workers(MODEL), f"envtest-{port}") is not None, timeout=30,
                      what="worker registered with REDIS_URL")
         assert proc.poll() is None
     finally:

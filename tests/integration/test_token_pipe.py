@@ -16,8 +16,9 @@ import redis
 from tokenfan.shared import defaults as d
 from tokenfan.shared import events, keys
 from tokenfan.shared.bus import BusConfig, SyncBus
+from tokenfan.shared.state import PublishResult, StreamState, StreamStatus
 
-CANCELLED, FENCED = 1, -1
+PUBLISHED, CANCELLED, FENCED = PublishResult.PUBLISHED, PublishResult.CANCELLED, PublishResult.FENCED
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def bus(r: redis.Redis, redis_url: str) -> Iterator[SyncBus]:
 
 def running(r: redis.Redis, sid: str, owner: str = "w1") -> None:
     r.set(keys.lease(sid), owner)
-    r.hset(keys.state(sid), "status", "running")
+    StreamState(status=StreamStatus.RUNNING, worker=owner).create(r, sid, d.LOG_ACTIVE_TTL_S)
 
 
 def token(seq: int) -> events.Event:
@@ -47,9 +48,9 @@ def test_in_order_with_one_in_flight(bus: SyncBus, r: redis.Redis) -> None:
     pubsub.get_message(timeout=5)  # the subscribe confirmation
     pipe = bus.token_pipe("s1", "w1")
     for seq in range(1, 21):
-        assert pipe.send(token(seq)) == 0
-    assert pipe.collect() == 0
-    assert pipe.collect() == 0  # nothing in flight any more
+        assert pipe.send(token(seq)) is PUBLISHED
+    assert pipe.collect() is PUBLISHED
+    assert pipe.collect() is PUBLISHED  # nothing in flight any more
     pipe.close()
     assert logged(bus, "s1") == list(range(1, 21))
     got = []
@@ -62,12 +63,12 @@ def test_in_order_with_one_in_flight(bus: SyncBus, r: redis.Redis) -> None:
 def test_cancel_is_seen_one_token_later_and_nothing_more_is_sent(bus: SyncBus, r: redis.Redis) -> None:
     running(r, "s2")
     pipe = bus.token_pipe("s2", "w1")
-    assert pipe.send(token(1)) == 0
-    assert pipe.send(token(2)) == 0
-    assert pipe.collect() == 0  # token 2 is in, before the cancel
+    assert pipe.send(token(1)) is PUBLISHED
+    assert pipe.send(token(2)) is PUBLISHED
+    assert pipe.collect() is PUBLISHED  # token 2 is in, before the cancel
     r.set(keys.cancel("s2"), "client")
-    assert pipe.send(token(3)) == 0  # published; its reply says "cancel requested"...
-    assert pipe.send(token(4)) == CANCELLED  # ...which is read here: token 4 is not sent
+    assert pipe.send(token(3)) is PUBLISHED  # published; its reply says "cancel requested"...
+    assert pipe.send(token(4)) is CANCELLED  # ...which is read here: token 4 is not sent
     pipe.close()
     assert logged(bus, "s2") == [1, 2, 3]
 
@@ -75,11 +76,11 @@ def test_cancel_is_seen_one_token_later_and_nothing_more_is_sent(bus: SyncBus, r
 def test_a_lost_lease_fences_and_publishes_nothing(bus: SyncBus, r: redis.Redis) -> None:
     running(r, "s3")
     pipe = bus.token_pipe("s3", "w1")
-    assert pipe.send(token(1)) == 0
-    assert pipe.collect() == 0  # token 1 is in, before the takeover
+    assert pipe.send(token(1)) is PUBLISHED
+    assert pipe.collect() is PUBLISHED  # token 1 is in, before the takeover
     r.set(keys.lease("s3"), "w2")  # another worker took the stream over
-    assert pipe.send(token(2)) == 0  # sent; the script refuses it...
-    assert pipe.send(token(3)) == FENCED  # ...which is read here: token 3 is not sent
+    assert pipe.send(token(2)) is PUBLISHED  # sent; the script refuses it...
+    assert pipe.send(token(3)) is FENCED  # ...which is read here: token 3 is not sent
     pipe.close()
     assert logged(bus, "s3") == [1]
 
@@ -87,12 +88,12 @@ def test_a_lost_lease_fences_and_publishes_nothing(bus: SyncBus, r: redis.Redis)
 def test_noscript_publishes_the_event_once(bus: SyncBus, r: redis.Redis) -> None:
     running(r, "s4")
     pipe = bus.token_pipe("s4", "w1")
-    assert pipe.send(token(1)) == 0
-    assert pipe.collect() == 0
+    assert pipe.send(token(1)) is PUBLISHED
+    assert pipe.collect() is PUBLISHED
     r.script_flush()  # what a Redis restart does to loaded scripts
-    assert pipe.send(token(2)) == 0
-    assert pipe.send(token(3)) == 0  # token 2 came back NOSCRIPT and was published again, once
-    assert pipe.collect() == 0
+    assert pipe.send(token(2)) is PUBLISHED
+    assert pipe.send(token(3)) is PUBLISHED  # token 2 came back NOSCRIPT and was published again, once
+    assert pipe.collect() is PUBLISHED
     pipe.close()
     assert logged(bus, "s4") == [1, 2, 3]
 
@@ -106,5 +107,5 @@ def test_close_waits_for_the_reply_and_returns_the_connection(bus: SyncBus, r: r
     pipe.close()
     assert len(pool._in_use_connections) == 0
     # The next publish on the normal path (another connection) lands after it.
-    assert bus.publish("s5", "w1", events.Event(2, events.DONE, {"finish_reason": "stop"})) == 0
+    assert bus.publish("s5", "w1", events.Event(2, events.DONE, {"finish_reason": "stop"})) is PUBLISHED
     assert logged(bus, "s5") == [1, 2]
