@@ -18,9 +18,17 @@ import orjson
 import redis
 
 from tokenfan.ops.embedded import free_port, stop_process
+from tokenfan.shared import keys
+from tokenfan.shared.state import StreamState, StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
+
+
+def stream_status(r: redis.Redis, sid: str) -> StreamStatus | None:
+    """A stream's status as its state record says (None: no record)."""
+    state = StreamState.load(r, sid, with_request=False)
+    return None if state is None else state.status
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -116,7 +124,7 @@ class Cluster:
             clustered = self.env.get("TOKENFAN_REDIS_CLUSTER") == "true"
             r = (redis.RedisCluster.from_url(self.redis_url) if clustered else redis.Redis.from_url(self.redis_url))
             try:
-                wait_for(lambda: r.zscore(f"tf:workers:{model}", name) is not None or not proc.alive(),
+                wait_for(lambda: r.zscore(keys.workers(model), name) is not None or not proc.alive(),
                          timeout=60, what=f"worker {name}")
             finally:
                 r.close()

@@ -7,8 +7,19 @@ import signal
 import httpx
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
+from tests.procs import (
+    SSE,
+    Cluster,
+    create_stream,
+    expected_text,
+    logged,
+    parse_sse,
+    read_stream,
+    stream_status,
+    wait_for,
+)
 from tokenfan.ops.embedded import EmbeddedRedis
+from tokenfan.shared.state import StreamStatus
 
 FAST_LEASE = {"TOKENFAN_LEASE_TTL_S": "1.5", "TOKENFAN_KEEPER_INTERVAL_S": "0.25"}
 
@@ -91,7 +102,7 @@ def test_sigterm_worker_finishes_its_stream_then_exits(cluster: Cluster) -> None
     assert evs[-1].event == "done" and _text(evs) == expected_text("deploy", 40)
     wait_for(lambda: not w.alive(), timeout=15, what="the worker to exit")
     r = redis.Redis.from_url(cluster.redis_url)
-    assert r.hget(f"tf:stream:{{{queued}}}:state", "status") == b"queued"  # it took no new job
+    assert stream_status(r, queued) is StreamStatus.QUEUED  # it took no new job
     cluster.worker()
     assert logged(read_stream(api.url, queued)[1])[-1].event == "done"
     r.close()

@@ -10,7 +10,19 @@ import httpx
 import orjson
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
+from tests.procs import (
+    SSE,
+    Cluster,
+    create_stream,
+    expected_text,
+    logged,
+    parse_sse,
+    read_stream,
+    stream_status,
+    wait_for,
+)
+from tokenfan.shared import keys
+from tokenfan.shared.state import StreamStatus
 
 
 def _text(evs: list[SSE]) -> str:
@@ -127,20 +139,20 @@ def test_unknown_and_expired_streams_are_404(cluster: Cluster, r: redis.Redis) -
     sid = create_stream(api.url, max_tokens=2)
     _, got = read_stream(api.url, sid)
     assert logged(got)[-1].event == "done"
-    assert 0 < r.ttl(f"tf:stream:{{{sid}}}:log") <= 1
+    assert 0 < r.ttl(keys.log(sid)) <= 1
     wait_for(lambda: httpx.get(f"{api.url}/v1/streams/{sid}").status_code == 404, timeout=5,
              what="the finished stream to expire")
     assert httpx.get(f"{api.url}/v1/streams/{sid}").json()["error"]["code"] == "stream_not_found"
-    assert r.xlen(f"tf:stream:{{{sid}}}:log") == 0
+    assert r.xlen(keys.log(sid)) == 0
 
 
 def test_log_is_capped(cluster: Cluster, r: redis.Redis) -> None:
     api = cluster.api()
     cluster.worker(TOKENFAN_LOG_MAXLEN="5", TOKENFAN_FAKE_RATE="0", TOKENFAN_FAKE_TOKENS="400")
     sid = create_stream(api.url, max_tokens=400)
-    wait_for(lambda: r.hget(f"tf:stream:{{{sid}}}:state", "status") == b"finished", what="finish")
+    wait_for(lambda: stream_status(r, sid) is StreamStatus.FINISHED, what="finish")
     # approximate trimming keeps at most a node's worth beyond the cap, never the whole stream
-    assert r.xlen(f"tf:stream:{{{sid}}}:log") < 200
+    assert r.xlen(keys.log(sid)) < 200
 
 
 def test_cancel_stops_within_a_token_and_worker_takes_next_job(cluster: Cluster) -> None:
@@ -204,7 +216,7 @@ def test_abandoned_stream_stops_after_grace(cluster: Cluster, r: redis.Redis) ->
     cluster.worker(TOKENFAN_ABANDON_GRACE_S="1", TOKENFAN_FAKE_RATE="10", TOKENFAN_FAKE_TOKENS="300")
     sid = create_stream(api.url, max_tokens=300)
     read_stream(api.url, sid, stop_after=4)  # look briefly, then go away
-    wait_for(lambda: r.hget(f"tf:stream:{{{sid}}}:state", "status") == b"finished", timeout=20,
+    wait_for(lambda: stream_status(r, sid) is StreamStatus.FINISHED, timeout=20,
              what="the abandoned stream to stop")
     evs = logged(read_stream(api.url, sid)[1])
     assert evs[-1].json()["finish_reason"] == "cancelled" and evs[-1].json()["cancel_reason"] == "abandoned"
@@ -216,7 +228,7 @@ def test_stream_keeps_going_without_viewer_by_default(cluster: Cluster, r: redis
     cluster.worker(TOKENFAN_FAKE_RATE="50")
     sid = create_stream(api.url, "keep going", max_tokens=60)
     read_stream(api.url, sid, stop_after=3)
-    wait_for(lambda: r.hget(f"tf:stream:{{{sid}}}:state", "status") == b"finished", timeout=20, what="finish")
+    wait_for(lambda: stream_status(r, sid) is StreamStatus.FINISHED, timeout=20, what="finish")
     evs = logged(read_stream(api.url, sid, last=10)[1])
     assert evs[-1].json()["finish_reason"] == "length"
     assert [int(e.id) for e in evs] == list(range(11, 64))
@@ -227,7 +239,7 @@ def test_cancel_on_disconnect_stops_at_once(cluster: Cluster, r: redis.Redis) ->
     cluster.worker(TOKENFAN_FAKE_RATE="20", TOKENFAN_FAKE_TOKENS="300")
     sid = create_stream(api.url, max_tokens=300, cancel_on_disconnect=True)
     read_stream(api.url, sid, stop_after=5)
-    wait_for(lambda: r.hget(f"tf:stream:{{{sid}}}:state", "status") == b"finished", timeout=10,
+    wait_for(lambda: stream_status(r, sid) is StreamStatus.FINISHED, timeout=10,
              what="the stream to stop after its viewer left")
     evs = logged(read_stream(api.url, sid)[1])
     assert evs[-1].json()["cancel_reason"] == "disconnect"

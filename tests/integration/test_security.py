@@ -11,8 +11,9 @@ import orjson
 import pytest
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, logged, parse_sse, read_stream, wait_for
+from tests.procs import SSE, Cluster, create_stream, logged, parse_sse, read_stream, stream_status, wait_for
 from tokenfan.shared import apikeys, keys
+from tokenfan.shared.state import StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
 MSG = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -131,7 +132,7 @@ def test_concurrency_limit_across_apis_is_released_when_streams_end(cluster: Clu
     # cancel one (running) and one (queued): both slots come back
     assert httpx.delete(f"{b.url}/v1/streams/{first}", headers=_h(key)).status_code == 202
     assert httpx.delete(f"{a.url}/v1/streams/{second}", headers=_h(key)).status_code == 202
-    wait_for(lambda: all(r.hget(keys.state(s), "status") == b"finished" for s in (first, second)),
+    wait_for(lambda: all(stream_status(r, s) is StreamStatus.FINISHED for s in (first, second)),
              what="both streams to end")
     again = httpx.post(f"{b.url}/v1/streams", json=body, headers=_h(key))
     assert again.status_code == 201, again.text
