@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,14 +15,14 @@ import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenfan.api import ops
+from tokenfan.api import ops, sse
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 # Starlette's own HTTP errors, as our classes (which carry the status).
 ROUTE_ERRORS: dict[int, type[TokenfanError]] = {404: NotFound, 405: MethodNotAllowed}
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-SSE_TYPE = "text/event-stream; charset=utf-8"
 
 
 class ErrorDetail(BaseModel):
@@ -196,9 +194,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         if not req.stream:
             return await _collect(edge, follower, started.model, started.created, who.owner)
         writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
-        body = relay(edge, follower, writer, t0=t0, native=False)
-        headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": started.stream_id}
-        return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
+        return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
 
     @app.post("/v1/streams", status_code=201, responses=_errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
     async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
@@ -228,9 +224,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
             edge.metrics.resumes.inc()
         follower = Follower(edge, stream_id, last, state)
         writer = _writer(format, stream_id, state, request)
-        body = relay(edge, follower, writer, t0=time.time(), native=format == "native")
-        headers = {**SSE_HEADERS, "X-Tokenfan-Stream-Id": stream_id}
-        return StreamingResponse(body, media_type=SSE_TYPE, headers=headers)
+        return _sse(edge, relay(edge, follower, writer, t0=time.time(), native=format == "native"), stream_id)
 
     @app.delete("/v1/streams/{stream_id}", status_code=202, responses=_errors_doc(404, *COMMON_ERRORS))
     async def delete_stream(stream_id: str, request: Request, who: Caller) -> JSONResponse:
@@ -294,34 +288,43 @@ async def _terminal_seq(edge: Edge, sid: str) -> int:
     return int(last[0][0].split(b"-")[0])
 
 
+def _sse(edge: Edge, body: AsyncIterator[bytes], sid: str) -> sse.SSEResponse:
+    """A stream's response: sse-starlette pings and times out sends; our drain ends it (api/sse.py says why
+    the library's own shutdown waits out the whole grace)."""
+    s = edge.settings
+    return sse.SSEResponse(body, ping_s=s.heartbeat_s, send_timeout_s=s.send_timeout_s, grace_s=s.shutdown_grace_s,
+                           headers={"X-Tokenfan-Stream-Id": sid})
+
+
 async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWriter, *, t0: float,
                 native: bool) -> AsyncIterator[bytes]:
-    """The body of every streaming response: one flushed write per batch of events."""
+    """The body of every streaming response: one flushed write per batch of events.
+
+    sse-starlette ends it on a disconnect or a send timeout: cancelled in an await, or closed at a
+    `yield` (GeneratorExit). Either way the follower is closed here, not whenever the garbage
+    collector gets to it, so the viewer is freed at once."""
     m = edge.metrics
     m.active.inc()
     first = follower.last == 0
-    last_write = time.monotonic()
     try:
-        async for batch in follower.batches():
-            if edge.draining and (native or edge.closing.is_set()) and not follower.finished:
-                follower.handed_off = True
-                yield _shutdown_bytes(follower, native)
-                return
-            if batch is None:
-                extra = await _idle_bytes(edge, follower, native, time.monotonic() - last_write)
-                if extra:
-                    last_write = time.monotonic()
-                    yield extra
-                continue
-            first = _observe(edge, batch, first, t0)
-            data = writer.write(batch)
-            m.relayed.inc(len(batch))
-            if data:
-                last_write = time.monotonic()
-                yield data
+        async with aclosing(follower.batches()) as batches:
+            async for batch in batches:
+                if edge.draining and (native or edge.closing.is_set()) and not follower.finished:
+                    follower.handed_off = True
+                    yield _shutdown_bytes(follower, native)
+                    return
+                if batch is None:  # an idle tick; sse-starlette sends the pings
+                    if native and follower.state.status is StreamStatus.QUEUED:
+                        yield await _queued_bytes(follower)
+                    continue
+                first = _observe(edge, batch, first, t0)
+                data = writer.write(batch)
+                m.relayed.inc(len(batch))
+                if data:
+                    yield data
     except (Unavailable, redis.RedisError) as exc:
         yield _local_error(follower, native, exc)
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):
         m.disconnects.inc()
         raise
     finally:
@@ -342,20 +345,14 @@ def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> b
     return first
 
 
-async def _idle_bytes(edge: Edge, follower: Follower, native: bool, silent_s: float) -> bytes:
-    if native and follower.state.status is StreamStatus.QUEUED:
-        return events.sse_named(events.QUEUED, follower.last, {"position": await follower.queue_position()})
-    if silent_s >= edge.settings.heartbeat_s:
-        return events.sse_comment("ping")
-    return b""
+async def _queued_bytes(follower: Follower) -> bytes:
+    return sse.api_event(events.QUEUED, follower.last, {"position": await follower.queue_position()})
 
 
 def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
     """This API process is stopping: tell the client to resume elsewhere (the stream goes on)."""
     if native:
-        reconnect = events.sse_named("reconnect", follower.last, {"reason": "server_shutdown",
-                                                                  "last_event_id": follower.last})
-        return b"retry: 250\n" + reconnect
+        return sse.reconnect(follower.last)
     return openai_error("server_shutdown", "this API process is shutting down; resume with GET "
                         f"/v1/streams/{follower.sid}?format=openai and Last-Event-ID: {follower.last}")
 
@@ -369,7 +366,7 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
         code, message = "redis_unavailable", "Redis is unreachable; reconnect to resume"
     data = {"code": code, "message": message, "retryable": True}
     if native:
-        return events.sse_named(events.ERROR, follower.last, data)
+        return sse.api_event(events.ERROR, follower.last, data)
     return openai_error(code, message)
 
 

@@ -2,7 +2,9 @@
 
 Both writers turn a batch of events into one bytes object, so events that
 queued up for a slow client go out in one write (coalescing) while every
-event keeps its own SSE frame and `id:`.
+event keeps its own SSE frame and `id:`. The frames are api/sse.py's
+(sse-starlette's encoding); the chunk JSON is made here, head first, once
+per stream.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from typing import Any
 
 import orjson
 
+from tokenfan.api import sse
 from tokenfan.shared import events
 from tokenfan.shared.events import Event
-
-DONE_LINE = b"data: [DONE]\n\n"
 
 
 class NativeWriter:
     def write(self, batch: list[Event]) -> bytes:
-        return b"".join(e.sse() for e in batch)
+        return sse.event_frames(batch)
 
 
 class OpenAIWriter:
@@ -34,9 +35,6 @@ class OpenAIWriter:
             {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
         )[:-1]
 
-    def _frame(self, seq: int, body: bytes) -> bytes:
-        return b"id: %d\ndata: %s\n\n" % (seq, body)
-
     def _choice(self, delta: dict[str, Any], finish: str | None) -> bytes:
         choice = orjson.dumps({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
         return self.head + choice + b"]}"
@@ -46,27 +44,27 @@ class OpenAIWriter:
 
     def one(self, e: Event) -> bytes:
         if e.type == events.TOKEN:
-            return self._frame(e.seq, self._choice({"content": e.data.get("text", "")}, None))
+            return sse.data_frame(self._choice({"content": e.data.get("text", "")}, None), e.seq)
         if e.type == events.META and not e.data.get("resumed"):
-            return self._frame(e.seq, self._choice({"role": "assistant", "content": ""}, None))
+            return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
         if e.type == events.DONE:
             return self._done(e)
         if e.type == events.ERROR:
-            return b"id: %d\n" % e.seq + openai_error(e.data.get("code"), e.data.get("message", ""))
+            return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
         return b""
 
     def _done(self, e: Event) -> bytes:
-        out = self._frame(e.seq, self._choice({}, e.data.get("finish_reason", "stop")))
+        out = sse.data_frame(self._choice({}, e.data.get("finish_reason", "stop")), e.seq)
         if self.include_usage:
-            out += self._frame(e.seq, self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage"))
-                               + b"}")
-        return out + DONE_LINE
+            usage = self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}"
+            out += sse.data_frame(usage, e.seq)
+        return out + sse.DONE
 
 
-def openai_error(code: str | None, message: str) -> bytes:
+def openai_error(code: str | None, message: str, seq: int | None = None) -> bytes:
     """How an OpenAI-format stream ends in error: an `error` object (OpenAI clients raise it), then [DONE]."""
     err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
-    return b"data: " + orjson.dumps(err) + b"\n\n" + DONE_LINE
+    return sse.data_frame(orjson.dumps(err), seq) + sse.DONE
 
 
 def completion(stream_id: str, model: str, created: int, text: str, done: Event) -> dict[str, Any]:

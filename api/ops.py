@@ -1,19 +1,26 @@
 """The ops view: one snapshot of models, queues, workers, streams and errors,
-served as JSON, as a live SSE feed, and as the static page `/ops`."""
+served as JSON, as a live SSE feed, and as the static page `/ops`.
+
+The feed is an sse-starlette response like the streams (api/sse.py), but it
+has nothing to hand over at shutdown: it ends as soon as the library sees
+the server stopping (its `shutdown_event`), and the page's EventSource
+reconnects to another replica.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import orjson
 import redis
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response
 
+from tokenfan.api import sse
 from tokenfan.shared import keys, registry
 from tokenfan.shared.defaults import ERRORS_SHOWN, OPS_FEED_INTERVAL_S, OPS_MAX_STREAMS
 from tokenfan.shared.state import StreamState, StreamStatus
@@ -38,22 +45,27 @@ def install(app: FastAPI) -> None:
         return Response(orjson.dumps(await snapshot(request.app.state.edge)), media_type="application/json")
 
     @app.get("/v1/ops/events", response_model=None, include_in_schema=False)
-    async def ops_events(request: Request) -> StreamingResponse:
-        await request.app.state.edge.auth.admin(request)
-        return StreamingResponse(_feed(request.app.state.edge), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def ops_events(request: Request) -> sse.SSEResponse:
+        edge: Edge = request.app.state.edge
+        await edge.auth.admin(request)
+        stop = anyio.Event()
+        return sse.SSEResponse(_feed(edge, stop), ping_s=edge.settings.heartbeat_s,
+                               send_timeout_s=edge.settings.send_timeout_s, grace_s=OPS_FEED_INTERVAL_S,
+                               shutdown_event=stop)
 
 
-async def _feed(edge: Edge) -> AsyncIterator[bytes]:
+async def _feed(edge: Edge, stop: anyio.Event) -> AsyncIterator[bytes]:
+    """A `snapshot` event a second until the server stops (sse-starlette sets `stop`)."""
     n = 0
-    while True:
+    while not stop.is_set():
         n += 1
         try:
             body = orjson.dumps(await snapshot(edge))
         except redis.RedisError as exc:
             body = orjson.dumps({"error": f"Redis unreachable: {exc}"})
-        yield b"id: %d\nevent: snapshot\ndata: %s\n\n" % (n, body)
-        await asyncio.sleep(OPS_FEED_INTERVAL_S)
+        yield sse.frame(body, id=n, event="snapshot")
+        with anyio.move_on_after(OPS_FEED_INTERVAL_S):
+            await stop.wait()
 
 
 async def refresh_gauges(edge: Edge) -> None:

@@ -15,7 +15,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import anyio
@@ -170,7 +170,7 @@ class Follower:
         self.cancel_on_disconnect = state.cancel_on_disconnect
         self._heard_at = time.monotonic()
 
-    async def batches(self) -> AsyncIterator[list[Event] | None]:
+    async def batches(self) -> AsyncGenerator[list[Event] | None, None]:
         if self.sub is None:
             self.sub = await self.edge.hub.subscribe(keys.channel(self.sid))
         self.edge.viewers.add((self.sid, self.viewer))

@@ -2,8 +2,10 @@
 
 An event travels as one line of JSON, the same bytes in the stream's log, on
 its channel and in the `data:` field of the SSE event, so the API relays it
-without re-encoding. JSON never holds a raw newline (orjson escapes control
-characters), which is what makes model text unable to forge an SSE event.
+without re-encoding. JSON from orjson never holds a raw newline (it escapes
+control characters), so an event is one `data:` line; the SSE framing is
+the API's (api/sse.py, sse-starlette's), which splits any line break a
+payload might still hold into `data:` lines of the same event.
 
 Deliberate departures from the obvious:
 - the payload is flat (`{"seq":3,"type":"token","ts":…,"text":"hi"}`), not
@@ -48,9 +50,6 @@ class Event:
             self.raw = orjson.dumps({"seq": self.seq, "type": self.type, "ts": ts, **self.data})
         return self.raw
 
-    def sse(self) -> bytes:
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.type.encode(), self.encode())
-
 
 def decode(raw: bytes | str) -> Event:
     """Parse one stored or published event; raises ValueError on garbage."""
@@ -63,12 +62,3 @@ def decode(raw: bytes | str) -> Event:
     if not isinstance(seq, int) or kind not in TYPES:
         raise ValueError("event without a valid seq or type")
     return Event(seq=seq, type=kind, data=obj, ts=float(ts), raw=raw)
-
-
-def sse_comment(text: str) -> bytes:
-    return b": " + text.replace("\n", " ").encode() + b"\n\n"
-
-
-def sse_named(kind: str, last_id: int, data: dict[str, Any]) -> bytes:
-    """An API-made event (e.g. `queued`): not logged, carries the last seq sent."""
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (last_id, kind.encode(), orjson.dumps({"type": kind, **data}))

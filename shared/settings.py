@@ -81,6 +81,8 @@ class ApiSettings(CommonSettings):
         default_factory=list, description="comma-separated models the API accepts (default: model)")
     disclosure: str = Field(default=d.DISCLOSURE, description="notice sent with every answer")
     heartbeat_s: float = Field(default=d.HEARTBEAT_S, description="seconds between keep-alive pings on a stream")
+    send_timeout_s: float = Field(default=d.SEND_TIMEOUT_S, gt=0, description="seconds a ping may wait for a "
+                                  "client that takes in nothing before its stream's connection is closed")
     queued_interval_s: float = Field(default=d.QUEUED_INTERVAL_S, description="seconds between `queued` events while "
                                      "a stream waits for a worker")
     request_timeout_s: float = Field(default=d.REQUEST_TIMEOUT_S, description="seconds a non-streaming request waits "

@@ -13,8 +13,8 @@ from tests.procs import (
     create_stream,
     expected_text,
     logged,
-    parse_sse,
     read_stream,
+    sse_events,
     stream_status,
     wait_for,
 )
@@ -32,7 +32,7 @@ def _follow_until(base: str, sid: str, tokens: int, timeout: float = 30) -> list
     """Read until `tokens` tokens arrived, then close the connection (the stream goes on)."""
     got: list[SSE] = []
     with httpx.stream("GET", f"{base}/v1/streams/{sid}", timeout=timeout) as resp:
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             got.append(ev)
             if len([e for e in got if e.event == "token"]) >= tokens or ev.event in ("done", "error"):
                 break
@@ -132,7 +132,7 @@ def test_killed_api_client_resumes_on_another(cluster: Cluster) -> None:
     got: list[SSE] = []
     try:
         with httpx.stream("GET", f"{a.url}/v1/streams/{sid}", timeout=10) as resp:
-            for ev in parse_sse(resp.iter_lines()):
+            for ev in sse_events(resp):
                 got.append(ev)
                 if len(got) == 6:
                     a.signal(signal.SIGKILL)
@@ -154,7 +154,7 @@ def test_redis_restart_mid_stream_ends_with_error_and_new_requests_work(cluster:
         sid = create_stream(api.url, max_tokens=200)
         got: list[SSE] = []
         with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
-            for ev in parse_sse(resp.iter_lines()):
+            for ev in sse_events(resp):
                 got.append(ev)
                 if len(got) == 5:
                     own.stop()
@@ -180,7 +180,7 @@ def test_sigterm_api_tells_native_clients_to_reconnect(cluster: Cluster) -> None
     sid = create_stream(a.url, "drain me", max_tokens=60)
     got: list[SSE] = []
     with httpx.stream("GET", f"{a.url}/v1/streams/{sid}", timeout=30) as resp:
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             got.append(ev)
             if len(got) == 4:
                 a.signal(signal.SIGTERM)

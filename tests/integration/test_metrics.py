@@ -12,7 +12,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
+from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, read_stream, sse_events, wait_for
 from tokenfan.ops.embedded import free_port
 
 MODEL = "smollm2"
@@ -111,7 +111,7 @@ def test_metrics_move_for_a_native_and_an_openai_stream(cluster: Cluster) -> Non
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": n, "stream": True}
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=30) as resp:
         assert resp.status_code == 200
-        frames = list(parse_sse(resp.iter_lines()))
+        frames = list(sse_events(resp))
     assert frames[-1].data == "[DONE]"
     chunks = [orjson.loads(f.data) for f in frames[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected_text(content, n)
@@ -176,7 +176,7 @@ def test_worker_busy_while_generating_then_disconnect_and_cancel(cluster: Cluste
     with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
         assert resp.status_code == 200
         # next() by hand: leaving a for loop over the body would close the connection
-        frames = parse_sse(resp.iter_lines())
+        frames = sse_events(resp)
         seen = 0
         while seen < 3:
             ev = next(frames)
@@ -337,7 +337,7 @@ def test_ops_events_feed_sends_snapshots(cluster: Cluster) -> None:
     with httpx.stream("GET", f"{api.url}/v1/ops/events", timeout=10) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             got.append(ev)
             if len(got) == 2:
                 break

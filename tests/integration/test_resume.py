@@ -16,8 +16,8 @@ from tests.procs import (
     create_stream,
     expected_text,
     logged,
-    parse_sse,
     read_stream,
+    sse_events,
     stream_status,
     wait_for,
 )
@@ -117,14 +117,14 @@ def test_openai_format_resumes_to_done(cluster: Cluster) -> None:
     frames: list[SSE] = []
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=10) as resp:
         sid = resp.headers["x-tokenfan-stream-id"]
-        for f in parse_sse(resp.iter_lines()):
+        for f in sse_events(resp):
             frames.append(f)
             if len(frames) == 4:
                 break
     last = frames[-1].id
     with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", params={"format": "openai"},
                       headers={"Last-Event-ID": last}, timeout=10) as resp:
-        rest = list(parse_sse(resp.iter_lines()))
+        rest = list(sse_events(resp))
     assert rest[-1].data == "[DONE]"
     chunks = [orjson.loads(f.data) for f in frames + rest[:-1]]
     assert {c["id"] for c in chunks} == {sid}
@@ -161,7 +161,7 @@ def test_cancel_stops_within_a_token_and_worker_takes_next_job(cluster: Cluster)
     sid = create_stream(api.url, "cancel me", max_tokens=200)
     seen: list[SSE] = []
     with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             seen.append(ev)
             if len([e for e in seen if e.event == "token"]) == 5:
                 assert httpx.delete(f"{api.url}/v1/streams/{sid}").status_code == 202
@@ -199,7 +199,7 @@ def test_queued_events_report_position(cluster: Cluster) -> None:
     second = create_stream(api.url, max_tokens=3)
     got: list[SSE] = []
     with httpx.stream("GET", f"{api.url}/v1/streams/{second}", timeout=10) as resp:
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             got.append(ev)
             if len(got) == 2:
                 break
@@ -253,7 +253,7 @@ def test_slow_client_catches_up_from_the_log(cluster: Cluster) -> None:
     fast = create_stream(api.url, "fast reader", max_tokens=20)
     got: list[SSE] = []
     with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
-        for ev in parse_sse(resp.iter_lines()):
+        for ev in sse_events(resp):
             got.append(ev)
             if len(got) % 50 == 0:
                 time.sleep(0.2)  # a slow reader: the API must buffer or catch up, never drop

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, logged, parse_sse, read_stream, stream_status, wait_for
+from tests.procs import SSE, Cluster, create_stream, logged, parse_sse, read_stream, sse_events, stream_status, wait_for
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.state import StreamStatus
 from tokenfan.worker.engines import fake_tokens
@@ -78,7 +78,7 @@ def test_auth_and_ownership_matrix(cluster: Cluster, r: redis.Redis) -> None:
         assert other.status_code == 404 and other.json()["error"]["code"] == "stream_not_found"
     with httpx.stream("GET", f"{base}/v1/streams/{sid}", headers=_h(alice), timeout=10) as own:
         assert own.status_code == 200
-        assert [e.event for e in parse_sse(own.iter_lines())][-1] == "done"
+        assert [e.event for e in sse_events(own)][-1] == "done"
     # admin-only surfaces
     assert httpx.get(f"{base}/v1/ops/snapshot", headers=_h(alice)).status_code == 403
     assert httpx.get(f"{base}/metrics", headers=_h(alice)).status_code == 403
@@ -256,4 +256,4 @@ def test_events_in_redis_are_json_only(cluster: Cluster, r: redis.Redis) -> None
 
 
 def _sse_ok(resp: httpx.Response) -> list[SSE]:
-    return list(parse_sse(iter(resp.text.split("\n"))))
+    return parse_sse(resp.content)

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from tests.procs import Cluster, create_stream, expected_text, logged, parse_sse, read_stream, wait_for
+from tests.procs import Cluster, create_stream, expected_text, logged, read_stream, sse_events, wait_for
 from tokenfan.shared import keys
 
 
@@ -48,7 +48,7 @@ def test_stream_response_headers_stop_proxy_buffering(cluster: Cluster) -> None:
     with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=10) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         assert resp.headers["x-accel-buffering"] == "no"
-        assert "no-cache" in resp.headers["cache-control"]
+        assert resp.headers["cache-control"] == "no-store"
         resp.read()
 
 
@@ -104,9 +104,10 @@ def test_openai_chunks_carry_sse_ids(cluster: Cluster) -> None:
     body = {"messages": [{"role": "user", "content": "ids"}], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=10) as resp:
         sid = resp.headers["x-tokenfan-stream-id"]
-        frames = list(parse_sse(resp.iter_lines()))
+        frames = list(sse_events(resp))
     assert frames[-1].data == "[DONE]"
-    assert all(f.id is not None for f in frames[:-1])
+    ids = [int(f.id) for f in frames[:-1]]  # an id repeats only if a chunk came without one of its own
+    assert ids[0] == 1 and ids == sorted(set(ids))
     assert {orjson.loads(f.data)["id"] for f in frames[:-1]} == {sid}
 
 

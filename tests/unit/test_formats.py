@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import orjson
 
-from tests.procs import parse_sse
+from tests.procs import SSE, parse_sse
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
 from tokenfan.shared import events
 from tokenfan.shared.events import Event
@@ -20,8 +20,8 @@ def _stream() -> list[Event]:
     ]
 
 
-def _frames(raw: bytes) -> list:
-    return list(parse_sse(iter(raw.decode().split("\n"))))
+def _frames(raw: bytes) -> list[SSE]:
+    return parse_sse(raw)
 
 
 def test_openai_chunks_follow_openai_shape() -> None:

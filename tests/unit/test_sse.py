@@ -1,0 +1,191 @@
+"""The API's SSE framing and response (api/sse.py): sse-starlette's encoding, byte for byte, on the
+fast path too; no payload can forge an event; a stuck client ends alone, and its body is closed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Message
+
+from tests.procs import parse_sse
+from tokenfan.api import sse
+from tokenfan.shared import events
+from tokenfan.shared.events import Event, decode
+
+# Generous bounds only, so a wedged response fails the test instead of hanging it; nothing is timed.
+HANG_S = 20.0
+
+kinds = st.sampled_from(sorted(events.TYPES))
+
+
+def _library(data: str, id: int | None = None, event: str | None = None) -> bytes:
+    return ServerSentEvent(data, id=None if id is None else str(id), event=event, sep="\n").encode()
+
+
+@given(st.text(), st.integers(min_value=1, max_value=2**53), kinds)
+def test_event_frame_is_the_librarys_and_round_trips_any_model_text(text: str, seq: int, kind: str) -> None:
+    e = Event(seq, kind, {"text": text}, ts=1.0)
+    out = sse.event_frames([e])
+    assert out == _library(e.encode().decode(), id=seq, event=kind)
+    (got,) = parse_sse(out)
+    assert (got.id, got.event) == (str(seq), kind)
+    assert orjson.loads(got.data)["text"] == text
+
+
+@given(st.lists(st.text(), min_size=1, max_size=8))
+def test_a_batch_is_one_write_of_one_frame_per_event(texts: list[str]) -> None:
+    batch = [Event(i + 1, events.TOKEN, {"text": t}, ts=1.0) for i, t in enumerate(texts)]
+    got = parse_sse(sse.event_frames(batch))
+    assert [(g.id, g.event) for g in got] == [(str(e.seq), "token") for e in batch]
+    assert [orjson.loads(g.data)["text"] for g in got] == texts
+
+
+def test_a_payload_with_line_breaks_is_split_into_data_lines_not_new_events() -> None:
+    # Valid JSON from elsewhere than orjson may hold raw newlines between tokens.
+    forged = decode(b'{"seq": 2,\n"type": "token",\r\n"text": "x"}')
+    plain = Event(3, events.TOKEN, {"text": "y"}, ts=1.0)
+    out = sse.event_frames([forged, plain])
+    assert out == _library(forged.encode().decode(), 2, "token") + _library(plain.encode().decode(), 3, "token")
+    got = parse_sse(out)
+    assert [(g.id, g.event) for g in got] == [("2", "token"), ("3", "token")]
+    assert orjson.loads(got[0].data) == {"seq": 2, "type": "token", "text": "x"}
+
+
+@given(st.binary().map(lambda b: b.decode("latin-1").encode()), st.one_of(st.none(), st.integers(0, 2**53)))
+def test_data_frame_is_the_librarys(data: bytes, seq: int | None) -> None:
+    assert sse.data_frame(data, seq) == _library(data.decode(), id=seq)
+    (got,) = parse_sse(sse.data_frame(data, seq))
+    assert got.data == data.decode().replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_api_events_ping_and_done() -> None:
+    assert sse.PING_BYTES == b": ping\n\n"
+    assert sse.DONE == b"data: [DONE]\n\n"
+    (q,) = parse_sse(sse.api_event(events.QUEUED, 4, {"position": 2}))
+    assert (q.id, q.event, q.json()) == ("4", "queued", {"type": "queued", "position": 2})
+    (r,) = parse_sse(sse.reconnect(7))
+    assert (r.id, r.event, r.retry) == ("7", "reconnect", 250)
+    assert r.json() == {"type": "reconnect", "reason": "server_shutdown", "last_event_id": 7}
+
+
+def test_the_send_override_overrides_the_librarys_method() -> None:
+    # If sse-starlette renames it, ours would silently stop applying (every write timed again).
+    assert "_send_with_timeout" in vars(EventSourceResponse)
+    assert "_send_with_timeout" in vars(sse.SSEResponse)
+
+
+# --- the response, driven as uvicorn would, with a client that stops reading -------------------
+
+class Client:
+    """An ASGI peer: takes in `accept` body messages, then blocks every send for ever (a paused transport)."""
+
+    def __init__(self, accept: int) -> None:
+        self.accept = accept
+        self.bodies: list[bytes] = []
+        self.gone = anyio.Event()
+        self._more = anyio.Event()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if len(self.bodies) >= self.accept:
+                await anyio.sleep_forever()
+            self.bodies.append(message.get("body", b""))
+            self._more.set()
+
+    async def took(self, n: int) -> None:
+        """Until `n` body messages came in."""
+        while len(self.bodies) < n:
+            self._more = anyio.Event()
+            await self._more.wait()
+
+    async def receive(self) -> Message:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+def _scope() -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": "/v1/streams/x", "headers": [], "asgi": {"spec_version": "2.3"}}
+
+
+def _body(n: int | None, closed: list[str], wait: anyio.Event | None = None, pace_s: float = 0.0
+          ) -> AsyncIterator[bytes]:
+    """`n` frames (None: for ever), each after `pace_s`, or after `wait` is set; notes when it is closed."""
+    async def gen() -> AsyncIterator[bytes]:
+        try:
+            i = 0
+            while n is None or i < n:
+                i += 1
+                yield sse.data_frame(b"%d" % i, i)
+                if wait is not None:
+                    await wait.wait()
+                else:
+                    await anyio.sleep(pace_s)
+        finally:
+            closed.append("closed")
+    return gen()
+
+
+def _response(body: AsyncIterator[bytes]) -> sse.SSEResponse:
+    return sse.SSEResponse(body, ping_s=0.05, send_timeout_s=0.2)
+
+
+@pytest.mark.parametrize("where", ["blocked in a send", "waiting for events"])
+async def test_a_stuck_client_is_ended_by_the_pings_send_timeout_and_its_body_closed(
+        where: str, caplog: pytest.LogCaptureFixture) -> None:
+    closed: list[str] = []
+    never = anyio.Event()
+    body = _body(None, closed) if where == "blocked in a send" else _body(None, closed, wait=never)
+    client = Client(accept=1)
+    with anyio.fail_after(HANG_S), caplog.at_level(logging.WARNING, logger="tokenfan.api.sse"):
+        await _response(body)(_scope(), client.receive, client.send)
+    assert closed == ["closed"]
+    assert "took in nothing" in caplog.text
+
+
+async def test_a_stuck_client_does_not_hold_up_another() -> None:
+    stuck_closed: list[str] = []
+    ok_closed: list[str] = []
+    stuck, ok = Client(accept=1), Client(accept=10**9)
+    with anyio.fail_after(HANG_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_response(_body(None, ok_closed, pace_s=0.01)), _scope(), ok.receive, ok.send)
+            await _response(_body(None, stuck_closed))(_scope(), stuck.receive, stuck.send)
+            assert stuck_closed == ["closed"] and ok_closed == []
+            after = len(ok.bodies)
+            await ok.took(after + 3)  # the healthy one goes on
+            ok.gone.set()
+    assert ok_closed == ["closed"]
+
+
+async def test_a_disconnect_closes_the_body() -> None:
+    closed: list[str] = []
+    client = Client(accept=10**9)
+    never = anyio.Event()
+
+    async def leave() -> None:
+        await client.took(2)
+        client.gone.set()
+
+    with anyio.fail_after(HANG_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leave)
+            await _response(_body(None, closed, wait=never))(_scope(), client.receive, client.send)
+    assert closed == ["closed"]
+
+
+async def test_a_finished_body_completes_the_response_with_pings_between() -> None:
+    closed: list[str] = []
+    client = Client(accept=10**9)
+    with anyio.fail_after(HANG_S):
+        await _response(_body(3, closed))(_scope(), client.receive, client.send)
+    frames = [b for b in client.bodies if b and b != sse.PING_BYTES]
+    assert frames == [sse.data_frame(b"%d" % i, i) for i in (1, 2, 3)]
+    assert client.bodies[-1] == b"" and closed == ["closed"]
