@@ -1,4 +1,10 @@
-"""`tokenfan chat "prompt"`: stream an answer in the terminal, resuming if the connection drops."""
+"""`tokenfan chat "prompt"`: stream an answer in the terminal, resuming if the connection drops.
+
+SSE is parsed by httpx-sse, as by the tests and the benchmark: its `id` is
+the last one seen (the spec's last event id), which is what a resume sends.
+An event without data is skipped, as the spec does: httpx-sse 0.4 yields one
+for each ping once an id was seen (florimondmanca/httpx-sse#35).
+"""
 
 from __future__ import annotations
 
@@ -6,33 +12,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import orjson
+from httpx_sse import connect_sse
 
 RECONNECT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 5.0)
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str, str]]:
-    """(id, event, data) per SSE event; comments skipped."""
-    ev_id, kind, data = "", "message", list[str]()
-    for line in lines:
-        if not line:
-            if data:
-                yield ev_id, kind, "\n".join(data)
-            kind, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "id":
-            ev_id = value
-        elif field == "event":
-            kind = value
-        elif field == "data":
-            data.append(value)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -53,17 +38,20 @@ def _follow(client: httpx.Client, sid: str) -> int:
     last, failures = "0", 0
     while True:
         try:
-            with client.stream("GET", f"/v1/streams/{sid}", headers={"Last-Event-ID": last}) as resp:
+            with connect_sse(client, "GET", f"/v1/streams/{sid}", headers={"Last-Event-ID": last}) as source:
+                resp = source.response
                 if resp.status_code == 204:
                     return 0
                 if resp.status_code != 200:
                     print(f"\ntokenfan: {resp.status_code} {resp.read().decode()}", file=sys.stderr)
                     return 1
-                for ev_id, kind, data in sse_events(resp.iter_lines()):
-                    last = ev_id or last
+                for ev in source.iter_sse():
+                    if not ev.data:
+                        continue
+                    last = ev.id or last
                     failures = 0
-                    if _show(kind, orjson.loads(data)):
-                        return 0 if kind == "done" else 1
+                    if _show(ev.event, orjson.loads(ev.data)):
+                        return 0 if ev.event == "done" else 1
         except httpx.TransportError:
             pass
         failures += 1

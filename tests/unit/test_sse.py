@@ -1,5 +1,6 @@
 """The API's SSE framing and response (api/sse.py): sse-starlette's encoding, byte for byte, on the
-fast path too; no payload can forge an event; a stuck client ends alone, and its body is closed."""
+fast path too; no payload can forge an event; a stuck client ends alone, and its body is closed.
+And the benchmark's client parses what the API writes as httpx-sse does, however it is cut."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from starlette.types import Message
 
 from tests.procs import parse_sse
 from tokenfan.api import sse
+from tokenfan.bench.client import SSEParser
 from tokenfan.shared import events
 from tokenfan.shared.events import Event, decode
 
@@ -59,11 +61,23 @@ def test_a_payload_with_line_breaks_is_split_into_data_lines_not_new_events() ->
     assert orjson.loads(got[0].data) == {"seq": 2, "type": "token", "text": "x"}
 
 
-@given(st.binary().map(lambda b: b.decode("latin-1").encode()), st.one_of(st.none(), st.integers(0, 2**53)))
+@given(st.binary(min_size=1).map(lambda b: b.decode("latin-1").encode()), st.one_of(st.none(), st.integers(0, 2**53)))
 def test_data_frame_is_the_librarys(data: bytes, seq: int | None) -> None:
     assert sse.data_frame(data, seq) == _library(data.decode(), id=seq)
     (got,) = parse_sse(sse.data_frame(data, seq))
     assert got.data == data.decode().replace("\r\n", "\n").replace("\r", "\n")
+
+
+@given(st.lists(st.text(), min_size=1, max_size=6), st.data())
+def test_the_bench_parser_reads_the_same_events_however_the_bytes_are_split(texts: list[str], data: st.DataObject
+                                                                             ) -> None:
+    batch = [Event(i + 1, events.TOKEN, {"text": t}, ts=1.0) for i, t in enumerate(texts)]
+    raw = sse.event_frames(batch) + sse.PING_BYTES + sse.data_frame(b"[DONE]")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=12)))
+    parser = SSEParser()
+    got = [ev for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True) for ev in parser.feed(raw[a:b])]
+    assert [(e.id, e.event, e.data) for e in got] == [(e.id, e.event, e.data) for e in parse_sse(raw)]
+    assert len(got) == len(texts) + 1
 
 
 def test_api_events_ping_and_done() -> None:
