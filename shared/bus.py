@@ -159,6 +159,21 @@ class SyncBus:
     def token_pipe(self, stream_id: str, owner: str) -> TokenPipe:
         return TokenPipe(self, stream_id, owner)
 
+    def publish_many(self, items: list[tuple[str, str, Event]]) -> list[PublishResult]:
+        """(stream id, owner, event) triples in one pipelined round trip: a batch step's tokens of
+        every slot. Each is its own script call, fenced by its own stream's lease as in `publish`;
+        an error reply (NOSCRIPT after a Redis restart, MOVED) runs that one event again through
+        `publish`, which loads scripts and follows redirects (the script did not run)."""
+        if not items:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, owner, event in items:
+            ks, args = _publish_args(sid, owner, event, self.cfg)
+            pipe.evalsha(self._publish.sha, len(ks), *ks, *args)
+        replies = pipe.execute(raise_on_error=False)
+        return [self.publish(sid, owner, event) if isinstance(reply, Exception) else _published(reply)
+                for (sid, owner, event), reply in zip(items, replies, strict=True)]
+
     def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "") -> tuple[AcquireResult, int]:
         """Claim the stream's lease; the result, and the last seq in its log."""
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]

@@ -25,12 +25,16 @@ llama-server's slots do (tools/server/server-context.cpp), in our own code:
   start of a stop sequence is held back until it is known not to be one.
 
 The KV cache: `n_ctx` stays one stream's context; the context holds
-`n_ctx * slots` cells as `slots` separate sequences (`kv_unified = false`), so
-a stream can never run out of room because others are long, and attention
-for a stream reads its own cells only. Measured on 2 CPUs with SmolLM2-135M,
-8 streams x 32 tokens with n_ctx 2048: the split cache decoded about as fast
-as a unified one (see `bench_batch` in tests/integration/test_batch_engine.py
-for how it was run); the split one wins on the guarantee, so it is the one.
+`n_ctx * slots` cells in one unified pool (`kv_unified = true`, llama-server's
+default too). Every stream is capped at `n_ctx` positions (its prompt is
+refused past that, its answer ends with `length` there) and an idle slot's
+cache is at most one stream's, so the pool never runs out. The split cache
+(`slots` sequences of `n_ctx` each) gives the same guarantee from llama.cpp
+itself but was slower here: llama.cpp splits a batch that mixes one stream's
+prompt with the others' single tokens into equal per-sequence ubatches.
+Measured on the 2 CPUs of this machine (heavily loaded by other work at the
+time, so only the ratios mean anything), 8 streams x 32 tokens, n_ctx 2048:
+1 slot 2.4 tokens/s, 8 split slots 2.1, 8 unified slots 5.1.
 
 All calls come from one thread (the worker's main loop): llama.cpp contexts
 are not thread-safe, and nothing here locks.
@@ -47,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenfan.shared.errors import ContextLengthExceeded, EngineError, TokenfanError
-from tokenfan.worker.engines import CHATML, GenRequest
+from tokenfan.shared.errors import ContextLengthExceeded, EngineError
+from tokenfan.worker.engines import CHATML, Admission, GenRequest, Output, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +66,6 @@ TOP_K = 40
 MIN_P = 0.05
 # Bytes of one token's text; longer pieces are asked for again at their size.
 PIECE_BUF = 64
-
-
-@dataclass(slots=True)
-class Output:
-    """What one step produced for one stream: text (maybe empty), and its end."""
-
-    key: str
-    text: str
-    finish: str | None = None
-    error: TokenfanError | None = None
-
-
-@dataclass(slots=True)
-class Admission:
-    prompt_tokens: int
-    cached_tokens: int
-
-
-@dataclass(slots=True)
-class StepStats:
-    """The last step: streams in its batch, prompt and generated tokens decoded, seconds."""
-
-    streams: int = 0
-    prefill: int = 0
-    decode: int = 0
-    seconds: float = 0.0
 
 
 class TextOut:
@@ -167,7 +145,7 @@ class LlamaBatchEngine:
     name = "llama"
 
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
-                 chunk: int = PROMPT_CHUNK, unified: bool = False) -> None:
+                 chunk: int = PROMPT_CHUNK, unified: bool = True) -> None:
         import llama_cpp
         from llama_cpp._logger import set_verbose
 
@@ -176,7 +154,7 @@ class LlamaBatchEngine:
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
         self.chunk = max(1, chunk)
-        self.slots = [Slot(i) for i in range(slots)]
+        self.slot_list = [Slot(i) for i in range(slots)]
         self.streams: dict[str, Stream] = {}
         self.last = StepStats()
         self.reused_tokens = 0  # prompt tokens taken from a slot's cache instead of decoded
@@ -197,9 +175,9 @@ class LlamaBatchEngine:
             raise EngineError(f"llama.cpp could not load {path.name}", code="model_load_failed")
         self.vocab = ll.llama_model_get_vocab(self.model)
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx * len(self.slots)
-        cparams.n_seq_max = len(self.slots)
-        cparams.n_batch = self.chunk + len(self.slots)
+        cparams.n_ctx = self.n_ctx * len(self.slot_list)
+        cparams.n_seq_max = len(self.slot_list)
+        cparams.n_batch = self.chunk + len(self.slot_list)
         cparams.n_ubatch = min(cparams.n_batch, 512)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -212,7 +190,7 @@ class LlamaBatchEngine:
         self.batch = ll.llama_batch_init(cparams.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF)
         log.info("Batch engine: %d slots of %d tokens (KV %s, %d cells), %d prompt tokens per step",
-                 len(self.slots), self.n_ctx, "unified" if unified else "per slot",
+                 len(self.slot_list), self.n_ctx, "unified" if unified else "per slot",
                  self.ll.llama_n_ctx(self.ctx), self.chunk)
 
     def _chat_formatter(self) -> Any:
@@ -274,8 +252,12 @@ class LlamaBatchEngine:
 
     # --- streams -------------------------------------------------------------
 
+    @property
+    def slots(self) -> int:
+        return len(self.slot_list)
+
     def free(self) -> int:
-        return sum(s.stream is None for s in self.slots)
+        return sum(s.stream is None for s in self.slot_list)
 
     def active(self) -> int:
         return len(self.streams)
@@ -285,7 +267,7 @@ class LlamaBatchEngine:
         if key in self.streams:
             raise EngineError(f"stream {key} is already being generated")
         tokens, stops = self._prompt(req)
-        slot = pick_slot(self.slots, tokens)
+        slot = pick_slot(self.slot_list, tokens)
         if slot is None:
             raise EngineError("no free slot", code="no_free_slot")
         cached = self._reuse(slot, tokens)

@@ -1,8 +1,10 @@
-"""Inference engines: llama.cpp and a deterministic fake, behind one small interface.
+"""Inference engines: llama.cpp (worker/batch.py) and a deterministic fake, behind one small interface.
 
-An engine turns a `GenRequest` into text pieces, one per generated token.
-The last piece carries the finish reason. Continuation (a stream taken over
-from a dead worker) is the same call with `prefix`: the text already sent,
+An engine serves up to `slots` streams at once: `admit` gives a stream a
+slot, each `step` advances every stream by one token (or one prompt chunk)
+and returns the text pieces it produced, the last one with the finish
+reason; `drop` ends a stream early. Continuation (a stream taken over from a
+dead worker) is the same request with `prefix`: the text already sent,
 appended to the formatted prompt so the answer goes on where it stopped.
 """
 
@@ -15,13 +17,16 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from tokenfan.shared import defaults
-from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError
+from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, TokenfanError
 from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# The longest a fake step sleeps waiting for a token: the scheduler claims jobs and sees cancels between steps.
+FAKE_STEP_S = 0.05
 
 Piece = tuple[str, str | None]
 
@@ -38,12 +43,54 @@ class GenRequest:
     prefix_tokens: int = 0
 
 
+@dataclass(slots=True)
+class Output:
+    """What one step produced for one stream: text (maybe empty), and its end."""
+
+    key: str
+    text: str
+    finish: str | None = None
+    error: TokenfanError | None = None
+
+
+@dataclass(slots=True)
+class Admission:
+    prompt_tokens: int
+    cached_tokens: int  # taken from the slot's prompt cache, not decoded
+
+
+@dataclass(slots=True)
+class StepStats:
+    """The last step: streams in its batch, prompt and generated tokens decoded, seconds."""
+
+    streams: int = 0
+    prefill: int = 0
+    decode: int = 0
+    seconds: float = 0.0
+
+
 class Engine(Protocol):
+    """Up to `slots` streams at once, keyed by stream id; the worker's main loop calls `step` repeatedly."""
+
     name: str
+    last: StepStats
+
+    @property
+    def slots(self) -> int: ...
+
+    def free(self) -> int: ...
+
+    def active(self) -> int: ...
 
     def prompt_tokens(self, req: GenRequest) -> int: ...
 
-    def generate(self, req: GenRequest) -> Iterator[Piece]: ...
+    def admit(self, key: str, req: GenRequest) -> Admission: ...
+
+    def step(self) -> list[Output]: ...
+
+    def drop(self, key: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def bundled_model_path() -> Path:
@@ -84,17 +131,45 @@ def fake_tokens(messages: list[dict[str, str]], n: int) -> list[str]:
     return toks[:n]
 
 
+@dataclass(eq=False)
+class _FakeStream:
+    toks: list[str]
+    reason: str
+    next: int  # index of the next token
+    start: float
+    produced: int = 0
+
+
 class FakeEngine:
-    """Tokens at a fixed rate, no model: serves tests and benchmarks through the real worker."""
+    """Tokens at a fixed rate per stream, no model: serves tests and benchmarks through the real worker.
+
+    It keeps the batch engine's shape (slots, one step for every stream) so the worker's scheduler runs
+    the same code with it; a step waits for the earliest stream's next token (at most `FAKE_STEP_S`, so
+    the scheduler stays responsive) and gives every stream that is due one token.
+    """
 
     name = "fake"
 
-    def __init__(self, rate: float, length: int, n_ctx: int, fail_after: int | None = None, prefill_s: float = 0.0):
+    def __init__(self, rate: float, length: int, n_ctx: int, fail_after: int | None = None, prefill_s: float = 0.0,
+                 slots: int = 1):
         self.rate = rate
         self.length = length
         self.n_ctx = n_ctx
         self.fail_after = fail_after
         self.prefill_s = prefill_s
+        self.n_slots = slots
+        self.streams: dict[str, _FakeStream] = {}
+        self.last = StepStats()
+
+    @property
+    def slots(self) -> int:
+        return self.n_slots
+
+    def free(self) -> int:
+        return self.n_slots - len(self.streams)
+
+    def active(self) -> int:
+        return len(self.streams)
 
     def prompt_tokens(self, req: GenRequest) -> int:
         n = sum(len(m["content"]) for m in req.messages) // 4 + 4 * len(req.messages)
@@ -102,21 +177,62 @@ class FakeEngine:
             raise ContextLengthExceeded(f"the prompt has about {n} tokens; the model's context is {self.n_ctx}")
         return n
 
-    def generate(self, req: GenRequest) -> Iterator[Piece]:
+    def admit(self, key: str, req: GenRequest) -> Admission:
+        if not self.free():
+            raise EngineError("no free slot", code="no_free_slot")
+        n = self.prompt_tokens(req)
         total = min(req.max_tokens, self.length)
-        toks = fake_tokens(req.messages, total)
         reason = "length" if req.max_tokens <= self.length else "stop"
-        start = time.monotonic() + self.prefill_s
-        for k, i in enumerate(range(req.prefix_tokens, total)):
-            if self.fail_after is not None and i >= self.fail_after:
-                raise EngineError("the fake engine failed as configured")
-            if self.rate > 0:
-                delay = start + (k + 1) / self.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            yield toks[i], (reason if i == total - 1 else None)
-        if req.prefix_tokens >= total:
-            yield "", reason
+        self.streams[key] = _FakeStream(fake_tokens(req.messages, total), reason, req.prefix_tokens,
+                                        time.monotonic() + self.prefill_s)
+        return Admission(n, 0)
+
+    def _due(self, s: _FakeStream) -> float:
+        return s.start + (s.produced + 1) / self.rate if self.rate > 0 else 0.0
+
+    def step(self) -> list[Output]:
+        if not self.streams:
+            self.last = StepStats()
+            return []
+        t0 = time.monotonic()
+        wait = min(self._due(s) for s in self.streams.values()) - t0
+        if wait > 0:
+            time.sleep(min(wait, FAKE_STEP_S))
+        now = time.monotonic()
+        outs = [self._advance(k, s) for k, s in list(self.streams.items()) if self._due(s) <= now]
+        self.last = StepStats(len(outs), 0, len(outs), time.monotonic() - t0)
+        return outs
+
+    def _advance(self, key: str, s: _FakeStream) -> Output:
+        i = s.next
+        if i >= len(s.toks):
+            del self.streams[key]
+            return Output(key, "", s.reason)
+        if self.fail_after is not None and i >= self.fail_after:
+            del self.streams[key]
+            return Output(key, "", None, EngineError("the fake engine failed as configured"))
+        s.next += 1
+        s.produced += 1
+        if s.next == len(s.toks):
+            del self.streams[key]
+            return Output(key, s.toks[i], s.reason)
+        return Output(key, s.toks[i])
+
+    def drop(self, key: str) -> None:
+        self.streams.pop(key, None)
+
+    def close(self) -> None:
+        self.streams.clear()
+
+    def generate(self, req: GenRequest) -> Iterator[Piece]:
+        """One stream alone, as pieces: for tests of the fake's text."""
+        key = f"solo-{id(req)}"
+        self.admit(key, req)
+        while key in self.streams:
+            for out in self.step():
+                if out.error is not None:
+                    raise out.error
+                yield out.text, out.finish
 
 
 # --- llama.cpp -------------------------------------------------------------
@@ -127,81 +243,17 @@ CHATML = (
 )
 
 
-class LlamaEngine:
-    """llama-cpp-python, loaded once per worker process."""
-
-    name = "llama"
-
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, n_gpu_layers: int) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        self.llm = Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=n_gpu_layers,
-            verbose=False,
-        )
-        self.n_ctx = n_ctx
-        meta = self.llm.metadata
-        eos = self._token_text(self.llm.token_eos())
-        bos = self._token_text(self.llm.token_bos())
-        self.formatter = Jinja2ChatFormatter(meta.get("tokenizer.chat_template") or CHATML, eos, bos)
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore"))
-
-    def _tokens(self, req: GenRequest) -> tuple[list[int], list[str]]:
-        res: Any = self.formatter(messages=req.messages)
-        prompt = res.prompt + req.prefix
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
-        stops = [res.stop] if isinstance(res.stop, str) else list(res.stop or [])
-        return tokens, stops
-
-    def prompt_tokens(self, req: GenRequest) -> int:
-        n = len(self._tokens(req)[0])
-        if n >= self.n_ctx:
-            raise ContextLengthExceeded(f"the prompt has {n} tokens; the model's context is {self.n_ctx}")
-        return n
-
-    def generate(self, req: GenRequest) -> Iterator[Piece]:
-        tokens, stops = self._tokens(req)
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise ContextLengthExceeded(f"the prompt has {len(tokens)} tokens; the model's context is {self.n_ctx}")
-        remaining = req.max_tokens - req.prefix_tokens
-        if remaining <= 0:
-            yield "", "length"
-            return
-        chunks = self.llm.create_completion(
-            prompt=tokens,
-            max_tokens=min(remaining, room),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=[*req.stop, *stops],
-            seed=req.seed,
-            stream=True,
-        )
-        try:
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                yield choice["text"], choice["finish_reason"]
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"llama.cpp failed: {exc}") from exc
-
-
 def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> Engine:
     """The configured engine; the fake one's knobs are its own settings (given, or from the environment)."""
     if settings.engine == "fake":
         f = fake or FakeEngineSettings()
-        return FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s)
+        return FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s, slots=settings.slots)
     path = Path(settings.model_path) if settings.model_path else bundled_model_path()
     if not path.is_file():
         raise ConfigError(f"TOKENFAN_MODEL_PATH: model file not found: {path}", param="model_path")
-    log.info("Loading %s (ctx %d, %d threads, %d GPU layers)", path.name, settings.n_ctx, settings.threads,
-             settings.n_gpu_layers)
-    return LlamaEngine(path, n_ctx=settings.n_ctx, threads=settings.threads, n_gpu_layers=settings.n_gpu_layers)
+    log.info("Loading %s (%d slots of %d tokens, %d threads, %d GPU layers)", path.name, settings.slots,
+             settings.n_ctx, settings.threads, settings.n_gpu_layers)
+    from tokenfan.worker.batch import LlamaBatchEngine  # llama_cpp is imported only by a llama worker
+
+    return LlamaBatchEngine(path, n_ctx=settings.n_ctx, slots=settings.slots, threads=settings.threads,
+                            n_gpu_layers=settings.n_gpu_layers)

@@ -2,9 +2,11 @@
 while the model holds the main thread (prefill can take seconds).
 
 About once a second it heartbeats the worker's registry entry, renews the
-lease of the stream being generated, notices a cancel flag or a stream with
-no viewer left (and flags it abandoned), and reaps lapsed leases of other
-workers. RQ's SimpleWorker sends no heartbeat during a job, so we own this.
+lease of every stream its slots are generating, notices a cancel flag or a
+stream with no viewer left (and flags it abandoned), and reaps lapsed leases
+of other workers. The main thread's loop sees what it learnt between decode
+steps (each stream's `Watch`); no lock is needed, since each field has one
+writer and the set of watches is replaced, never changed in place.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Watch:
-    """The stream being generated, and what the keeper learnt about it."""
+    """A stream being generated, and what the keeper learnt about it."""
 
     stream_id: str
     owner: str
@@ -45,7 +47,7 @@ class Keeper(threading.Thread):
         self.settings = settings
         self.worker = name
         self.metrics = metrics
-        self.watch: Watch | None = None
+        self.watches: dict[str, Watch] = {}
         self.jobs = 0
         self.started = time.time()
         self.host = socket.gethostname()
@@ -53,13 +55,14 @@ class Keeper(threading.Thread):
         self._stop_evt = threading.Event()
 
     def begin(self, stream_id: str, owner: str) -> Watch:
-        self.watch = Watch(stream_id, owner)
+        watch = Watch(stream_id, owner)
+        self.watches = {**self.watches, stream_id: watch}
         self.bus.set_deadline(stream_id, self.settings.lease_ttl_s)
         self.beat()
-        return self.watch
+        return watch
 
-    def end(self) -> None:
-        self.watch = None
+    def end(self, stream_id: str) -> None:
+        self.watches = {k: w for k, w in self.watches.items() if k != stream_id}
         self.jobs += 1
         self.beat()
 
@@ -74,19 +77,18 @@ class Keeper(threading.Thread):
                 log.warning("Worker %s: keeper cannot reach Redis: %s", self.worker, exc)
 
     def tick(self) -> None:
-        watch = self.watch
-        if watch is not None:
+        for watch in list(self.watches.values()):
             self._renew(watch)
         self.beat()
         if reap(self.bus, self.settings, f"reaper:{self.worker}"):
             self.metrics.failovers.inc()
 
     def beat(self) -> None:
-        watch = self.watch
+        streams = list(self.watches)
         registry.heartbeat(self.bus.redis, registry.WorkerInfo(
             name=self.worker, model=self.settings.model,
-            state=registry.WorkerState.BUSY if watch else registry.WorkerState.IDLE,
-            stream=watch.stream_id if watch else "", jobs=self.jobs, started=self.started,
+            state=registry.WorkerState.BUSY if streams else registry.WorkerState.IDLE,
+            stream=",".join(streams), jobs=self.jobs, started=self.started,
             host=self.host, pid=self.pid,
         ))
 

@@ -1,10 +1,11 @@
-"""`tokenfan worker`: load the model once, then serve a model's queue.
+"""`tokenfan worker`: load the model once, then serve a model's queue, `slots` streams at once.
 
 RQ's default worker forks a child per job, which would reload the model
-each time and must never touch an initialised GPU context after fork; we
-use `SimpleWorker` (jobs run in this process) and own what it lacks:
-heartbeats and leases during a job (the keeper) and a shutdown that hands
-a long stream back instead of cutting it.
+each time and must never touch an initialised GPU context after fork, and
+`SimpleWorker` runs one job at a time; the scheduler (worker/scheduler.py)
+drives an RQ `SimpleWorker`'s bookkeeping for up to `slots` jobs in one
+batch. We own what RQ lacks: heartbeats and leases during a job (the
+keeper) and a shutdown that hands long streams back instead of cutting them.
 """
 
 from __future__ import annotations
@@ -14,13 +15,9 @@ import os
 import secrets
 import socket
 import time
-from types import FrameType
-from typing import Any
 
 from prometheus_client import start_http_server
 from rq import SimpleWorker
-from rq.job import Job
-from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from tokenfan.shared import registry
@@ -33,31 +30,12 @@ from tokenfan.worker.engines import load_engine
 from tokenfan.worker.keeper import Keeper
 from tokenfan.worker.metrics import WorkerMetrics
 from tokenfan.worker.runner import Runner
+from tokenfan.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 # How long a stopping worker waits for its keeper's last tick.
 KEEPER_JOIN_S = 5.0
-
-
-class TokenfanWorker(SimpleWorker):  # type: ignore[misc]
-    """An RQ SimpleWorker that binds the tokenfan runner around every job."""
-
-    def __init__(self, *args: Any, runner: Runner, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.runner = runner
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        with self.runner.bound():
-            super().execute_job(job, queue)
-
-    def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        # Remember when the deploy asked us to go: the runner hands the stream
-        # back once finishing it would take longer than the grace period.
-        if not self.runner.shutdown_at:
-            self.runner.shutdown_at = time.time()
-            log.warning("Worker %s: stop requested; taking no new job", self.runner.name)
-        super().request_stop(signum, frame)
 
 
 def worker_name(settings: WorkerSettings) -> str:
@@ -96,12 +74,12 @@ def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None)
     runner = Runner(settings, engine, bus, keeper, metrics, name)
     keeper.beat()
     keeper.start()
-    worker = TokenfanWorker(
-        [queue(rq_redis, settings.model)], connection=rq_redis, serializer=JSONSerializer, name=name, runner=runner
-    )
+    q = queue(rq_redis, settings.model)
+    worker = SimpleWorker([q], connection=rq_redis, serializer=JSONSerializer, name=name)
     try:
-        worker.work(with_scheduler=False, logging_level="WARNING")
+        Scheduler(runner, worker, q).run()
     finally:
+        engine.close()
         keeper.stop()
         keeper.join(KEEPER_JOIN_S)  # its last heartbeat must not land after the deregistration
         registry.deregister(bus.redis, name, settings.model)

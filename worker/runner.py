@@ -1,18 +1,25 @@
-"""Running one job: from the payload to exactly one terminal event.
+"""One stream's job in the batch: from the payload to exactly one terminal event.
 
-`run_job` is the function RQ calls (by name, with the JSON payload). It
-finds the worker's `Runner` through a context variable that the worker
-binds around each job, so the model and the Redis clients are made once
-per process and never at import time.
+The scheduler (worker/scheduler.py) claims a job when a slot is free and
+makes a `StreamJob`; `start` claims nothing more than the stream's lease was
+already claimed for, publishes `meta` (and the disclosure) and admits the
+request to the engine; each step's text for the stream becomes one token
+event (`token_event`, sent with every other slot's in one round trip, then
+`sent`); `between` runs between steps (cancel, lost lease, shutdown grace,
+time limit); `finish` or `fail` publish the terminal event. `guard` maps any
+failure of one stream to that stream's outcome, so it never reaches the
+others in the batch.
+
+`run_job` is the function RQ's jobs name; the scheduler never calls it (it
+runs each stream in its batch instead), so it only refuses to run outside
+`tokenfan worker` (e.g. under a plain `rq worker`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +28,7 @@ from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
 from tokenfan.shared import events, keys
-from tokenfan.shared.bus import SyncBus, TokenPipe
+from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
@@ -33,28 +40,20 @@ from tokenfan.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-CURRENT: ContextVar[Runner] = ContextVar("tokenfan_runner")
-
 
 class Fenced(Exception):
     """Our lease was taken: another worker or a reaper owns the stream now."""
 
 
-class HandedBack(Exception):
-    """The stream went back to the queue for another worker to continue."""
-
-
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """RQ's entry point for every tokenfan job."""
-    try:
-        runner = CURRENT.get()
-    except LookupError:
-        raise RuntimeError("tokenfan jobs run only inside `tokenfan worker`") from None
-    return runner.run(payload)
+    """The entry RQ's jobs name; tokenfan's scheduler runs them in its batch instead."""
+    raise RuntimeError("tokenfan jobs run only inside `tokenfan worker`")
 
 
 @dataclass
 class Runner:
+    """What every stream job of a worker shares."""
+
     settings: WorkerSettings
     engine: Engine
     bus: SyncBus
@@ -63,42 +62,10 @@ class Runner:
     name: str
     shutdown_at: float = 0.0
 
-    @contextmanager
-    def bound(self) -> Iterator[None]:
-        token = CURRENT.set(self)
-        try:
-            yield
-        finally:
-            CURRENT.reset(token)
-
-    def run(self, raw: Any) -> dict[str, Any]:
-        try:
-            payload = JobPayload.model_validate(raw)
-        except ValidationError as exc:
-            self._reject(raw, exc)
-            return {"outcome": JobOutcome.INVALID.value}
-        result, seq = self.bus.acquire(payload.stream_id, self.name, self.settings.lease_ttl_s, self.name)
-        if not result.claimed:
-            log.info("Worker %s: stream %s is %s; skipping its job", self.name, payload.stream_id, result)
-            return {"outcome": JobOutcome.skipped(result).value}
-        watch = self.keeper.begin(payload.stream_id, self.name)
-        self.metrics.busy.set(1)
-        outcome = JobOutcome.ERROR
-        try:
-            outcome = StreamJob(self, payload, watch, seq).run()
-        finally:
-            self.metrics.busy.set(0)
-            self.keeper.end()
-            if outcome is not JobOutcome.HANDED_OVER:
-                self.bus.redis.zrem(keys.LEASES, payload.stream_id)
-        self.metrics.job(outcome)
-        return {"outcome": outcome.value}
-
-    def _reject(self, raw: Any, exc: ValidationError) -> None:
+    def reject(self, raw: Any, exc: ValidationError) -> None:
         """An invalid payload is never run; its stream (if it names one) gets an error event."""
         sid = raw.get("stream_id") if isinstance(raw, dict) else None
         log.error("Worker %s: rejected an invalid job for stream %r: %s", self.name, sid, exc.errors()[:3])
-        self.metrics.job(JobOutcome.ERROR)  # counted with the errors: the alert on failed jobs sees it
         if not isinstance(sid, str) or not sid.replace("-", "").replace("_", "").isalnum() or len(sid) > 64:
             return
         result, seq = self.bus.acquire(sid, self.name, self.settings.lease_ttl_s, self.name)
@@ -113,7 +80,7 @@ def _error(seq: int, code: str, message: str, retryable: bool) -> events.Event:
 
 
 class StreamJob:
-    """One attempt at one stream, holding its lease."""
+    """One attempt at one stream, holding its lease, in one of the engine's slots."""
 
     def __init__(self, runner: Runner, payload: JobPayload, watch: Watch, seq: int) -> None:
         self.r = runner
@@ -130,28 +97,27 @@ class StreamJob:
         self.seq += 1
         return self._check(self.r.bus.publish(self.sid, self.r.name, events.Event(self.seq, kind, data)))
 
-    def run(self) -> JobOutcome:
+    def guard(self, action: Callable[..., JobOutcome | None], *args: Any) -> JobOutcome | None:
+        """Run one step of this stream's life; a failure ends this stream (its outcome), never the batch."""
         try:
-            return self._run()
+            return action(*args)
         except Fenced:
             log.warning("Worker %s: lost the lease of stream %s; stopping", self.r.name, self.sid)
             return JobOutcome.HANDED_OVER
-        except HandedBack:
-            return JobOutcome.HANDED_OVER
         except ContextLengthExceeded as exc:
-            return self._fail(exc.code, exc.message, False)
+            return self.fail(exc.code, exc.message, False)
         except JobTimeoutException:
-            return self._fail("timeout", "the job ran past its time limit", True)
+            return self.fail("timeout", "the job ran past its time limit", True)
         except TokenfanError as exc:
-            return self._fail(exc.code, exc.message, exc.retryable)
+            return self.fail(exc.code, exc.message, exc.retryable)
         except redis.RedisError:
             log.exception("Worker %s: Redis failed during stream %s", self.r.name, self.sid)
             return JobOutcome.ERROR
         except Exception as exc:  # the engine is third-party code: any failure ends the stream cleanly
             log.exception("Worker %s: stream %s failed", self.r.name, self.sid)
-            return self._fail("engine_error", f"generation failed: {type(exc).__name__}", True)
+            return self.fail("engine_error", f"generation failed: {type(exc).__name__}", True)
 
-    def _fail(self, code: str, message: str, retryable: bool) -> JobOutcome:
+    def fail(self, code: str, message: str, retryable: bool) -> JobOutcome:
         try:
             self.emit(events.ERROR, {"code": code, "message": message, "retryable": retryable})
             record_error(self.r.bus, self.sid, code, message)
@@ -159,7 +125,8 @@ class StreamJob:
             log.warning("Worker %s: could not end stream %s with its error", self.r.name, self.sid)
         return JobOutcome.ERROR
 
-    def _run(self) -> JobOutcome:
+    def start(self) -> JobOutcome | None:
+        """Announce the stream and give it a slot; None while it runs."""
         prefix, prefix_tokens, created = self._history()
         resumed = self.seq > 0
         self.emit(events.META, {
@@ -169,15 +136,18 @@ class StreamJob:
         if not resumed and self.p.disclosure:
             self.emit(events.DISCLOSURE, {"text": self.p.disclosure})
         self._mark_served()
+        if self.watch.cancel:
+            return self.finish("cancelled")
         req = GenRequest(
             messages=[m.model_dump() for m in self.p.messages], max_tokens=self.p.max_tokens,
             temperature=self.p.temperature, top_p=self.p.top_p, stop=self.p.stop, seed=self.p.seed,
             prefix=prefix, prefix_tokens=prefix_tokens,
         )
         self.generated = prefix_tokens
-        self.prompt_tokens = self.r.engine.prompt_tokens(req)
-        reason = self._generate(req)
-        return self._finish(reason)
+        admission = self.r.engine.admit(self.sid, req)
+        self.prompt_tokens = admission.prompt_tokens
+        self.r.metrics.cached_tokens.inc(admission.cached_tokens)
+        return None
 
     def _history(self) -> tuple[str, int, float]:
         """Text already sent (a takeover continues it) and the stream's creation time."""
@@ -193,35 +163,19 @@ class StreamJob:
         if ticket:
             self.r.bus.mark_served(self.p.model, ticket)
 
-    def _generate(self, req: GenRequest) -> str:
-        if self.watch.cancel:
-            return "cancelled"
-        pipe = self.r.bus.token_pipe(self.sid, self.r.name)
-        try:
-            reason = self._tokens(req, pipe)
-            if self._check(pipe.collect()) is PublishResult.CANCELLED:
-                return "cancelled"
-            return reason
-        finally:
-            pipe.close()
+    def token_event(self, text: str) -> events.Event:
+        if not self.first_token_at:
+            self.first_token_at = time.time()
+        return events.Event(self.seq + 1, events.TOKEN, {"text": text})
 
-    def _tokens(self, req: GenRequest, pipe: TokenPipe) -> str:
-        """Token events through the pipe: each is sent once the one before it is confirmed."""
-        for text, finish in self.r.engine.generate(req):
-            if text:
-                if not self.first_token_at:
-                    self.first_token_at = time.time()
-                event = events.Event(self.seq + 1, events.TOKEN, {"text": text})
-                if self._check(pipe.send(event)) is PublishResult.CANCELLED:  # the one before saw the cancel: not sent
-                    return "cancelled"
-                self.seq += 1
-                self.generated += 1
-            if finish:
-                return finish
-            self._between_tokens()
-            if self.watch.cancel:
-                return "cancelled"
-        return "stop"
+    def sent(self, result: PublishResult) -> JobOutcome | None:
+        """The token event's publish result: it is in the log unless fenced; a cancel ends the stream now."""
+        self._check(result)
+        self.seq += 1
+        self.generated += 1
+        if result is PublishResult.CANCELLED:
+            return self.finish("cancelled")
+        return None
 
     def _check(self, result: PublishResult) -> PublishResult:
         """A publish's result; our lease was taken when it is FENCED."""
@@ -229,20 +183,25 @@ class StreamJob:
             raise Fenced(self.sid)
         return result
 
-    def _between_tokens(self) -> None:
+    def between(self) -> JobOutcome | None:
+        """Between two steps: what the keeper saw, the shutdown grace, the time limit."""
         if self.watch.lost:
             raise Fenced(self.sid)
+        if self.watch.cancel:
+            return self.finish("cancelled")
         shutdown_at = self.r.shutdown_at
         if shutdown_at and time.time() - shutdown_at > self.r.settings.shutdown_grace_s:
-            self._hand_back()
+            return self.hand_back()
         if time.time() - self.started > self.r.settings.job_timeout_s - 5:
             raise JobTimeoutException("job time limit")
+        return None
 
-    def _hand_back(self) -> None:
+    def hand_back(self) -> JobOutcome:
+        self.r.engine.drop(self.sid)  # its slot must not produce another token for a stream we gave away
         payload = self.p.model_copy(update={"attempt": self.p.attempt + 1})
         if hand_over(self.r.bus, self.r.settings, self.r.name, payload):
             log.warning("Worker %s: shutting down; handed stream %s back for continuation", self.r.name, self.sid)
-        raise HandedBack(self.sid)
+        return JobOutcome.HANDED_OVER
 
     def _cancel_reason(self) -> str:
         if self.watch.cancel:
@@ -250,7 +209,8 @@ class StreamJob:
         raw = self.r.bus.redis.get(keys.cancel(self.sid))
         return raw.decode() if raw else "client"
 
-    def _finish(self, reason: str) -> JobOutcome:
+    def finish(self, reason: str) -> JobOutcome:
+        self.r.engine.drop(self.sid)
         now = time.time()
         gen_s = now - (self.first_token_at or now)
         new_tokens = self.generated

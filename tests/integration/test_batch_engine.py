@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from tokenfan.shared.errors import ContextLengthExceeded
-from tokenfan.worker.batch import PROMPT_CHUNK, LlamaBatchEngine, Output
-from tokenfan.worker.engines import GenRequest, bundled_model_path
+from tokenfan.worker.batch import PROMPT_CHUNK, LlamaBatchEngine
+from tokenfan.worker.engines import GenRequest, Output, bundled_model_path
 
 pytestmark = pytest.mark.model
 
@@ -169,7 +169,7 @@ def _chat(turns: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
 
 def forget(eng: LlamaBatchEngine) -> None:
     """Empty every slot's cache, so the next prompt is decoded whole."""
-    for slot in eng.slots:
+    for slot in eng.slot_list:
         eng.ll.llama_memory_seq_rm(eng.mem, slot.seq, -1, -1)
         slot.tokens.clear()
 
