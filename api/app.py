@@ -27,6 +27,7 @@ from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
+from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
     Follower,
     cancel_stream,
@@ -122,6 +123,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="tokenfan", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestIds)
     _errors(app)
     _routes(app)
     ops.install(app)

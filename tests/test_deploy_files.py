@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy import NGINX_TEMPLATE, Nginx, render, variables
+from tokenfan.ops.embedded import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
 K8S = OPS / "k8s"
@@ -73,7 +76,6 @@ KNOWN_ENV = {
 }
 
 QUEUE_KEY = re.compile(r"^rq:queue:tf:q:([A-Za-z0-9_.-]+)$")
-STREAM_LOCATIONS = ("/v1/streams/3f2a9c", "/v1/streams", "/v1/chat/completions", "/ops")
 GRACE_MIN_S = 30
 
 
@@ -215,8 +217,6 @@ def test_only_the_proxy_publishes_a_port(services: dict[str, dict[str, Any]]) ->
     assert services["proxy"]["image"].startswith("nginx:1.27")
     assert [interpolate(str(p)) for p in services["proxy"]["ports"]] == ["8000:80"]
     assert "HTTP_PORT" in str(services["proxy"]["ports"][0])
-    mounts = [interpolate(v) for v in services["proxy"]["volumes"]]
-    assert "./ops/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in mounts
 
 
 def test_compose_redis(services: dict[str, dict[str, Any]]) -> None:
@@ -462,158 +462,45 @@ def test_cuda_worker_image() -> None:
 
 
 # --------------------------------------------------------------------------- nginx
+# The template is checked by nginx itself (`nginx -t` on the rendered file) and run for real in
+# tests/e2e/test_proxy.py; here, compose's values are checked against the services they name.
 
 
-@dataclass
-class Block:
-    name: str
-    args: list[str]
-    children: list[Block] = field(default_factory=list)
-    parent: Block | None = None
-
-    def find(self, name: str) -> list[Block]:
-        return [c for c in self.children if c.name == name]
-
-    def value(self, name: str) -> list[str] | None:
-        """A scalar directive as nginx inherits it: the innermost level that sets it."""
-        node: Block | None = self
-        while node is not None:
-            found = node.find(name)
-            if found:
-                return found[-1].args
-            node = node.parent
-        return None
-
-    def array(self, name: str) -> list[list[str]]:
-        """proxy_set_header and friends: one level's set replaces every outer one."""
-        node: Block | None = self
-        while node is not None:
-            found = node.find(name)
-            if found:
-                return [f.args for f in found]
-            node = node.parent
-        return []
+def test_nginx_template_passes_nginx_t() -> None:
+    """Rendered as outside compose (listed servers, no resolver), Debian's nginx accepts it."""
+    nginx = Nginx([free_port(), free_port()], "test_deploy_files")
+    try:
+        checked = nginx.check()
+    finally:
+        shutil.rmtree(nginx.dir, ignore_errors=True)
+    assert checked.returncode == 0, checked.stderr
 
 
-_NGINX_TOKEN = re.compile(r"""\s+|#[^\n]*|([{};])|"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|([^\s{};]+)""")
-
-
-def nginx_tokens(text: str) -> list[tuple[str, str]]:
-    """(kind, text) pairs, kind "sym" for { } ; and "word" for the rest; quotes removed."""
-    tokens = []
-    for m in _NGINX_TOKEN.finditer(text):
-        sym, dq, sq, word = m.groups()
-        if sym:
-            tokens.append(("sym", sym))
-        elif dq is not None or sq is not None:
-            tokens.append(("word", re.sub(r"\\(.)", r"\1", dq if dq is not None else sq)))
-        elif word:
-            tokens.append(("word", word))
-    return tokens
-
-
-def parse_nginx(text: str) -> Block:
-    root = Block("main", [])
-    node, words = root, []
-    for kind, tok in nginx_tokens(text):
-        if kind == "word":
-            words.append(tok)
-        elif tok == ";":
-            node.children.append(Block(words[0], words[1:], parent=node))
-            words = []
-        elif tok == "{":
-            child = Block(words[0], words[1:], parent=node)
-            node.children.append(child)
-            node, words = child, []
-        else:
-            assert not words and node.parent is not None, "unbalanced braces"
-            node = node.parent
-    assert node is root and not words, "unterminated block or directive"
-    return root
-
-
-@pytest.fixture(scope="module")
-def nginx() -> Block:
-    return parse_nginx((OPS / "nginx/nginx.conf").read_text())
-
-
-def server_of(nginx: Block) -> Block:
-    servers = nginx.find("http")[0].find("server")
-    assert len(servers) == 1
-    return servers[0]
-
-
-def location_for(server: Block, uri: str) -> Block:
-    """nginx's choice: exact, else longest prefix (final if ^~), else first regex, else that prefix."""
-    locations = server.find("location")
-    for loc in locations:
-        if loc.args[0] == "=" and loc.args[1] == uri:
-            return loc
-    prefixes = [loc for loc in locations if len(loc.args) == 1 or loc.args[0] == "^~"]
-    matching = [loc for loc in prefixes if uri.startswith(loc.args[-1])]
-    best = max(matching, key=lambda loc: len(loc.args[-1]), default=None)
-    if best is not None and best.args[0] == "^~":
-        return best
-    for loc in locations:
-        if loc.args[0] in ("~", "~*"):
-            flags = re.IGNORECASE if loc.args[0] == "~*" else 0
-            if re.search(loc.args[1], uri, flags):
-                return loc
-    assert best is not None, f"no location serves {uri}"
-    return best
-
-
-def test_nginx_parser_inheritance() -> None:
-    conf = parse_nginx(
-        'http { gzip on; proxy_set_header A "1"; server { location / { proxy_set_header B ""; } } }'
-    )
-    loc = conf.find("http")[0].find("server")[0].find("location")[0]
-    assert loc.value("gzip") == ["on"]
-    assert loc.array("proxy_set_header") == [["B", ""]]
-
-
-@pytest.mark.parametrize("uri", STREAM_LOCATIONS)
-def test_nginx_stream_locations_do_not_buffer(nginx: Block, uri: str) -> None:
-    loc = location_for(server_of(nginx), uri)
-    assert loc.value("proxy_pass"), f"{uri} is not proxied"
-    assert loc.value("proxy_buffering") == ["off"], f"{uri}: proxy_buffering"
-    assert loc.value("proxy_cache") == ["off"], f"{uri}: proxy_cache"
-    assert loc.value("gzip") == ["off"], f"{uri}: gzip"
-    timeout = loc.value("proxy_read_timeout")
-    assert timeout and seconds(timeout[0]) >= 300, f"{uri}: proxy_read_timeout {timeout}"
-    assert loc.value("proxy_http_version") == ["1.1"]
-    headers = {args[0].lower(): args[1] for args in loc.array("proxy_set_header")}
-    assert headers.get("connection") == "", f'{uri}: upstream keepalive needs Connection ""'
-    assert headers.get("last-event-id", "$http_last_event_id") == "$http_last_event_id", (
-        "Last-Event-ID stripped"
-    )
-    assert loc.value("proxy_pass_request_headers") in (None, ["on"])
-
-
-def test_nginx_proxies_to_the_api_replicas(nginx: Block, services: dict[str, dict[str, Any]]) -> None:
-    http = nginx.find("http")[0]
-    upstreams = {u.args[0]: u for u in http.find("upstream")}
-    server = server_of(nginx)
-    api_port = env_of(services["api"])["TOKENFAN_PORT"]
-    for uri in (*STREAM_LOCATIONS, "/", "/v1/models", "/readyz"):
-        target = location_for(server, uri).value("proxy_pass")
-        assert target, f"{uri} is not proxied"
-        name = re.fullmatch(r"http://([\w.-]+)", target[0])
-        assert name and name[1] in upstreams, f"{uri}: proxy_pass {target[0]} names no upstream"
-        upstream = upstreams[name[1]]
-        hosts = [s.args[0] for s in upstream.find("server")]
-        assert hosts == [f"api:{api_port}"], f"{uri} goes to {hosts}"
-        assert upstream.find("keepalive"), "keepalive connections to the replicas"
-    for upstream in upstreams.values():
-        for srv in upstream.find("server"):
-            assert srv.args[0].split(":")[0] in services, f"upstream names unknown service {srv.args[0]}"
-            if "resolve" in srv.args:
-                assert upstream.find("zone") and http.value("resolver"), "resolve needs a zone and a resolver"
-
-
-def test_nginx_keeps_metrics_private(nginx: Block) -> None:
-    loc = location_for(server_of(nginx), "/metrics")
-    assert loc.value("return") is not None and loc.find("proxy_pass") == []
+def test_compose_renders_the_nginx_template(services: dict[str, dict[str, Any]]) -> None:
+    proxy = services["proxy"]
+    env = {k: v or "" for k, v in env_of(proxy).items()}
+    mounts = [interpolate(v) for v in proxy["volumes"]]
+    assert "./ops/nginx/nginx.conf.template:/etc/nginx/templates/nginx.conf.template:ro" in mounts
+    # The image renders templates/X.template to $NGINX_ENVSUBST_OUTPUT_DIR/X: the whole nginx.conf.
+    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    assert re.match(env["NGINX_ENVSUBST_FILTER"], "NGINX_PORT")
+    # The image leaves a variable it has no value for as ${NAME}: compose must give every one.
+    wanted = variables(NGINX_TEMPLATE)
+    assert wanted <= set(env), f"compose gives no {wanted - set(env)}"
+    rendered = render(NGINX_TEMPLATE, {k: env[k] for k in wanted})
+    assert "${NGINX_" not in rendered
+    assert [p.rsplit(":", 1)[1] for p in proxy["ports"]] == [env["NGINX_PORT"]]
+    ports = {"api": env_of(services["api"])["TOKENFAN_PORT"], "grafana": "3000"}
+    for var, service in (("NGINX_API_SERVERS", "api"), ("NGINX_GRAFANA_SERVERS", "grafana")):
+        servers = re.findall(r"server\s+([\w.-]+):(\d+)([^;]*);", env[var])
+        assert servers, f"{var}: no server"
+        for host, port, flags in servers:
+            assert (host, port) == (service, ports[service]), f"{var}: {host}:{port}"
+            if "resolve" in flags.split():
+                # `server ... resolve` needs a resolver, and open-source nginx 1.27.3 or newer.
+                assert env["NGINX_RESOLVER"].startswith("resolver "), "resolve with no resolver"
+                tag = re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.(\d+))?-alpine", proxy["image"])
+                assert tag and tuple(int(x or 99) for x in tag.groups()) >= (1, 27, 3), proxy["image"]
 
 
 # --------------------------------------------------------------------------- Prometheus
