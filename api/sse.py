@@ -9,24 +9,27 @@ Deliberate departures from the obvious:
 - the relay's frames (an `id:`, an `event:`, one line of JSON) are filled
   into a bytes template instead of building a `ServerSentEvent` per token:
   the library's `encode()` (a StringIO, a regex split per field) costs about
-  8x the template (5.6 against 0.65 µs an event), a quarter of a CPU at
-  50,000 events/s. The template is
-  used only where it is byte for byte the library's output (one line of
-  data, tests/unit/test_sse.py checks it with hypothesis); a payload with a
-  CR or LF in it goes through `ServerSentEvent`, which splits it into
-  `data:` lines, so no payload can end its event early and start another.
-  Event JSON (orjson) never holds one: the check is the guard, not the path.
+  7x the template (5-6 against 0.7-0.8 µs of CPU an event, measured), a
+  quarter of a CPU at 50,000 events/s. The template is used only where it
+  is byte for byte the library's output (one line of data;
+  tests/unit/test_sse.py checks it with hypothesis); a payload with a CR or
+  LF in it goes through `ServerSentEvent`, which splits it into `data:`
+  lines, so no payload can end its event early and start another. Event
+  JSON (orjson) never holds one: the check is the guard, not the path. A
+  batch of one event, the usual write, is checked on its payload; a longer
+  one on the whole write, in one scan.
 - a batch that queued up for a slow client is framed into one bytes object
   and passed through: `EventSourceResponse` sends bytes untouched, one
   ASGI message (one flushed write) per batch, each event its own frame.
 - `SSEResponse` times only the pings, not every write: sse-starlette wraps
-  each send in an anyio cancel scope when `send_timeout` is set, about
-  20-40 µs a write measured, more than the relay's whole cost per event. A
-  client that takes in nothing stops taking the pings too (a paused
-  transport blocks every send), so the ping's send timeout still ends it:
-  within `heartbeat_s + send_timeout_s`, through sse-starlette's own
-  teardown (the body iterator is closed, its `finally` frees the viewer).
-  That one client's task group ends; nobody else's is touched.
+  each send in an anyio cancel scope, about 15 µs of CPU a write measured
+  (1.1 µs without it; Starlette's StreamingResponse, used before, 0.7), most
+  of what the relay spends per event. A client that takes in nothing stops
+  taking the pings too (a paused transport blocks every send), so the
+  ping's send timeout still ends it, within `heartbeat_s + send_timeout_s`,
+  through sse-starlette's own teardown: the body iterator is closed and its
+  `finally` frees the viewer. That one client's task group ends; nobody
+  else's is touched.
 - pings go every `heartbeat_s` seconds whatever else was sent (the
   library's timer), not after `heartbeat_s` of silence: one comment per
   stream per interval costs nothing, and the timer is what times sends.
@@ -34,10 +37,11 @@ Deliberate departures from the obvious:
   about 0.5 s after SIGTERM it would cancel every open response; our own
   drain (`Edge.drain`, started from ops/serve.py) tells native clients to
   reconnect at once and lets OpenAI-format streams run until just before
-  the grace ends. The streams' `shutdown_grace_period` is therefore the whole
-  `shutdown_grace_s`: the library cancels only what the drain and uvicorn's
-  own deadline (the same length) left, never earlier. The ops feed has no
-  drain of its own and uses the library's `shutdown_event` to end at once.
+  the grace ends. The streams' `shutdown_grace_period` is therefore the
+  whole `shutdown_grace_s`: the library cancels only what the drain and
+  uvicorn's own deadline (the same length) left, never earlier. The ops
+  feed has no drain of its own and uses the library's `shutdown_event` to
+  end at once.
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ def data_frame(data: bytes, id: int | None = None) -> bytes:
 
 def event_frames(batch: Sequence[Event]) -> bytes:
     """The events of one batch, each its own frame, in one bytes object: the relay's hot path."""
+    if len(batch) == 1:  # the usual write: a client that keeps up gets its events one by one
+        e = batch[0]
+        raw = e.encode()
+        if b"\n" in raw or b"\r" in raw:
+            return frame(raw, id=e.seq, event=e.type)
+        return _EVENT_FRAME % (e.seq, e.type.encode(), raw)
     out = b"".join([_EVENT_FRAME % (e.seq, e.type.encode(), e.encode()) for e in batch])
     # One scan of the whole write instead of two per event: any line break in a
     # payload (or a type) shows as a newline too many, or as a CR.

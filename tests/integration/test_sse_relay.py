@@ -1,16 +1,20 @@
 """How the relay's SSE responses end, across real processes: a client that stops reading is cut by
 sse-starlette's send timeout while another viewer of the same stream goes on; a client that
-leaves frees its viewer entry at once (removed, not left to expire)."""
+leaves frees its viewer entry at once (removed, not left to expire); on SIGTERM sse-starlette's
+own shutdown handling does not cut our drain short, and the ops feed ends cleanly."""
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import threading
 
 import httpx
+import orjson
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, sse_events, stream_status, wait_for
+from tests.procs import SSE, Cluster, create_stream, expected_text, sse_events, stream_status, wait_for
 from tokenfan.shared import keys
 from tokenfan.shared.state import StreamStatus
 
@@ -91,3 +95,50 @@ def test_a_client_that_leaves_removes_its_viewer_entry(cluster: Cluster, r: redi
     wait_for(lambda: r.zscore(keys.viewers(sid), viewer) is None, what="the viewer entry removed")
     assert stream_status(r, sid) is StreamStatus.RUNNING
     httpx.delete(f"{api.url}/v1/streams/{sid}", timeout=10)
+
+
+def _content(frames: list[SSE]) -> str:
+    chunks = [orjson.loads(f.data) for f in frames if f.data != "[DONE]"]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+
+
+def test_sigterm_lets_an_openai_stream_run_then_names_where_to_resume(cluster: Cluster) -> None:
+    # sse-starlette would cancel every response half a second after SIGTERM; the drain must win:
+    # the stream runs on for the grace, then ends with an error naming the resume URL, and [DONE].
+    a = cluster.api(TOKENFAN_SHUTDOWN_GRACE_S="3")
+    b = cluster.api()
+    cluster.worker(TOKENFAN_FAKE_RATE="20")
+    content = "drain an openai stream"
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 60, "stream": True}
+    frames: list[SSE] = []
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, timeout=30) as resp:
+        sid = resp.headers["x-tokenfan-stream-id"]
+        for ev in sse_events(resp):  # an abrupt close (a cancelled response) would raise here
+            frames.append(ev)
+            if len(frames) == 3:
+                a.signal(signal.SIGTERM)
+    assert frames[-1].data == "[DONE]"
+    err = orjson.loads(frames[-2].data)["error"]
+    assert err["code"] == "server_shutdown" and f"/v1/streams/{sid}?format=openai" in err["message"]
+    found = re.search(r"Last-Event-ID: (\d+)", err["message"])
+    assert found is not None
+    with httpx.stream("GET", f"{b.url}/v1/streams/{sid}", params={"format": "openai"},
+                      headers={"Last-Event-ID": found.group(1)}, timeout=30) as resp:
+        rest = list(sse_events(resp))
+    assert rest[-1].data == "[DONE]"
+    assert _content(frames[:-2]) + _content(rest) == expected_text(content, 60)
+
+
+def test_sigterm_ends_the_ops_feed_cleanly(cluster: Cluster) -> None:
+    api = cluster.api(TOKENFAN_SHUTDOWN_GRACE_S="30")
+    got: list[SSE] = []
+    with httpx.stream("GET", f"{api.url}/v1/ops/events", timeout=30) as resp:
+        # The feed ends on sse-starlette's shutdown event, completing the response: the loop
+        # ends without an error (a response cut off would raise RemoteProtocolError).
+        for ev in sse_events(resp):
+            got.append(ev)
+            if len(got) == 1:
+                api.signal(signal.SIGTERM)
+    assert got and {e.event for e in got} == {"snapshot"}
+    # nothing else held the process: it is gone long before its 30 s grace
+    wait_for(lambda: not api.alive(), timeout=20, what="the API to exit")
