@@ -161,16 +161,25 @@ class SyncBus:
 
     def publish_many(self, items: list[tuple[str, str, Event]]) -> list[PublishResult]:
         """(stream id, owner, event) triples in one pipelined round trip: a batch step's tokens of
-        every slot. Each is its own script call, fenced by its own stream's lease as in `publish`;
+        every slot (one round trip per node on Redis Cluster). Each is its own script call, fenced by
+        its own stream's lease as in `publish`;
         an error reply (NOSCRIPT after a Redis restart, MOVED) runs that one event again through
         `publish`, which loads scripts and follows redirects (the script did not run)."""
-        if not items:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for sid, owner, event in items:
+        replies: list[Any] = [None] * len(items)
+        pipes: dict[int, tuple[Any, list[int]]] = {}  # one plain pipeline per node (cluster pipelines refuse EVALSHA)
+        for i, (sid, owner, event) in enumerate(items):
             ks, args = _publish_args(sid, owner, event, self.cfg)
+            client = self.redis
+            if hasattr(client, "get_node_from_key"):  # Redis Cluster: the node that owns the stream's slot
+                client = client.get_node_from_key(ks[0]).redis_connection
+            if id(client) not in pipes:
+                pipes[id(client)] = (client.pipeline(transaction=False), [])
+            pipe, rows = pipes[id(client)]
             pipe.evalsha(self._publish.sha, len(ks), *ks, *args)
-        replies = pipe.execute(raise_on_error=False)
+            rows.append(i)
+        for pipe, rows in pipes.values():
+            for i, reply in zip(rows, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
         return [self.publish(sid, owner, event) if isinstance(reply, Exception) else _published(reply)
                 for (sid, owner, event), reply in zip(items, replies, strict=True)]
 

@@ -290,7 +290,7 @@ def test_readyz_turns_503_when_a_killed_worker_heartbeat_goes_stale(cluster: Clu
 
 def test_ops_snapshot_shows_running_and_queued_streams(cluster: Cluster) -> None:
     api = cluster.api()
-    w = cluster.worker(TOKENFAN_FAKE_RATE="10")
+    w = cluster.worker(TOKENFAN_FAKE_RATE="10", TOKENFAN_SLOTS="1")  # one slot: the second stream waits
     running = create_stream(api.url, "the running one", max_tokens=60)  # six seconds
 
     def is_running() -> dict[str, Any] | None:
