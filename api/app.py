@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenfan.api import ops, sse
+from tokenfan.api import discovery, ops, sse
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
@@ -110,6 +110,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         edge = await Edge.open(settings)
         app.state.edge = edge
+        edge.tasks.append(asyncio.create_task(discovery.announce(edge), name="tokenfan-discovery"))
         if not await edge.auth.enabled():
             log.warning("API %s: NO API KEYS ARE CONFIGURED - this API is open to anyone who can reach it. "
                         "Add keys (tokenfan keys add) before exposing it beyond this machine.", edge.name)
@@ -127,6 +128,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     _errors(app)
     _routes(app)
     ops.install(app)
+    discovery.install(app)
     app.openapi = _openapi_without_422(app)  # type: ignore[method-assign]
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -88,6 +88,11 @@ WORKER_RECORD_TTL_S = int(WORKER_LIVE_S * 3)
 # Dead workers' names are pruned from a model's set after this: long enough
 # for the ops page to show a crash, short enough that the set stays small.
 WORKER_PRUNE_AFTER_S = 300
+# An API process re-announces its address for service discovery this often,
+# and is a target while its announcement is younger than API_LIVE_S (a few
+# missed beats: a busy event loop is not a dead process).
+API_ANNOUNCE_S = 2.0
+API_LIVE_S = 10.0
 
 # Admission. Retry-After for a key at its concurrency limit: streams take seconds, not minutes.
 CONCURRENCY_RETRY_S = 5
@@ -116,6 +121,11 @@ ERRORS_SHOWN = 20
 OPS_MAX_STREAMS = 100
 # The ops page's live feed sends a snapshot this often.
 OPS_FEED_INTERVAL_S = 1.0
+# The ops page's charts: the last 15 minutes, one sample per feed interval, kept
+# by every API process (900 small dicts); TTFT quantiles over the streams that
+# got their first token in the last minute (fewer is noise, more is stale).
+OPS_HISTORY_S = 900
+OPS_TTFT_WINDOW_S = 60.0
 
 # RQ keeps a finished job's short trace this long (the answer itself is in the stream's log)...
 JOB_RESULT_TTL_S = 60

@@ -70,6 +70,11 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+def api_processes() -> str:
+    """API processes for Prometheus' service discovery: name -> JSON {host, port, seen}."""
+    return f"{PREFIX}:apis"
+
+
 def errors() -> str:
     """A short capped list of recent stream errors, for the ops page."""
     return f"{PREFIX}:errors"

@@ -44,17 +44,20 @@ class WorkerInfo:
     host: str = ""
     pid: int = 0
     last_seen: float = 0.0
+    metrics_port: int = 0  # where Prometheus scrapes it (0: no metrics); api/discovery.py lists it
 
     def to_hash(self, now: float) -> dict[str, str | int | float]:
         return {"model": self.model, "state": self.state.value, "stream": self.stream, "jobs": self.jobs,
-                "started": self.started, "host": self.host, "pid": self.pid, "last_seen": now}
+                "started": self.started, "host": self.host, "pid": self.pid, "last_seen": now,
+                "metrics_port": self.metrics_port}
 
     @classmethod
     def parse(cls, name: str, raw: Mapping[bytes, bytes]) -> WorkerInfo:
         h = {k.decode(): v.decode() for k, v in raw.items()}
         return cls(name=name, model=h.get("model", ""), state=_state(h.get("state", "")),
                    stream=h.get("stream", ""), jobs=int(h.get("jobs") or 0), started=float(h.get("started") or 0),
-                   host=h.get("host", ""), pid=int(h.get("pid") or 0), last_seen=float(h.get("last_seen") or 0))
+                   host=h.get("host", ""), pid=int(h.get("pid") or 0), last_seen=float(h.get("last_seen") or 0),
+                   metrics_port=int(h.get("metrics_port") or 0))
 
     def as_json(self) -> dict[str, Any]:
         """The ops page's view of the worker."""

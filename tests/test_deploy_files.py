@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy import NGINX_TEMPLATE, Nginx, render, variables
+from tests.deploy import NGINX_TEMPLATE, PROMETHEUS_RULES, PROMETHEUS_TEMPLATE, Nginx, binary, render, variables
 from tokenfan.ops.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,13 @@ METRICS: dict[str, str] = {
     "tokenfan_worker_jobs_total": "counter",
     "tokenfan_worker_model_load_seconds": "gauge",
     "tokenfan_worker_busy": "gauge",
+    "tokenfan_worker_slots": "gauge",
+    "tokenfan_worker_slots_busy": "gauge",
+    "tokenfan_worker_batch_streams": "histogram",
+    "tokenfan_worker_step_seconds": "histogram",
+    "tokenfan_worker_prefill_tokens_total": "counter",
+    "tokenfan_worker_decode_tokens_total": "counter",
+    "tokenfan_worker_prompt_cache_tokens_total": "counter",
     "tokenfan_worker_failovers_total": "counter",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -506,23 +513,46 @@ def test_compose_renders_the_nginx_template(services: dict[str, dict[str, Any]])
 # --------------------------------------------------------------------------- Prometheus
 
 
-def test_prometheus_targets_are_compose_services(services: dict[str, dict[str, Any]]) -> None:
-    config = yaml.safe_load((OPS / "prometheus/prometheus.yml").read_text())
+def prometheus_env() -> dict[str, str]:
+    """Outside compose: one API replica's discovery endpoint."""
+    return {"PROMETHEUS_SD_URL": "http://127.0.0.1:8000/metrics/targets"}
+
+
+def test_promtool_checks_the_rendered_config_and_the_rules(tmp_path: Path) -> None:
+    promtool = binary("promtool", "prometheus")
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(render(PROMETHEUS_TEMPLATE, prometheus_env()))
+    shutil.copy(PROMETHEUS_RULES, tmp_path / PROMETHEUS_RULES.name)
+    for argv in (["check", "config", str(conf)], ["check", "rules", str(PROMETHEUS_RULES)]):
+        out = subprocess.run([promtool, *argv], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+    config = yaml.safe_load(conf.read_text())
+    assert config["rule_files"] == [PROMETHEUS_RULES.name]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    scraped: dict[str, int] = {}
-    for job in jobs.values():
-        for sd in job.get("dns_sd_configs", []):
-            assert sd["type"] == "A"
-            for name in sd["names"]:
-                assert name in services, f"{job['job_name']} resolves unknown service {name}"
-                scraped[name] = int(sd["port"])
-        for static in job.get("static_configs", []):
-            for target in static["targets"]:
-                host = target.rsplit(":", 1)[0]
-                assert host in services or host == "localhost", f"unknown target {target}"
-    assert scraped.get("api") == int(env_of(services["api"])["TOKENFAN_PORT"] or 0)
-    for worker in ("worker", "worker-cpu"):
-        assert scraped.get(worker) == int(env_of(services[worker])["TOKENFAN_METRICS_PORT"] or 0)
+    assert set(jobs) == {"tokenfan-api", "tokenfan-worker"}
+    for name, job in jobs.items():
+        (sd,) = job["http_sd_configs"]
+        assert sd["url"].endswith(f"/metrics/targets?role={name.removeprefix('tokenfan-')}")
+
+
+def test_compose_renders_the_prometheus_template(services: dict[str, dict[str, Any]]) -> None:
+    prom = services["prometheus"]
+    env = {k: v or "" for k, v in env_of(prom).items()}
+    assert variables(PROMETHEUS_TEMPLATE) <= set(env), "compose leaves a template variable unset"
+    script = interpolate(prom["command"][0])
+    sed = re.match(r'sed "[^"]*"', script)
+    assert sed, script
+    # The container's render step, run here on the template: the same file envsubst makes.
+    out = subprocess.run(["sh", "-c", sed[0]], input=PROMETHEUS_TEMPLATE.read_text(), env=env,
+                         capture_output=True, text=True, timeout=10, check=True)
+    assert out.stdout == render(PROMETHEUS_TEMPLATE, env)
+    url = re.fullmatch(r"http://([\w-]+):(\d+)/metrics/targets", env["PROMETHEUS_SD_URL"])
+    assert url and url[1] in services and url[2] == env_of(services["api"])["TOKENFAN_PORT"]
+    mounts = dict(v.split(":")[:2] for v in prom["volumes"] if v.startswith("./"))
+    config = re.search(r"--config.file=(\S+)", script)
+    assert config and mounts["./ops/prometheus/alerts.yml"] == str(Path(config[1]).parent / PROMETHEUS_RULES.name)
+    assert f"> {config[1]}" in script
+    assert mounts["./ops/prometheus/prometheus.yml.template"] in script
 
 
 def test_grafana_datasource_points_at_prometheus(services: dict[str, dict[str, Any]]) -> None:
@@ -796,3 +826,21 @@ def test_every_known_variable_is_read_by_the_production_settings() -> None:
     read = {env for cls in (ApiSettings, WorkerSettings) for f in cls.model_fields for env in Group(cls).envs(f)}
     assert KNOWN_ENV <= read, f"no setting reads {KNOWN_ENV - read}"
     assert not {v for v in KNOWN_ENV if v.startswith("TOKENFAN_FAKE_")}, "the fake engine is no production setting"
+
+
+def test_k8s_monitoring_finds_the_pods(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """The optional Prometheus Operator path: a PodMonitor per tier on its named port, the shipped rules."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in load_all(K8S / "monitoring/podmonitors.yaml")}
+    kust = yaml.safe_load((K8S / "monitoring/kustomization.yaml").read_text())
+    assert kust["resources"] == ["podmonitors.yaml"]
+    for tier in ("api", "worker"):
+        monitor = docs[("PodMonitor", f"tokenfan-{tier}")]["spec"]
+        template = k8s[("Deployment", f"tokenfan-{tier}")]["spec"]["template"]
+        assert monitor["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]}
+        (endpoint,) = monitor["podMetricsEndpoints"]
+        assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+        # Clusters without the operator: the annotations name the same port.
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == str(ports[endpoint["port"]])
+    rule = docs[("PrometheusRule", "tokenfan")]["spec"]
+    assert rule == yaml.safe_load(PROMETHEUS_RULES.read_text()), "ops/prometheus/alerts.yml and the rule differ"

@@ -90,6 +90,7 @@ class Keeper(threading.Thread):
             state=registry.WorkerState.BUSY if streams else registry.WorkerState.IDLE,
             stream=",".join(streams), jobs=self.jobs, started=self.started,
             host=self.host, pid=self.pid,
+            metrics_port=self.settings.metrics_port,
         ))
 
     def _renew(self, watch: Watch) -> None:
