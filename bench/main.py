@@ -7,6 +7,8 @@ Scenarios (docs/benchmarks.md says how each is measured and why):
 3. `ttft`     time to first token added by tokenfan, idle warm worker
 4. `e2e`      one stream's tokens/s with the real model, tokenfan against llama-cpp-python direct
 5. `server`   tokenfan against llama-cpp-python's OpenAI server at 1, 4 and 16 clients
+6. `batch`    one worker with 16 slots against llama.cpp's own llama-server --parallel 16 at 1, 4 and 16
+              clients (builds llama-server from llama-cpp-python's source the first time: minutes)
 
 Every scenario starts its own Redis and processes and stops them at its
 end; progress goes to stderr; the figures go to a JSON file, Markdown
@@ -23,9 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server")
+if TYPE_CHECKING:
+    from tokenfan.bench.batch import Plan
+
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch")
 ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
 DEFAULT_OUT = "docs/benchmarks.md"
 DEFAULT_JSON = "docs/benchmarks/results.json"
@@ -52,9 +57,16 @@ class Sizes:
     server_levels: tuple[int, ...]
     server_requests_per_level: int
     server_no_interrupt: bool
+    batch_tokens: int
+    batch_levels: tuple[int, ...]
+    batch_slots: int  # tokenfan's --slots and llama-server's --parallel
+    batch_requests: int  # requests per cell, at least (and two per client)
+    batch_rounds: int
+    batch_all_cpus_too: bool  # also at every CPU (the issue's 2 threads here), not only at --threads
 
 
-# A full run takes about ten minutes on two cores.
+# A full run takes about ten minutes on two cores, plus about six for `batch` (and, the first time, the
+# llama-server build: about 23 CPU-minutes).
 FULL = Sizes(
     # 1,000 streams at 50 tokens/s would be 50,000 events/s, past one API process's
     # capacity (scenario 2): at 1,000 streams the per-stream rate is lowered instead.
@@ -74,6 +86,13 @@ FULL = Sizes(
     server_levels=(1, 4, 16),
     server_requests_per_level=8,
     server_no_interrupt=True,
+    # The issue's figures: 16 concurrent streams of 64 tokens.
+    batch_tokens=64,
+    batch_levels=(1, 4, 16),
+    batch_slots=16,
+    batch_requests=16,
+    batch_rounds=3,
+    batch_all_cpus_too=True,
 )
 QUICK = Sizes(
     relay_levels=((1, 50.0, 1.0), (10, 50.0, 1.0)),
@@ -92,6 +111,12 @@ QUICK = Sizes(
     server_levels=(1, 2),
     server_requests_per_level=2,
     server_no_interrupt=False,
+    batch_tokens=4,
+    batch_levels=(1, 2),
+    batch_slots=2,
+    batch_requests=2,
+    batch_rounds=1,
+    batch_all_cpus_too=False,
 )
 
 
@@ -99,7 +124,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure relay overhead, capacity, TTFT and end-to-end speed",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", nargs="*", default=[],
-                   help="relay, capacity, ttft, e2e, server (or 1-5); default: all five")
+                   help="relay, capacity, ttft, e2e, server, batch (or 1-6); default: all six")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds per scenario (the smoke test)")
     p.add_argument("--out", default=DEFAULT_OUT, help="Markdown file for the tables (default %(default)s)")
     p.add_argument("--json", default=DEFAULT_JSON, help="JSON results (default %(default)s)")
@@ -227,8 +252,24 @@ def _server(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any
                          sizes.server_requests_per_level, sizes.server_no_interrupt)
 
 
+def _batch(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.bench.batch import batch_versus_server
+
+    every = os.cpu_count() or 1
+    counts = [args.threads] + ([every] if sizes.batch_all_cpus_too and every > args.threads else [])
+    return batch_versus_server(stack, counts, batch_plan(sizes))
+
+
+def batch_plan(sizes: Sizes) -> Plan:
+    """Scenario 6's sizes as its own `Plan` (the smoke test runs it with them too)."""
+    from tokenfan.bench.batch import Plan
+
+    return Plan(N_CTX, sizes.batch_slots, sizes.batch_tokens, sizes.batch_levels, sizes.batch_requests,
+                sizes.batch_rounds)
+
+
 RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
-    "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server,
+    "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server, "batch": _batch,
 }
 
 

@@ -33,9 +33,10 @@ import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Protocol
 
 from tokenfan.bench.procs import BenchError, Child, Stack, child_env, progress, wait_http
 from tokenfan.ops.embedded import free_port
@@ -189,16 +190,58 @@ def _run(argv: list[str], log: Path) -> None:
         raise BenchError(f"llama-server build: `{' '.join(argv[:3])} …` exited {done.returncode}\n{tail}")
 
 
-def start_llama_server(stack: Stack, binary: Path, model_path: str, threads: int, n_ctx: int, slots: int) -> Child:
-    """llama-server with `slots` parallel sequences of `n_ctx` tokens each, continuous batching on, ready to serve.
+class Peer(Protocol):
+    """The server tokenfan is measured against: one model instance serving `slots` streams at once."""
 
-    llama-server's `-c` is the context of all its slots together, so it is `n_ctx * slots`: each stream
-    gets the context a tokenfan worker's `--n-ctx` gives one stream."""
-    port = free_port()
-    argv = [str(binary), "--model", model_path, "--alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-            "--threads", str(threads), "--threads-batch", str(threads), "--ctx-size", str(n_ctx * slots),
-            "--parallel", str(slots), "--cont-batching", "--no-webui"]
-    child = stack.spawn("llama-server", argv, child_env(stack.redis_url), python=False)
-    child.port = port
-    wait_http(child, "/health")  # 503 while the model loads
-    return child
+    name: str
+
+    def prepare(self) -> dict[str, Any]:
+        """Make it runnable (build it); what the results should say about it."""
+        ...
+
+    def start(self, stack: Stack, model_path: str, threads: int, n_ctx: int, slots: int) -> Child:
+        """Start it with the model loaded, ready for `/v1/chat/completions` on `child.port`."""
+        ...
+
+
+@dataclass
+class LlamaServer:
+    """llama.cpp's own server, built here (the `batch` scenario's peer)."""
+
+    build: PeerBuild = field(default_factory=PeerBuild.installed)
+    name: str = "llama-server"
+    binary: Path | None = None
+
+    def prepare(self) -> dict[str, Any]:
+        self.binary = self.build.ensure()
+        return {"peer": self.name, "llama_cpp_python": self.build.version, "build_seconds": self.build.build_seconds(),
+                "batching": True}
+
+    def start(self, stack: Stack, model_path: str, threads: int, n_ctx: int, slots: int) -> Child:
+        """`--parallel slots`, continuous batching on; llama-server's `--ctx-size` is the context of all its slots
+        together, so it is `n_ctx * slots`: each stream gets the context a worker's `--n-ctx` gives one stream."""
+        assert self.binary is not None, "prepare() first"
+        port = free_port()
+        argv = [str(self.binary), "--model", model_path, "--alias", "smollm2", "--host", "127.0.0.1",
+                "--port", str(port), "--threads", str(threads), "--threads-batch", str(threads),
+                "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--cont-batching", "--no-webui"]
+        child = stack.spawn(self.name, argv, child_env(stack.redis_url), python=False)
+        child.port = port
+        wait_http(child, "/health")  # 503 while the model loads
+        return child
+
+
+@dataclass
+class LlamaCppPythonServer:
+    """llama-cpp-python's OpenAI server (scenario 5's peer): no build, no batching (one stream at a time,
+    requests wait their turn). The smoke test's stand-in: it speaks the same route, so every step of the
+    scenario but the build runs in seconds on a clean machine."""
+
+    name: str = "llama_cpp.server"
+
+    def prepare(self) -> dict[str, Any]:
+        return {"peer": self.name, "llama_cpp_python": metadata.version(DISTRIBUTION), "build_seconds": None,
+                "batching": False}
+
+    def start(self, stack: Stack, model_path: str, threads: int, n_ctx: int, slots: int) -> Child:
+        return stack.llama_server(model_path, threads, n_ctx, interrupt=False)

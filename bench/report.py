@@ -27,6 +27,7 @@ TITLES = {
     "ttft": "3. Time to first token overhead",
     "e2e": "4. End to end with the real model",
     "server": "5. Against llama-cpp-python's OpenAI server",
+    "batch": "6. Batching: one worker's slots against llama.cpp's llama-server",
 }
 
 
@@ -271,8 +272,14 @@ def _server_table(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _batch_table(r: dict[str, Any]) -> list[str]:
+    from tokenfan.bench.batch import batch_table
+
+    return batch_table(r)
+
+
 TABLES = {"relay": _relay_table, "capacity": _capacity_table, "ttft": _ttft_table, "e2e": _e2e_table,
-          "server": _server_table}
+          "server": _server_table, "batch": _batch_table}
 
 
 # --- the chart --------------------------------------------------------------
