@@ -19,6 +19,11 @@ cache, one folder per version, and is reused once its binaries exist:
 - the build runs at `nice 19` on two jobs, so a machine's other work (or
   the rest of a test run) keeps going while it compiles;
 - a file lock serialises concurrent builds (a bench and a smoke test).
+
+The scenario takes its peer as a `Peer` (`prepare`, then `start` with the
+model, threads, per-stream context and slots): `LlamaServer` is the real
+one; `LlamaCppPythonServer` (no build, no batching) lets the smoke test run
+every other step of the scenario in seconds on a clean machine.
 """
 
 from __future__ import annotations
