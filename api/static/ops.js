@@ -2,6 +2,7 @@
 // Every value goes in as text (textContent), never as HTML.
 
 import { apiKey, authHeaders, followEvents, httpError } from "/static/chat.js";
+import { Chart, seriesOf } from "/static/ops.charts.js";
 
 const KEY_STORE = "tokenfan.apiKey";
 // No snapshot for this long: say the view is stale.
@@ -10,6 +11,41 @@ const STALE_MS = 5000;
 const $ = (sel) => document.querySelector(sel);
 let controller = null;
 let lastUpdate = 0;
+// The charts' samples: the API's last 15 minutes, then one per feed event.
+let samples = [];
+let spanS = 900;
+let charts = null;
+
+function makeCharts() {
+  const make = (id, unit) => new Chart($(id), { unit, spanS });
+  charts = {
+    tokens: make("#chart-tokens"), streams: make("#chart-streams"), ttft: make("#chart-ttft", "s"),
+    slots: make("#chart-slots"), errors: make("#chart-errors"),
+  };
+}
+
+function drawCharts() {
+  if (!charts) makeCharts();
+  const now = samples.length ? samples[samples.length - 1].time : Date.now() / 1000;
+  samples = samples.filter((s) => s.time >= now - spanS);
+  const series = seriesOf(samples);
+  for (const [name, chart] of Object.entries(charts)) chart.draw(series[name], now);
+}
+
+function addSample(sample) {
+  if (!sample || (samples.length && sample.time <= samples[samples.length - 1].time)) return;
+  samples.push(sample);
+  drawCharts();
+}
+
+async function loadHistory(signal) {
+  const res = await fetch("/v1/ops/history", { headers: authHeaders(), signal, cache: "no-store" });
+  if (!res.ok) throw await httpError(res);
+  const body = await res.json();
+  spanS = body.span_s || spanS;
+  samples = body.samples || [];
+  drawCharts();
+}
 
 function cell(text, className) {
   const td = document.createElement("td");
@@ -119,11 +155,16 @@ async function connect() {
   status("");
   try {
     await loadSnapshot(signal);
+    await loadHistory(signal);
     await followEvents("/v1/ops/events", {
       signal,
       onEvent: (event) => {
         status("");
-        if (event.type === "snapshot") render(JSON.parse(event.data));
+        if (event.type === "snapshot") {
+          const snap = JSON.parse(event.data);
+          render(snap);
+          addSample(snap.sample);
+        }
         return false;
       },
       onReconnect: () => status("Live feed lost, reconnecting…"),
