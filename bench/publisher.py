@@ -60,7 +60,7 @@ class Publisher:
         mine = []
         for sid in self.sids:
             status, seq = self.bus.acquire(sid, self.owner, LEASE_TTL_S, self.owner)
-            if status in ("queued", "running"):
+            if status.claimed:
                 mine.append(sid)
                 self.seqs[sid] = seq
         self.sids = mine
