@@ -45,8 +45,8 @@ def _read_all(api: str, sids: dict[str, str]) -> dict[str, list[SSE]]:
 def test_one_worker_generates_several_streams_at_once_and_rq_sees_each_job(cluster: Cluster,
                                                                           r: redis.Redis) -> None:
     api = cluster.api()
-    w = cluster.worker(TOKENFAN_SLOTS="3", TOKENFAN_FAKE_RATE="20")
-    sids = _streams(api.url, 5, 30, "batch")
+    w = cluster.worker(TOKENFAN_SLOTS="3", TOKENFAN_FAKE_RATE="8")  # 3 s a stream: time to look at the queue
+    sids = _streams(api.url, 5, 24, "batch")
     q = queue(r, "smollm2")
     started = StartedJobRegistry(queue=q)
     # three slots: three jobs started, two still waiting in the queue (its depth = waiting streams)
@@ -57,7 +57,7 @@ def test_one_worker_generates_several_streams_at_once_and_rq_sees_each_job(clust
     for sid, content in sids.items():
         evs = got[sid]
         _whole(evs)
-        assert evs[-1].event == "done" and _text(evs) == expected_text(content, 30)
+        assert evs[-1].event == "done" and _text(evs) == expected_text(content, 24)
         assert evs[0].json()["worker"] == w.name
     first = list(sids)[:3]  # they overlapped: each began before the others ended
     spans = [(got[s][2].json()["ts"], got[s][-1].json()["ts"]) for s in first]
