@@ -49,7 +49,8 @@ def tokens_cell(page: Page, sid: str) -> int:
 
 def test_ops_page_shows_live_numbers(cluster: Cluster, page: Page, page_log: PageLog) -> None:
     api = cluster.api()
-    worker = cluster.worker(TOKENFAN_FAKE_RATE="10", TOKENFAN_FAKE_TOKENS="200")
+    # One slot, so that the second stream waits in the queue and the page shows it queued.
+    worker = cluster.worker(TOKENFAN_FAKE_RATE="10", TOKENFAN_FAKE_TOKENS="200", TOKENFAN_SLOTS="1")
     sid = create_stream(api.url, "watch me on the ops page", max_tokens=200)
     reader = Reader(api.url, sid)
     reader.start()
