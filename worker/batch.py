@@ -25,16 +25,15 @@ llama-server's slots do (tools/server/server-context.cpp), in our own code:
   start of a stop sequence is held back until it is known not to be one.
 
 The KV cache: `n_ctx` stays one stream's context; the context holds
-`n_ctx * slots` cells in one unified pool (`kv_unified = true`, llama-server's
-default too). Every stream is capped at `n_ctx` positions (its prompt is
-refused past that, its answer ends with `length` there) and an idle slot's
-cache is at most one stream's, so the pool never runs out. The split cache
-(`slots` sequences of `n_ctx` each) gives the same guarantee from llama.cpp
-itself but was slower here: llama.cpp splits a batch that mixes one stream's
-prompt with the others' single tokens into equal per-sequence ubatches.
-Measured on the 2 CPUs of this machine (heavily loaded by other work at the
-time, so only the ratios mean anything), 8 streams x 32 tokens, n_ctx 2048:
-1 slot 2.4 tokens/s, 8 split slots 2.1, 8 unified slots 5.1.
+`n_ctx * slots` cells as `slots` separate sequences of `n_ctx` each
+(`kv_unified = false`, what `llama-server -np N` does), so llama.cpp itself
+guarantees a stream its room whatever the others hold, and a stream's
+attention reads its own cells only: its greedy text is the same alone and in
+a batch. A unified pool (`unified=True`) broke that (attention over the
+shared, masked pool rounds differently with the others' cells present: two
+of four greedy answers changed) and was no faster: measured on this
+machine's 2 CPUs, 8 streams x 24 tokens, prompts included, n_ctx 2048, two
+rounds: split 57 and 60 tokens/s, unified 51 and 54, one slot 54 and 55.
 
 All calls come from one thread (the worker's main loop): llama.cpp contexts
 are not thread-safe, and nothing here locks.
@@ -145,7 +144,7 @@ class LlamaBatchEngine:
     name = "llama"
 
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
-                 chunk: int = PROMPT_CHUNK, unified: bool = True) -> None:
+                 chunk: int = PROMPT_CHUNK, unified: bool = False) -> None:
         import llama_cpp
         from llama_cpp._logger import set_verbose
 
