@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.api import discovery, ops, sse
-from tokenfan.api.auth import Principal
+from tokenfan.api.auth import DocsGate, Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
@@ -33,6 +33,7 @@ from tokenfan.api.streams import (
     cancel_stream,
     load_state,
     parse_last_id,
+    seq_bound,
     start_stream,
 )
 from tokenfan.shared import events, keys
@@ -124,6 +125,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     app = FastAPI(title="tokenfan", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DocsGate, public=settings.public_docs)
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestIds)
     _errors(app)
@@ -221,7 +223,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         edge = edge_of(request)
         if format not in ("native", "openai"):
             raise InvalidRequest("format must be 'native' or 'openai'", code="invalid_value", param="format")
-        last = parse_last_id(request.headers.get("last-event-id"), last_event_id)
+        last = parse_last_id(request.headers.get("last-event-id"), last_event_id, seq_bound(edge.settings))
         state = await load_state(edge, stream_id, who.owner)
         if state.ended and last >= await _terminal_seq(edge, stream_id):
             return Response(status_code=204)
@@ -327,7 +329,7 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
                 m.relayed.inc(len(batch))
                 if data:
                     yield data
-    except (Unavailable, redis.RedisError) as exc:
+    except (TokenfanError, redis.RedisError) as exc:
         yield _local_error(follower, native, exc)
     except (asyncio.CancelledError, GeneratorExit):
         m.disconnects.inc()
@@ -363,13 +365,14 @@ def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
 
 
 def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
-    """Redis failed or lost the stream: end it with an error, never silence."""
+    """Redis failed, lost the stream, or the client's Last-Event-ID was past its end: end it with an
+    error, never silence (retryable as its class says: a bad id stays bad)."""
     follower.finished = True
     if isinstance(exc, TokenfanError):
-        code, message = exc.code, exc.message
+        code, message, retryable = exc.code, exc.message, exc.retryable
     else:
-        code, message = "redis_unavailable", "Redis is unreachable; reconnect to resume"
-    data = {"code": code, "message": message, "retryable": True}
+        code, message, retryable = "redis_unavailable", "Redis is unreachable; reconnect to resume", True
+    data = {"code": code, "message": message, "retryable": retryable}
     if native:
         return sse.api_event(events.ERROR, follower.last, data)
     return openai_error(code, message)

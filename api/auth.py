@@ -6,6 +6,13 @@ admin) and says so loudly at startup. Once any key exists (file, variable or
 pages needs a bearer key: 401 without or with an unknown key, 403 with a
 revoked one. Keys in Redis are cached per process for `AUTH_CACHE_S`, so a
 revocation takes effect within that time on every API replica.
+
+The API's own description (`/docs`, `/redoc`, `/openapi.json`) is FastAPI's,
+routed before any dependency of ours runs, so `DocsGate` guards it: once
+keys exist it needs one too, unless `public_docs` opens it. It lists routes
+and shapes, nothing of anyone's; closed is still what an operator who made
+keys expects, and a browser cannot send a bearer key to /docs, so an
+operator who wants the page opens it with the setting.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aredis
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenfan.api.middleware import error_json, send_json
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.apikeys import KeyRecord
-from tokenfan.shared.defaults import AUTH_CACHE_S
-from tokenfan.shared.errors import Forbidden, Unauthorized
+from tokenfan.shared.defaults import AUTH_CACHE_S, REDIS_RETRY_S
+from tokenfan.shared.errors import Forbidden, TokenfanError, Unauthorized
 from tokenfan.shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,8 @@ class Principal:
 
 
 OPEN = Principal(ANONYMOUS, ANONYMOUS, admin=True)
+# FastAPI's own routes describing the API (its default URLs, which create_app keeps).
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 class Authenticator:
@@ -107,3 +119,27 @@ def _bearer(request: Request) -> str:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return request.headers.get("x-api-key", "").strip()
+
+
+class DocsGate:
+    """`/docs`, `/redoc` and `/openapi.json` ask for a key as every protected route does (unless public)."""
+
+    def __init__(self, app: ASGIApp, public: bool) -> None:
+        self.app = app
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.public or scope["type"] != "http" or scope["path"] not in DOCS_PATHS:
+            await self.app(scope, receive, send)
+            return
+        auth: Authenticator = scope["app"].state.edge.auth
+        try:
+            await auth.principal(Request(scope))
+        except TokenfanError as exc:
+            await send_json(send, exc.status, error_json(exc.message, exc.code, exc.type))
+            return
+        except redis.RedisError:
+            await send_json(send, 503, error_json("Redis is unreachable; try again shortly", "redis_unavailable",
+                                                  "server_error"), retry_after=REDIS_RETRY_S)
+            return
+        await self.app(scope, receive, send)

@@ -6,6 +6,14 @@ events with a higher `seq`; any sign of a gap (a `seq` that jumps, a
 buffer that overflowed, a pub/sub reconnect) sends the follower back to
 the log. A follower also keeps the stream's viewer entry fresh and, while
 the stream waits in its queue, reports the position.
+
+A Last-Event-ID is ASCII digits and nothing else, from the header or the
+query alike (Python's `int()` also takes `+5`, `1_0`, spaces and other
+scripts' digits), and at most the highest seq a stream can reach
+(`seq_bound`): past that it is refused at once, never sent to Redis (whose
+stream ids stop at 2^64). An id the stream has not reached yet can only be
+judged when the stream ends: a terminal event at or before it ends the
+follower with `invalid_last_event_id`, not with silence.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
-from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS, VIEWER_TTL_S
+from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import Event
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
+from tokenfan.shared.settings import ApiSettings
 from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
@@ -140,19 +149,25 @@ async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
     await edge.redis.zrem(keys.active(), sid)
 
 
-def parse_last_id(header: str | None, query: str | None) -> int:
-    raw = header if header not in (None, "") else query
-    if raw in (None, ""):
+def seq_bound(settings: ApiSettings) -> int:
+    """No stream's seq goes past this (defaults.SEQ_SLACK says why)."""
+    return settings.max_tokens_cap + SEQ_SLACK
+
+
+def parse_last_id(header: str | None, query: str | None, bound: int) -> int:
+    """The Last-Event-ID header, else the `last_event_id` query parameter; 0 when neither is given."""
+    raw = header if header else query
+    if not raw:
         return 0
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise InvalidRequest("Last-Event-ID must be an event's seq (an integer)", code="invalid_last_event_id",
-                             param="Last-Event-ID") from None
-    if value < 0:
-        raise InvalidRequest("Last-Event-ID must not be negative", code="invalid_last_event_id",
-                             param="Last-Event-ID")
-    return value
+    if not (raw.isascii() and raw.isdigit()):
+        raise _bad_last_id("Last-Event-ID must be an event's seq: ASCII digits 0-9 and nothing else")
+    if len(raw) > len(str(bound)) or int(raw) > bound:
+        raise _bad_last_id(f"Last-Event-ID is past the last event any stream can have ({bound})")
+    return int(raw)
+
+
+def _bad_last_id(message: str) -> InvalidRequest:
+    return InvalidRequest(message, code="invalid_last_event_id", param="Last-Event-ID")
 
 
 class Follower:
@@ -201,6 +216,9 @@ class Follower:
         raws, gap = got
         self._heard_at = time.monotonic()
         batch = [events.decode(r) for r in raws]
+        ended = next((e for e in batch if e.terminal and e.seq <= self.last), None)
+        if ended is not None:
+            raise self._ended_before(ended.seq)
         fresh = [e for e in batch if e.seq > self.last]
         if gap or (fresh and fresh[0].seq != self.last + 1) or _has_hole(fresh):
             return self._accept(await self.edge.bus.read_log(self.sid, self.last))
@@ -210,6 +228,8 @@ class Follower:
         out = []
         for e in batch:
             if e.seq <= self.last:
+                if e.terminal:
+                    raise self._ended_before(e.seq)
                 continue
             out.append(e)
             self.last = e.seq
@@ -231,7 +251,19 @@ class Follower:
                               code="stream_lost")
         self.state = fresh
         caught_up = self._accept(await self.edge.bus.read_log(self.sid, self.last))
+        if not caught_up and fresh.ended:  # ended, and nothing in its log after our id
+            raise self._ended_before(await self._last_seq())
         return caught_up or None
+
+    async def _last_seq(self) -> int:
+        last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)
+        return int(last[0][0].split(b"-")[0]) if last else 0
+
+    def _ended_before(self, seq: int) -> InvalidRequest:
+        """The stream ended at `seq`, at or before the client's id: it claimed events that never were."""
+        self.finished = True
+        return InvalidRequest(f"the stream ended at event {seq}, before the Last-Event-ID {self.last}",
+                              code="invalid_last_event_id", param="Last-Event-ID")
 
     async def queue_position(self) -> int:
         served = await self.edge.redis.get(keys.queue_served(self.state.model))

@@ -1,4 +1,9 @@
-"""Running the API under uvicorn: uvloop, httptools, no access log per request."""
+"""Running the API under uvicorn: uvloop, httptools, no access log per request.
+
+The HTTP protocol is uvicorn's httptools one with our bounds on a client's
+request head and on the times to receive it and the body (ops/protocol.py):
+the API holds against a hostile client without a proxy in front, not only
+behind one."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenfan.api.app import create_app
+from tokenfan.ops.protocol import Limits, guarded
 from tokenfan.shared.redisconn import require_url
 from tokenfan.shared.settings import ApiSettings
 
@@ -56,7 +62,7 @@ def serve_api(settings: ApiSettings) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded(Limits(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s)),
         access_log=False,
         log_level="warning",
         timeout_keep_alive=KEEPALIVE_S,

@@ -50,6 +50,20 @@ MAX_PROMPT_CHARS = 100_000
 # OpenAI allows up to 4 stop sequences.
 MAX_STOP = 4
 MAX_BODY_BYTES = 1_000_000
+# The API's own HTTP bounds, enforced whether or not a proxy stands in front (nginx's
+# large_client_header_buffers, client_header_timeout and client_body_timeout are the model).
+# The request line and headers together: twice what nginx passes by default (4 x 8 KB), so behind
+# nginx its own limit answers first; it bounds what one connection holds before anyone is authenticated.
+MAX_HEADER_BYTES = 65_536
+# A real client sends its request line and headers in one packet: this covers a poor mobile link's
+# retransmits (nginx waits 60 s) and closes a connection that sends nothing, or a byte now and then.
+HEADER_TIMEOUT_S = 15.0
+# The whole body, once the headers are in: MAX_BODY_BYTES at about 17 KB/s. nginx times only the gap
+# between two reads, which a byte every few seconds never trips; a bound on the whole body does.
+BODY_TIMEOUT_S = 60.0
+# A chat request nests about five levels deep, a JSON schema a few dozen at most; past this a body is
+# refused before the parser's recursion (Python's json gives up near 1,000 levels) is at stake.
+MAX_JSON_DEPTH = 64
 
 # A finished stream stays resumable this long.
 LOG_TTL_S = 300
@@ -85,9 +99,6 @@ VIEWER_REFRESH_S = VIEWER_TTL_S / 3
 WORKER_LIVE_S = 5.0
 # A worker's record outlives a few missed heartbeats, then expires with it.
 WORKER_RECORD_TTL_S = int(WORKER_LIVE_S * 3)
-# Dead workers' names are pruned from a model's set after this: long enough
-# for the ops page to show a crash, short enough that the set stays small.
-WORKER_PRUNE_AFTER_S = 300
 # An API process re-announces its address for service discovery this often,
 # and is a target while its announcement is younger than API_LIVE_S (a few
 # missed beats: a busy event loop is not a dead process).
@@ -104,6 +115,11 @@ QUEUE_RETRY_MAX_S = 300
 RATE_WINDOW_S = 60
 # Retry-After when Redis is unreachable: the client retries soon; a failover takes seconds.
 REDIS_RETRY_S = 2
+
+# A stream's seq never passes max_tokens_cap plus this: its non-token events are a meta per attempt
+# (takeovers, and a hand-back at every restart of its worker), the disclosure and its end. Far more
+# than any stream has, so no real Last-Event-ID is refused; what is past it is refused at once (400).
+SEQ_SLACK = 1000
 
 # A stream id longer than this is not one of ours (ours are 24 characters); refused unread.
 MAX_STREAM_ID_CHARS = 64

@@ -4,7 +4,10 @@ Each worker keeps a small hash (`keys.worker(name)`, a `WorkerInfo`) and a
 score in its model's set (`keys.workers(model)`, name -> last heartbeat ms).
 A worker is live while that score is younger than `WORKER_LIVE_S`; this
 module is the one place that asks, for the reapers (sync) and the API
-(asyncio) alike.
+(asyncio) alike. Whoever asks (and every heartbeat) first drops the names
+whose heartbeat is older than that, in the same round trip: a SIGKILLed
+worker leaves the set within one liveness window, even when it was the
+model's only worker and nobody else heartbeats there.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from tokenfan.shared import keys
-from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_PRUNE_AFTER_S, WORKER_RECORD_TTL_S
+from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_RECORD_TTL_S
 
 # SCAN's per-call hint for the models' worker sets: there are a handful of models.
 SCAN_COUNT = 100
@@ -79,7 +82,7 @@ def heartbeat(redis: Redis, info: WorkerInfo) -> None:
     pipe.hset(keys.worker(info.name), mapping=info.to_hash(now))
     pipe.expire(keys.worker(info.name), WORKER_RECORD_TTL_S)
     pipe.zadd(keys.workers(info.model), {info.name: now_ms})
-    pipe.zremrangebyscore(keys.workers(info.model), 0, now_ms - WORKER_PRUNE_AFTER_S * 1000)
+    _prune(pipe, info.model, _live_since())
     pipe.execute()
 
 
@@ -95,12 +98,25 @@ def _live_since() -> int:
     return int((time.time() - WORKER_LIVE_S) * 1000)
 
 
+def _prune(pipe: Any, model: str, since: int) -> None:
+    """Queue the removal of every name older than `since` (sync or asyncio pipeline: both buffer)."""
+    pipe.zremrangebyscore(keys.workers(model), "-inf", f"({since}")
+
+
 def live_workers(redis: Redis, model: str) -> list[str]:
-    return [n.decode() for n in redis.zrangebyscore(keys.workers(model), _live_since(), "+inf")]
+    since = _live_since()
+    pipe = redis.pipeline(transaction=False)
+    _prune(pipe, model, since)
+    pipe.zrangebyscore(keys.workers(model), since, "+inf")
+    return [n.decode() for n in pipe.execute()[-1]]
 
 
 async def live_workers_async(redis: AsyncRedis, model: str) -> list[str]:
-    return [n.decode() for n in await redis.zrangebyscore(keys.workers(model), _live_since(), "+inf")]
+    since = _live_since()
+    pipe = redis.pipeline(transaction=False)
+    _prune(pipe, model, since)
+    pipe.zrangebyscore(keys.workers(model), since, "+inf")
+    return [n.decode() for n in (await pipe.execute())[-1]]
 
 
 async def worker_info(redis: AsyncRedis, name: str) -> WorkerInfo:
@@ -108,7 +124,11 @@ async def worker_info(redis: AsyncRedis, name: str) -> WorkerInfo:
 
 
 async def live_count(redis: AsyncRedis, model: str) -> int:
-    return int(await redis.zcount(keys.workers(model), _live_since(), "+inf"))
+    since = _live_since()
+    pipe = redis.pipeline(transaction=False)
+    _prune(pipe, model, since)
+    pipe.zcount(keys.workers(model), since, "+inf")
+    return int((await pipe.execute())[-1])
 
 
 async def live_models(redis: AsyncRedis) -> list[str]:

@@ -3,13 +3,18 @@
 The request model accepts what OpenAI's chat API accepts (unknown fields
 are ignored, as OpenAI does); `JobPayload` is the JSON contract between API
 and worker, validated again by the worker before it runs anything.
+
+Booleans, integers and numbers are strict, as OpenAI's are: pydantic's lax
+mode would take `"max_tokens": true` as 1 and `"stream": "yes"` as true. A
+number field still takes an integer (`"temperature": 1`): JSON has one
+number type.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.settings import ApiSettings
@@ -31,6 +36,10 @@ def _unicode(s: str) -> str:
 
 # Every string a request keeps: it is stored and sent on as UTF-8.
 Text = Annotated[str, AfterValidator(_unicode)]
+# JSON's true/false, integers and numbers only: no strings, no bools for numbers, no floats for integers.
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
 
 
 class TextPart(BaseModel):
@@ -51,23 +60,23 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: Text | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: Int | None = Field(default=None, gt=0)
+    max_completion_tokens: Int | None = Field(default=None, gt=0)
+    temperature: Number = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
-    n: int = Field(default=1, ge=1, le=1)
-    cancel_on_disconnect: bool = False
+    seed: Int | None = Field(default=None, ge=-INT64, lt=INT64)
+    n: Int = Field(default=1, ge=1, le=1)
+    cancel_on_disconnect: Bool = False
 
     @field_validator("stop")
     @classmethod

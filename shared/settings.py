@@ -106,6 +106,17 @@ class ApiSettings(CommonSettings):
     max_stop: int = Field(default=d.MAX_STOP, description="stop sequences allowed in one request")
     max_body_bytes: int = Field(default=d.MAX_BODY_BYTES, description="largest request body in bytes (413 past it)")
 
+    # The HTTP edge's own bounds on a client (ops/protocol.py), with or without a proxy in front
+    max_header_bytes: int = Field(default=d.MAX_HEADER_BYTES, gt=0, description="largest request line plus headers "
+                                  "in bytes (431, or 414 for a request line alone, and the connection closed)")
+    header_timeout_s: float = Field(default=d.HEADER_TIMEOUT_S, gt=0, description="seconds a client has to send a "
+                                    "request's line and headers (from its connection's start, or from the request's "
+                                    "first byte on a kept-alive one) before 408 and a closed connection")
+    body_timeout_s: float = Field(default=d.BODY_TIMEOUT_S, gt=0, description="seconds a client has to send a "
+                                  "request's whole body once its headers are in, before 408 and a closed connection")
+    public_docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json without a key even "
+                              "when keys exist (with no key anywhere every route is open anyway)")
+
     @field_validator("models", "metrics_allow", mode="before")
     @classmethod
     def _split_lists(cls, v: object) -> object:
