@@ -122,9 +122,11 @@ def _is_json(content_type: bytes) -> bool:
 def _json_problem(data: bytes) -> str | None:
     """What is wrong with a JSON body, or None: the message names the kind of fault, never echoes the input."""
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         return f"it is not UTF-8 (byte {exc.start})"
+    except _NotJson as exc:
+        return str(exc)
     except json.JSONDecodeError as exc:
         return exc.msg + f" (line {exc.lineno}, column {exc.colno})"
     except RecursionError:
@@ -134,6 +136,15 @@ def _json_problem(data: bytes) -> str | None:
     if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _deeper_than(doc, MAX_JSON_DEPTH):
         return f"it is nested deeper than {MAX_JSON_DEPTH} levels"
     return None
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not (nor OpenAI, nor orjson when a job is stored)."""
+    raise _NotJson(f"{name} is not a JSON value")
 
 
 def _deeper_than(doc: Any, limit: int) -> bool:
