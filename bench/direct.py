@@ -22,8 +22,10 @@ def load(job: dict[str, Any]) -> Any:
     from llama_cpp import Llama
 
     threads = int(job["threads"])
+    # flash_attn: the worker's batch engine runs llama.cpp's default ("auto": on for this CPU), as
+    # llama-server does; llama-cpp-python's Llama turns it off. Same kernels, so the same greedy text.
     return Llama(model_path=job["model_path"], n_ctx=int(job["n_ctx"]), n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
+                 n_threads_batch=threads, flash_attn=True, verbose=False)
 
 
 def one(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
