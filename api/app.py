@@ -316,17 +316,21 @@ async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWri
     try:
         async with aclosing(follower.batches()) as batches:
             async for batch in batches:
+                data = b""
+                if batch:
+                    first = _observe(edge, batch, first, t0)
+                    data = writer.write(batch)
+                    m.relayed.inc(len(batch))
                 if edge.draining and (native or edge.closing.is_set()) and not follower.finished:
+                    # follower.last already counts this batch: write it first, so the resume point
+                    # named is the last event the client has, and no token falls between the two
                     follower.handed_off = True
-                    yield _shutdown_bytes(follower, native)
+                    yield data + _shutdown_bytes(follower, native)
                     return
                 if batch is None:  # an idle tick; sse-starlette sends the pings
                     if native and follower.state.status is StreamStatus.QUEUED:
                         yield await _queued_bytes(follower)
                     continue
-                first = _observe(edge, batch, first, t0)
-                data = writer.write(batch)
-                m.relayed.inc(len(batch))
                 if data:
                     yield data
     except (TokenfanError, redis.RedisError) as exc:
