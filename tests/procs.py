@@ -1,10 +1,16 @@
 """Real tokenfan processes for integration tests: API and worker subprocesses
 on a Redis of the suite's own, each waited for with a deadline, each stopped
-(and killed if need be) when the test ends."""
+(and killed if need be) when the test ends.
+
+A process runs on this machine's loopback unless it is given a `Host`: a
+network namespace (`ip netns`) and the address it has there, which is how a
+multi-host test (tests/netns.py) runs each tier on a host of its own.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +23,7 @@ import httpx
 import redis
 from httpx_sse import EventSource, ServerSentEvent
 
-from tokenfan.ops.embedded import free_port, stop_process
+from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
 from tokenfan.shared.state import StreamState, StreamStatus
 from tokenfan.worker.engines import fake_tokens
@@ -47,6 +53,21 @@ def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 
                                                                               if last_exc else ""))
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where a process runs: a network namespace (empty: this one) and the address it is reached at there."""
+
+    address: str = "127.0.0.1"
+    netns: str = ""
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """The command line that runs `argv` on this host (`ip netns exec` execs it: the pid is argv's)."""
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+
+LOCAL = Host()
+
+
 @dataclass
 class Proc:
     kind: str
@@ -54,10 +75,15 @@ class Proc:
     log_path: Path
     port: int = 0
     name: str = ""
+    host: Host = LOCAL
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host.address}:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host.address}:{self.port}/0"
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -96,28 +122,54 @@ class Cluster:
         env.update(extra)
         return env
 
-    def _spawn(self, kind: str, args: list[str], extra: dict[str, str]) -> Proc:
+    def _spawn(self, kind: str, args: list[str], extra: dict[str, str], host: Host = LOCAL) -> Proc:
+        return self.program(kind, [sys.executable, "-m", "tokenfan.ops", kind, *args], self._env(extra), host)
+
+    def program(self, kind: str, argv: list[str], env: dict[str, str] | None = None, host: Host = LOCAL) -> Proc:
+        """Any program on `host`, its output in the test's log, stopped with the rest at the end."""
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         n = len(self.procs)
         log_path = LOG_DIR / f"{self.test_name}.{kind}{n}.log"
         fh = log_path.open("wb")
-        popen = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", kind, *args], env=self._env(extra),
-                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(host.argv(argv), env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         fh.close()
-        proc = Proc(kind, popen, log_path)
+        proc = Proc(kind, popen, log_path, host=host)
         self.procs.append(proc)
         return proc
 
-    def api(self, **env: str) -> Proc:
+    def redis_server(self, host: Host, *extra: str) -> Proc:
+        """A redis-server of the test's own on `host` (its files, if `extra` asks for any, beside its log);
+        the cluster's `redis_url` is left as it is: set it to `proc.redis_url` to use this one."""
         port = free_port()
-        proc = self._spawn("api", ["--port", str(port)], env)
+        workdir = LOG_DIR / f"{self.test_name}.redis{len(self.procs)}.d"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        argv = [find_redis_server(), "--bind", host.address, "--port", str(port), "--protected-mode", "no",
+                "--save", "", "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no", *extra]
+        proc = self.program("redis", argv, host=host)
+        proc.port = port
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"redis-server exited: {proc.log()}")
+            with redis.Redis(host=host.address, port=port, socket_timeout=1) as r:
+                return bool(r.ping())
+
+        wait_for(ready, timeout=15, what=f"redis-server on {host.address}:{port}")
+        return proc
+
+    def api(self, host: Host = LOCAL, **env: str) -> Proc:
+        port = free_port()
+        bind = [] if host == LOCAL else ["--host", host.address]
+        proc = self._spawn("api", ["--port", str(port), *bind], env, host)
         proc.port = port
         wait_for(lambda: _healthy(proc), timeout=30, what=f"API on port {port}\n{proc.log()}")
         return proc
 
-    def worker(self, wait: bool = True, **env: str) -> Proc:
+    def worker(self, wait: bool = True, host: Host = LOCAL, **env: str) -> Proc:
         name = f"w{len(self.procs)}-{os.getpid()}-{time.monotonic_ns() % 100000}"
-        proc = self._spawn("worker", ["--worker-name", name], env)
+        proc = self._spawn("worker", ["--worker-name", name], env, host)
         proc.name = name
         if wait:
             model = env.get("TOKENFAN_MODEL", self.env.get("TOKENFAN_MODEL", "smollm2"))
