@@ -130,6 +130,21 @@ LOG_TTL_REFRESH_EVERY = 64
 
 # Streams a reaper looks at per pass: bounded so one pass stays short.
 REAP_BATCH = 100
+# The lease index is rebuilt from the stream records this often (one process per interval): the
+# bound on finding a running stream whose index entry a restart, an eviction or a hand removed.
+# Rarely needed, so rare; a SCAN of the keyspace costs Redis about 1 ms per thousand keys.
+SWEEP_INTERVAL_S = 10.0
+# Keys per SCAN call of that sweep, and stream records checked per pipelined round trip.
+SWEEP_SCAN_COUNT = 1000
+# While Redis is unreachable, a worker keeps its streams and every event it generated, and an API
+# process keeps its clients' streams open (pinging), this long: a restart or a Sentinel failover
+# takes seconds; past this, the worker lets its leases lapse and the API ends the stream with a
+# retryable error.
+REDIS_OUTAGE_S = 30.0
+# A worker keeps a finished stream's events this long after Redis confirmed its last one, and
+# re-sends what a restart lost: Redis with `appendfsync everysec` writes its append-only file
+# before it replies, except while a slow fsync postpones the write, which it allows for 2 s.
+DURABLE_AFTER_S = 3.0
 # Recent stream errors kept for the ops page (a capped list), and how many it shows.
 ERRORS_KEPT = 50
 ERRORS_SHOWN = 20

@@ -69,6 +69,14 @@ class CommonSettings(BaseSettings):
     max_attempts: int = Field(default=d.MAX_ATTEMPTS, description="takeovers of one stream before it ends with an "
                               "error")
     job_timeout_s: int = Field(default=d.JOB_TIMEOUT_S, description="RQ's own job timeout in seconds, a backstop")
+    # Issue 16: a bound on every stream, whatever Redis lost.
+    sweep_interval_s: float = Field(default=d.SWEEP_INTERVAL_S, gt=0, description="seconds between rebuilds of "
+                                    "the lease index from the stream records, the bound on finding a running stream "
+                                    "that a Redis restart left without a lease index entry")
+    redis_outage_s: float = Field(default=d.REDIS_OUTAGE_S, gt=0, description="seconds a worker keeps its streams "
+                                  "and what it generated, and the API keeps following clients open, while Redis is "
+                                  "unreachable; then the streams are left to the reapers and the clients get a "
+                                  "retryable error")
 
     def queue_url(self) -> str | None:
         return self.queue_redis_url or self.redis_url
