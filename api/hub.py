@@ -13,7 +13,10 @@ A supervisor task connects (TLS, AUTH as the client's URL says), sends a
 PING when the connection has been quiet for a while, and after a lost
 connection reconnects with backoff and subscribes every channel again;
 each channel's confirmation then marks its subscriptions to re-read the
-log, so a message published while disconnected is not lost.
+log, so a message published while disconnected is not lost. With Sentinel
+the address is the primary's as the Sentinels give it at each connect, and a
+`+switch-master` drops the connection at once (shared/redisconn.py says why
+waiting for the old primary to close it is not enough).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.credentials import UsernamePasswordCredentialProvider
 
 from tokenfan.shared import defaults as d
 from tokenfan.shared.errors import Unavailable
+from tokenfan.shared.redisconn import PrimaryWatch
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +197,22 @@ class Hub:
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sub_cmd = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
         self._unsub_cmd = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
+        self._watching: PrimaryWatch | None = None
+        self._on_switch: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Connect before the first request: returns after the first attempt (or CONNECT_TIMEOUT_S);
         a failure is retried in the background."""
+        watch = getattr(self.client.connection_pool, "connection_kwargs", {}).get("primary_watch")
+        if watch is not None:  # Sentinel: a failover drops the connection at once (shared/redisconn.py)
+            loop = asyncio.get_running_loop()
+
+            def on_switch() -> None:  # called in the watch's thread
+                loop.call_soon_threadsafe(self._switched)
+
+            self._on_switch = on_switch
+            watch.on_switch(on_switch)
+            self._watching = watch
         self._task = asyncio.create_task(self._supervise(), name="tokenfan-hub")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), CONNECT_TIMEOUT_S)
@@ -203,6 +220,8 @@ class Hub:
             log.warning("Hub: no answer from Redis at start; still trying in the background")
 
     async def close(self) -> None:
+        if self._watching is not None and self._on_switch is not None:
+            self._watching.forget(self._on_switch)
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -275,6 +294,13 @@ class Hub:
             self._lost(reason)
             await asyncio.sleep(RECONNECT_BACKOFF_S[0])
 
+    def _switched(self) -> None:
+        """Sentinel announced a new primary: this connection is to the old one, which takes
+        publishes no more (or soon will not); reconnecting asks the Sentinels where the new one is."""
+        if self.wire is not None:
+            log.warning("Hub: the Redis primary changed; reconnecting the pub/sub connection")
+            self.wire.abort()
+
     def _lost(self, exc: BaseException | None) -> None:
         log.warning("Hub: pub/sub connection failed (%s); reconnecting", exc or "closed by Redis")
         if self.on_reconnect:
@@ -286,15 +312,9 @@ class Hub:
         loop = asyncio.get_running_loop()
         timeout = conn.socket_connect_timeout or CONNECT_TIMEOUT_S
         wire = _Wire(self)
-        if isinstance(conn, UnixDomainSocketConnection):
-            coro = loop.create_unix_connection(lambda: wire, conn.path)
-        elif isinstance(conn, SSLConnection):
-            coro = loop.create_connection(lambda: wire, conn.host, conn.port, ssl=conn.ssl_context.get())
-        else:
-            coro = loop.create_connection(lambda: wire, conn.host, conn.port)
         try:
             async with asyncio.timeout(timeout):
-                await coro
+                await self._open(loop, wire, conn)
                 if conn.credential_provider or conn.username or conn.password:
                     provider = conn.credential_provider or UsernamePasswordCredentialProvider(
                         conn.username, conn.password)
@@ -307,6 +327,18 @@ class Hub:
             raise
         self.wire = wire
         return wire
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, wire: _Wire, conn: Any) -> None:
+        """The socket, to the address the client's pool would use: with Sentinel, the primary's
+        address as the Sentinels give it now (so a reconnect after a failover finds the new one)."""
+        if isinstance(conn, UnixDomainSocketConnection):
+            await loop.create_unix_connection(lambda: wire, conn.path)
+            return
+        host, port = conn.host, conn.port
+        if isinstance(self.client.connection_pool, SentinelConnectionPool):
+            host, port = await self.client.connection_pool.get_master_address()
+        ssl = conn.ssl_context.get() if isinstance(conn, SSLConnection) else None
+        await loop.create_connection(lambda: wire, host, port, ssl=ssl)
 
     async def _watch(self, wire: _Wire) -> Exception | None:
         """Until the connection is lost; a quiet connection is PINGed and dropped if it stays quiet."""

@@ -2,19 +2,63 @@
 
 Clients keep bytes (`decode_responses=False`): RQ requires it, and events
 are bytes end to end. Every client retries a failed command with backoff,
-so a Redis restart is a pause, not a crash.
+so a Redis restart or a Sentinel failover is a pause, not a crash.
+
+`REDIS_URL` names one Redis (`redis://`, `rediss://`, `unix://`, as
+redis-py reads them) or a primary that Redis Sentinel monitors:
+
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db][?option=value...]
+    rediss+sentinel://...   the same over TLS, to the Redis servers and the Sentinels alike
+
+the form of the redis-sentinel-url package, kombu and others: the comma-separated
+hosts are Sentinels (port 26379 when none is given), `service` is the name
+they monitor (`sentinel monitor <service> ...`), the user and password are
+the Redis servers' own. The Sentinels' own credentials, when they have any,
+are the options `sentinel_username` and `sentinel_password`; every other
+option is redis-py's (`socket_timeout`, `ssl_ca_certs`, ...) for the
+servers.
+
+Failing over, as redis-py alone would do it, leaves a gap: every connection
+asks the Sentinels for the primary when it connects, but one that stays open
+goes on writing to the old primary until Sentinel demotes it, 8 to 10 s after
+the switch (measured with Redis 7.0: Sentinel waits out 4 hello periods before
+it reconfigures the old primary), and all of that is lost when the old
+primary resyncs from the new one. So, as Jedis' and Lettuce's Sentinel
+clients do, each process listens to every Sentinel's `+switch-master`
+(`PrimaryWatch`, one per Sentinel set, threads of its own): on a switch, every
+connection of ours to that service is dropped before its next command (it
+raises ConnectionError, which the clients retry, reconnecting), and the hub's
+pub/sub connection is dropped at once. A connection asks all the Sentinels
+and takes the answer with the highest config epoch (the newest failover), so
+a Sentinel that has not heard of the switch yet cannot send it back to the old
+primary. What is still lost and when is in docs/faults.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode
+
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel as sentinel
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
 
-from tokenfan.shared.errors import Unavailable
+from tokenfan.shared.errors import ConfigError, Unavailable
+
+log = logging.getLogger(__name__)
 
 # A restart of Redis takes a second or two; ride it out before failing.
 RETRIES = 6
@@ -27,11 +71,105 @@ POOL_SIZE = 128
 # A request waits this long for a free pooled connection before failing.
 POOL_WAIT_S = 10.0
 
+# Sentinel: the port Sentinel listens on unless told otherwise (Redis' own default).
+SENTINEL_PORT = 26379
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+# A Sentinel that does not answer is skipped for the next one in the URL: one retry
+# only (a pooled connection the Sentinel closed), never the servers' long backoff.
+SENTINEL_RETRIES = 1
+# The options a Sentinel URL takes for the Sentinels themselves; the rest go to the servers.
+SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+REDIS_URL_SETTING = "TOKENFAN_REDIS_URL (or REDIS_URL)"
+# The channel on which every Sentinel announces a failover: "<service> <old ip> <old port> <new ip> <new port>".
+SWITCH_CHANNEL = "+switch-master"
+# A listener PINGs its Sentinel when it heard nothing for this long, and reconnects when the
+# PING is not answered within the same time again (a Sentinel host that vanished sends no RST).
+LISTEN_PING_S = 5.0
+# After a lost Sentinel connection, a listener tries again this much later.
+RELISTEN_S = 1.0
 
-def require_url(url: str | None) -> str:
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """What a `redis+sentinel://` URL says: where the Sentinels are, the service they
+    monitor, and the connection options for the Redis servers and for the Sentinels."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    server: dict[str, Any] = field(default_factory=dict)
+    sentinel: dict[str, Any] = field(default_factory=dict)
+
+
+def is_sentinel(url: str | None) -> bool:
+    return bool(url) and str(url).partition("://")[0].lower() in SENTINEL_SCHEMES
+
+
+def require_url(url: str | None, setting: str = REDIS_URL_SETTING) -> str:
+    """The URL, checked: no URL is Unavailable; one that cannot work is a one-line ConfigError."""
     if not url:
         raise Unavailable("no Redis URL: set REDIS_URL (or TOKENFAN_REDIS_URL)", code="redis_not_configured")
+    if is_sentinel(url):
+        sentinel_target(url, setting)
+        return url
+    try:
+        parse_url(url)
+    except ValueError as exc:  # redis-py's reasons: the scheme, a port that is not a number, an option
+        raise _bad_url(url, setting, str(exc)) from None
     return url
+
+
+def _bad_url(url: str, setting: str, reason: str) -> ConfigError:
+    return ConfigError(f"{setting}: {reason.rstrip('.')} (got {redacted(url)}); expected redis://host:port/db, "
+                       "rediss://..., unix:///path or redis+sentinel://host:26379[,host:26379...]/service[/db]",
+                       param="redis_url")
+
+
+def sentinel_target(url: str, setting: str = REDIS_URL_SETTING) -> SentinelTarget:
+    """Parse a `redis+sentinel://` URL (the module docstring gives its form)."""
+    scheme, _, rest = url.partition("://")
+    tls = SENTINEL_SCHEMES.get(scheme.lower())
+    if tls is None:
+        raise _bad_url(url, setting, "not a Sentinel URL")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    creds, _, hosts = netloc.rpartition("@")
+    sentinels = tuple(_host_port(h, url, setting) for h in hosts.split(","))
+    parts = path.strip("/").split("/") if path.strip("/") else []
+    if not parts or len(parts) > 2:
+        raise _bad_url(url, setting, "a Sentinel URL needs the monitored service's name as its path: "
+                       "/service or /service/db")
+    service, db = unquote(parts[0]), parts[1] if len(parts) > 1 else ""
+    if db and not db.isdigit():
+        raise _bad_url(url, setting, f"the database must be a number, not {db!r}")
+    options = parse_qsl(query, keep_blank_values=False)
+    own = {k: v for k, v in options if k in SENTINEL_OPTIONS}
+    plain = f"{'rediss' if tls else 'redis'}://{creds + '@' if creds else ''}sentinel-target/{db}"
+    try:
+        server = parse_url(f"{plain}?{urlencode([(k, v) for k, v in options if k not in SENTINEL_OPTIONS])}")
+    except ValueError as exc:
+        raise _bad_url(url, setting, str(exc)) from None
+    for key in ("host", "port", "connection_class"):  # the Sentinels say where; the pool picks the class
+        server.pop(key, None)
+    sentinel: dict[str, Any] = {k.removeprefix("sentinel_"): v for k, v in own.items()}
+    if tls:
+        server["ssl"] = True
+        sentinel.update({"ssl": True, **{k: v for k, v in server.items() if k.startswith("ssl_")}})
+    return SentinelTarget(sentinels, service, server, sentinel)
+
+
+def _host_port(item: str, url: str, setting: str) -> tuple[str, int]:
+    host, port = item, ""
+    if item.startswith("["):  # [IPv6]:port
+        host, _, tail = item[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif ":" in item:
+        host, _, port = item.rpartition(":")
+    if not host:
+        raise _bad_url(url, setting, "a Sentinel URL lists its Sentinels as host:port, comma-separated, "
+                       "and one of them has no host")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise _bad_url(url, setting, f"{port!r} is not a port")
+    return unquote(host), int(port) if port else SENTINEL_PORT
 
 
 def _common() -> dict[str, object]:
@@ -42,46 +180,281 @@ def _common() -> dict[str, object]:
     }
 
 
+def _sentinel_kwargs(target: SentinelTarget, retry: Any) -> dict[str, Any]:
+    return {"socket_timeout": CONNECT_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S, "retry": retry,
+            **target.sentinel}
+
+
 def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOUT_S,
                 cluster: bool = False) -> redis.Redis:
+    url = require_url(url)
     if cluster:
+        _no_cluster_sentinel(url)
         return RedisCluster.from_url(
-            require_url(url), socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT_S,
         )
-    return redis.Redis.from_url(
-        require_url(url),
-        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
-        socket_timeout=socket_timeout,
-        **_common(),
-    )
+    retry = Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES)
+    if is_sentinel(url):
+        target = sentinel_target(url)
+        manager = _Sentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(target, Retry(NoBackoff(),
+                                                                                            SENTINEL_RETRIES)))
+        options = {"retry": retry, "socket_timeout": socket_timeout, **_common(), **target.server,
+                   "connection_class": _WatchedSSL if target.server.get("ssl") else _Watched,
+                   "primary_watch": primary_watch(target)}
+        return manager.master_for(target.service, redis_class=redis.Redis, **options)
+    return redis.Redis.from_url(url, retry=retry, socket_timeout=socket_timeout, **_common())
+
+
+def _no_cluster_sentinel(url: str) -> None:
+    if is_sentinel(url):
+        raise ConfigError("TOKENFAN_REDIS_CLUSTER: a Sentinel URL names one primary, not a Redis Cluster; "
+                          "turn one of them off", param="redis_cluster")
 
 
 def async_client(url: str | None, *, max_connections: int = POOL_SIZE, cluster: bool = False) -> aredis.Redis:
     from redis.asyncio.retry import Retry as AsyncRetry
 
+    url = require_url(url)
     if cluster:
+        _no_cluster_sentinel(url)
         return AsyncRedisCluster.from_url(
-            require_url(url), socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
             max_connections=max_connections,
         )
+    retry = AsyncRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES)
     # A blocking pool: a burst of requests waits for a connection instead of
     # failing with MaxConnectionsError (seen in the benchmark at 1,000 streams).
-    pool = aredis.BlockingConnectionPool.from_url(
-        require_url(url),
-        retry=AsyncRetry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
-        socket_timeout=SOCKET_TIMEOUT_S,
-        max_connections=max_connections,
-        timeout=POOL_WAIT_S,
-        **_common(),
-    )
-    return aredis.Redis(connection_pool=pool)
+    options = {"retry": retry, "socket_timeout": SOCKET_TIMEOUT_S, "max_connections": max_connections,
+               "timeout": POOL_WAIT_S, **_common()}
+    if is_sentinel(url):
+        target = sentinel_target(url)
+        manager = _AsyncSentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(
+            target, AsyncRetry(NoBackoff(), SENTINEL_RETRIES)))
+        options.update({**target.server, "primary_watch": primary_watch(target),
+                        "connection_class": _AsyncWatchedSSL if target.server.get("ssl") else _AsyncWatched})
+        return manager.master_for(target.service, redis_class=aredis.Redis,
+                                  connection_pool_class=BlockingSentinelPool, **options)
+    return aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(url, **options))
+
+
+# --- Sentinel: a failover heard as it happens (the module docstring says why) ---------------
+
+
+class PrimaryWatch:
+    """One Sentinel set's `+switch-master`, heard by a daemon thread per Sentinel for the life of
+    the process. `epoch` counts the switches (connections compare it before each command);
+    `on_switch` callbacks run in a listener thread on each switch."""
+
+    def __init__(self, target: SentinelTarget) -> None:
+        self.target = target
+        self.epoch = 0
+        self.primary: tuple[str, int] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> PrimaryWatch:
+        with self._lock:
+            if self._threads:
+                return self
+            self._threads = [threading.Thread(target=self._listen, args=addr, daemon=True,
+                                              name=f"tokenfan-sentinel-{addr[0]}:{addr[1]}")
+                             for addr in self.target.sentinels]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def on_switch(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(fn)
+
+    def forget(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+    def heard(self, data: bytes | str) -> bool:
+        """One `+switch-master` message; True when it names a new primary of our service."""
+        parts = (data.decode() if isinstance(data, bytes) else data).split()
+        if len(parts) != 5 or parts[0] != self.target.service or not parts[4].isdigit():
+            return False
+        new = (parts[3], int(parts[4]))
+        with self._lock:
+            if new == self.primary:  # every Sentinel announces the same switch
+                return False
+            self.primary = new
+            self.epoch += 1
+            callbacks = list(self._callbacks)
+        log.warning("Sentinel: %s failed over to %s:%d; dropping our connections to the old primary",
+                    self.target.service, *new)
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # one listener's failure must not keep the others from hearing
+                log.exception("Sentinel: a failover callback failed")
+        return True
+
+    def _listen(self, host: str, port: int) -> None:
+        while True:
+            try:
+                self._listen_once(host, port)
+            except (redis.RedisError, OSError) as exc:
+                log.debug("Sentinel %s:%d: listener lost (%s); again in %.0f s", host, port, exc, RELISTEN_S)
+            time.sleep(RELISTEN_S)
+
+    def _listen_once(self, host: str, port: int) -> None:
+        client = redis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                             socket_timeout=2 * LISTEN_PING_S, retry=Retry(NoBackoff(), 0),
+                             **{k: v for k, v in self.target.sentinel.items() if k != "retry"})
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(SWITCH_CHANNEL)
+            heard_at, pinged = time.monotonic(), False
+            while True:
+                msg = pubsub.get_message(timeout=LISTEN_PING_S)
+                now = time.monotonic()
+                if msg is not None:
+                    heard_at, pinged = now, False
+                    if msg.get("type") == "message":
+                        self.heard(msg["data"])
+                elif pinged and now - heard_at >= 2 * LISTEN_PING_S:
+                    raise redis.TimeoutError("no answer to a PING")
+                elif not pinged and now - heard_at >= LISTEN_PING_S:
+                    pubsub.ping()
+                    pinged = True
+        finally:
+            pubsub.close()
+            client.close()
+
+
+# One watch per Sentinel set and service in a process, however many clients use it: a cache,
+# like a connection pool's, filled on first use and never changed otherwise.
+_WATCHES: dict[tuple[tuple[tuple[str, int], ...], str], PrimaryWatch] = {}
+_WATCHES_LOCK = threading.Lock()
+
+
+def primary_watch(target: SentinelTarget) -> PrimaryWatch:
+    with _WATCHES_LOCK:
+        watch = _WATCHES.setdefault((target.sentinels, target.service), PrimaryWatch(target))
+    return watch.start()
+
+
+def _newest(found: list[dict[str, Any]], service: str, errors: list[str], error: type[Exception]) -> tuple[str, int]:
+    """Of the Sentinels' answers, the one of the latest failover (highest config epoch)."""
+    if not found:
+        raise error(f"No master found for {service!r}" + (f": {', '.join(errors)}" if errors else ""))
+    best = max(found, key=lambda state: int(state.get("config-epoch", 0)))
+    return str(best["ip"]), int(best["port"])
+
+
+class _Sentinel(sentinel.Sentinel):  # type: ignore[misc]
+    """redis-py's Sentinel, asking every Sentinel and believing the newest (redis-py takes the first
+    that answers, which may not have heard of the last failover yet)."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        found, errors = [], []
+        for s in self.sentinels:
+            try:
+                state = s.sentinel_masters().get(service_name)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                errors.append(f"{s.connection_pool.connection_kwargs.get('port')}: {exc}")
+                continue
+            if state and self.check_master_state(state, service_name):
+                found.append(state)
+        return _newest(found, service_name, errors, sentinel.MasterNotFoundError)
+
+
+class _AsyncSentinel(asentinel.Sentinel):  # type: ignore[misc]
+    """The same for redis.asyncio, asking the Sentinels at once."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        replies = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        found, errors = [], []
+        for reply in replies:
+            if isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
+                errors.append(str(reply))
+            elif isinstance(reply, BaseException):
+                raise reply
+            elif (state := reply.get(service_name)) and self.check_master_state(state, service_name):
+                found.append(state)
+        return _newest(found, service_name, errors, asentinel.MasterNotFoundError)
+
+
+_SWITCHED = "the primary changed (Sentinel +switch-master); reconnecting"
+
+
+class _Watched(sentinel.SentinelManagedConnection):  # type: ignore[misc]
+    """A connection to the primary that, after a switch it has not seen, closes before its next
+    command and raises ConnectionError (the client's retry reconnects to the new primary; a
+    WATCH in flight fails as redis-py fails it on any lost connection, never silently). Every
+    reconnect asks the Sentinels: redis-py's retry reconnects a connection to the address it had,
+    so a command retried after the primary moved would go back to the old one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.watch: PrimaryWatch = kwargs.pop("primary_watch")
+        self.seen = self.watch.epoch
+        super().__init__(**kwargs)
+
+    def _connect_retry(self) -> None:  # asks the Sentinels, then connects: what it finds is this epoch's
+        if self._sock is None:
+            self.seen = self.watch.epoch
+        super()._connect_retry()
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._sock is not None and self.seen != self.watch.epoch:
+            self.disconnect()
+            raise redis.ConnectionError(_SWITCHED)
+        if self._sock is None:  # through the Sentinels: redis-py's own reconnect reuses the old address
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+class _WatchedSSL(_Watched, SSLConnection):  # type: ignore[misc]
+    pass
+
+
+class _AsyncWatched(asentinel.SentinelManagedConnection):  # type: ignore[misc]
+    """`_Watched` for redis.asyncio."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.watch: PrimaryWatch = kwargs.pop("primary_watch")
+        self.seen = self.watch.epoch
+        super().__init__(**kwargs)
+
+    async def _connect_retry(self) -> None:
+        if not self.is_connected:
+            self.seen = self.watch.epoch
+        await super()._connect_retry()
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.is_connected and self.seen != self.watch.epoch:
+            await self.disconnect()
+            raise redis.ConnectionError(_SWITCHED)
+        if not self.is_connected:
+            await self.connect()
+        await super().send_packed_command(command, check_health)
+
+
+class _AsyncWatchedSSL(_AsyncWatched, AsyncSSLConnection):  # type: ignore[misc]
+    pass
+
+
+class BlockingSentinelPool(asentinel.SentinelConnectionPool, aredis.BlockingConnectionPool):  # type: ignore[misc]
+    """Sentinel's pool that waits for a free connection like the plain client's (see `async_client`)."""
 
 
 def redacted(url: str | None) -> str:
-    """The URL without its password, for logs."""
-    if not url or "@" not in url:
-        return url or ""
+    """The URL without its password, for logs (and without the Sentinels' password option)."""
+    if not url:
+        return ""
+    if "sentinel_password=" in url:
+        head, _, query = url.partition("?")
+        url = head + "?" + "&".join("sentinel_password=***" if kv.startswith("sentinel_password=") else kv
+                                    for kv in query.split("&"))
+    if "@" not in url.partition("?")[0]:
+        return url
     scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
+    netloc_and_path, q, query = rest.partition("?")
+    creds, host = netloc_and_path.rsplit("@", 1)
     user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+    return f"{scheme}://{user}:***@{host}{q}{query}" if user else f"{scheme}://***@{host}{q}{query}"

@@ -1,0 +1,394 @@
+"""Redis Sentinel: REDIS_URL names a monitored primary, and a failover mid-stream is a pause.
+
+The test's own Redis set: a primary and a replica (redis-server on free ports)
+and three Sentinels (`redis-server --sentinel`, each with a config of its own
+in a temporary folder), with a small down-after and failover timeout. Two API
+processes and two workers (fake engine) run on `redis+sentinel://`; streams
+are followed by clients that resume with Last-Event-ID on the other API
+whenever a connection ends early, as EventSource would. Then the primary
+fails over, once by `SENTINEL FAILOVER` and once by SIGKILL; the SIGKILL
+case first cuts the replica off for a moment, so the primary it replaces
+holds events the new one never got (asynchronous replication dropping the
+last writes, made certain instead of left to luck).
+
+What clients must see: every stream ends with `done` and exactly its text,
+or with exactly one retryable `error`; never silence and never a hang (every
+wait has a deadline).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, wait_for
+from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
+from tokenfan.shared import keys
+
+pytestmark = pytest.mark.slow
+
+SERVICE = "tf-primary"
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 4000
+TOKENS = 160
+RATE = "20"  # tokens per second per stream: a stream lasts 8 s, the failover lands in its middle
+STREAMS = 6
+# Every stream ends within this (a stream's own 8 s, plus a failover, a lease and a takeover).
+STREAM_DEADLINE_S = 90.0
+# A connection that brings no event for this long is silence (pings come every 15 s at most).
+SILENCE_S = 45.0
+
+
+@dataclass
+class Node:
+    role: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, **kw: float) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=kw.get("socket_timeout", 5))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class SentinelSet:
+    """A primary, a replica and three Sentinels, all on loopback ports of their own."""
+
+    folder: Path
+    servers: list[Node] = field(default_factory=list)
+    sentinels: list[Node] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def _start(self, role: str, argv: list[str]) -> Node:
+        log = self.folder / f"{role}.log"
+        fh = log.open("wb")
+        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        fh.close()
+        node = Node(role, int(argv[argv.index("--port") + 1]) if "--port" in argv else 0, popen, log)
+        return node
+
+    def server(self, role: str, *extra: str) -> Node:
+        port = free_port()
+        folder = self.folder / role
+        folder.mkdir()
+        node = self._start(role, [
+            find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(folder), "--daemonize", "no", "--enable-debug-command", "local", *extra])
+        self.servers.append(node)
+        return node
+
+    def sentinel(self, i: int, primary: Node) -> Node:
+        port = free_port()
+        folder = self.folder / f"sentinel{i}"
+        folder.mkdir()
+        conf = folder / "sentinel.conf"
+        conf.write_text("\n".join([
+            f"port {port}", "bind 127.0.0.1", "daemonize no", f'dir "{folder}"',
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
+            f"sentinel parallel-syncs {SERVICE} 1", ""]))
+        node = self._start(f"sentinel{i}", [find_redis_server(), str(conf), "--sentinel", "--port", str(port)])
+        self.sentinels.append(node)
+        return node
+
+    def start(self) -> SentinelSet:
+        primary = self.server("primary")
+        wait_for(lambda: primary.client().ping(), timeout=15, what="the primary")
+        replica = self.server("replica", "--replicaof", "127.0.0.1", str(primary.port))
+        wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up",
+                 timeout=15, what="the replica in sync")
+        for i in range(3):
+            self.sentinel(i, primary)
+        # Ready when each Sentinel knows the replica and both other Sentinels (they learn of each
+        # other through the primary's hello channel): only then can they agree on a failover.
+        for s in self.sentinels:
+            wait_for(lambda s=s: self._knows_all(s), timeout=30, what=f"Sentinel {s.port} to see the set")
+        return self
+
+    def _knows_all(self, s: Node) -> bool:
+        c = s.client()
+        try:
+            replicas = c.execute_command("SENTINEL", "REPLICAS", SERVICE)
+            peers = c.execute_command("SENTINEL", "SENTINELS", SERVICE)
+        finally:
+            c.close()
+        return len(replicas) == 1 and len(peers) == 2
+
+    def primary_port(self, sentinel: Node | None = None) -> int:
+        c = (sentinel or self.sentinels[0]).client()
+        try:
+            _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        finally:
+            c.close()
+        return int(port)
+
+    def node(self, port: int) -> Node:
+        return next(n for n in self.servers if n.port == port)
+
+    def primary(self) -> Node:
+        return self.node(self.primary_port())
+
+    def replica(self) -> Node:
+        return next(n for n in self.servers if n.port != self.primary_port())
+
+    def all_agree_on(self, port: int) -> bool:
+        """Every Sentinel names `port` as the primary, and that server says it is one."""
+        if not all(self.primary_port(s) == port for s in self.sentinels):
+            return False
+        c = self.node(port).client()
+        try:
+            return bool(c.execute_command("ROLE")[0] == b"master")
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        for n in [*self.sentinels, *self.servers]:
+            stop_process(n.popen, 10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.role} ---\n{n.log.read_text(errors='replace')[-3000:]}"
+                         for n in [*self.servers, *self.sentinels])
+
+
+@pytest.fixture
+def sentinel_set() -> Iterator[SentinelSet]:
+    folder = Path(tempfile.mkdtemp(prefix="tokenfan-sentinel-"))
+    s = SentinelSet(folder)
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        keep = LOG_DIR / "sentinel"
+        keep.mkdir(parents=True, exist_ok=True)
+        for node in [*s.servers, *s.sentinels]:
+            if node.log.exists():
+                shutil.copy(node.log, keep / f"{os.getpid()}.{node.role}.log")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- clients that resume as EventSource would -------------------------------
+
+
+@dataclass
+class Reader:
+    """One client of one stream: reads on one API, and when a connection ends before the stream
+    does (an API's Redis failed, a connection broke), resumes with Last-Event-ID on the other."""
+
+    sid: str
+    apis: list[str]
+    events: list[SSE] = field(default_factory=list)  # the logged events, in the order received
+    local_errors: list[dict[str, object]] = field(default_factory=list)  # API-made errors (not in the log)
+    resumes: int = 0
+    failure: str = ""
+    thread: threading.Thread | None = None
+
+    @property
+    def last(self) -> int:
+        return int(self.events[-1].id) if self.events else 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.event == "token" for e in self.events)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.events) and self.events[-1].event in ("done", "error")
+
+    def start(self) -> Reader:
+        self.thread = threading.Thread(target=self._run, name=f"reader-{self.sid}", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + STREAM_DEADLINE_S
+        attempt = 0
+        try:
+            while not self.ended:
+                if time.monotonic() > deadline:
+                    self.failure = f"no terminal event within {STREAM_DEADLINE_S}s (last seq {self.last})"
+                    return
+                self._read_once(self.apis[attempt % len(self.apis)])
+                attempt += 1
+                if not self.ended:
+                    self.resumes += 1
+        except Exception as exc:  # reported by the test, with the stream it belongs to
+            self.failure = f"{type(exc).__name__}: {exc}"
+
+    def _read_once(self, base: str) -> None:
+        headers = {"Last-Event-ID": str(self.last)} if self.last else {}
+        try:
+            with httpx.stream("GET", f"{base}/v1/streams/{self.sid}", headers=headers,
+                              timeout=httpx.Timeout(SILENCE_S, connect=5)) as resp:
+                if resp.status_code == 204:  # ended at or before our id: cannot be, we stop at the terminal
+                    raise AssertionError(f"204 on resume at {self.last}")
+                if resp.status_code != 200:
+                    resp.read()
+                    self.local_errors.append({"status": resp.status_code, "body": resp.text})
+                    return
+                for ev in sse_events(resp):
+                    if not self._take(ev):
+                        return
+        except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+            if isinstance(exc, httpx.ReadTimeout):
+                raise AssertionError(f"silence: nothing for {SILENCE_S}s after seq {self.last}") from exc
+
+    def _take(self, ev: SSE) -> bool:
+        """Record one event; False when this connection is done (terminal, or an API-made error)."""
+        if ev.event in ("queued", "reconnect"):
+            return ev.event != "reconnect"
+        seq = int(ev.id)
+        if ev.event == "error" and seq <= self.last:  # made by the API (its id is the last seq sent)
+            self.local_errors.append(ev.json())
+            if not ev.json().get("retryable"):
+                raise AssertionError(f"a non-retryable error from the API: {ev.data}")
+            return False
+        if seq != self.last + 1:
+            raise AssertionError(f"seq {seq} after {self.last}: {ev.event} {ev.data}")
+        self.events.append(ev)
+        return ev.event not in ("done", "error")
+
+
+def _text(evs: list[SSE]) -> str:
+    return "".join(e.json()["text"] for e in evs if e.event == "token")
+
+
+def _check_outcome(reader: Reader, content: str) -> str:
+    """'done' or 'error'; fails unless the stream ended with done and its exact text, or one retryable error."""
+    assert not reader.failure, f"stream {reader.sid}: {reader.failure}"
+    evs = reader.events
+    assert [int(e.id) for e in evs] == list(range(1, len(evs) + 1))
+    terminals = [e for e in evs if e.event in ("done", "error")]
+    assert len(terminals) == 1 and terminals[0] is evs[-1], [e.event for e in terminals]
+    if evs[-1].event == "error":
+        assert evs[-1].json()["retryable"] is True, evs[-1].data
+        return "error"
+    assert _text(evs) == expected_text(content, TOKENS), f"stream {reader.sid}: the text differs"
+    assert evs[-1].json()["usage"]["completion_tokens"] == TOKENS
+    return "done"
+
+
+# --- the processes on Sentinel ---------------------------------------------
+
+
+def _workers(r: redis.Redis, names: list[str]) -> bool:
+    return all(r.zscore(keys.workers("smollm2"), n) is not None for n in names)
+
+
+def _start_tokenfan(cluster: Cluster, s: SentinelSet) -> list[str]:
+    cluster.redis_url = s.url
+    cluster.env.update({"TOKENFAN_FAKE_RATE": RATE, "TOKENFAN_FAKE_TOKENS": str(TOKENS)})
+    apis = [cluster.api().url, cluster.api().url]
+    workers = [cluster.worker(wait=False), cluster.worker(wait=False)]
+    r = s.primary().client()
+    try:
+        wait_for(lambda: _workers(r, [w.name for w in workers]) or not all(w.alive() for w in workers),
+                 timeout=60, what="two workers registered")
+    finally:
+        r.close()
+    for w in workers:
+        assert w.alive(), w.log()
+    return apis
+
+
+@pytest.fixture
+def tf(sentinel_set: SentinelSet, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    c = Cluster(sentinel_set.url, test_name=request.node.name.replace("[", ".").replace("]", ""))
+    yield c
+    c.stop_all()
+
+
+# --- the failovers -----------------------------------------------------------
+
+
+def _sentinel_failover(s: SentinelSet, sids: list[str]) -> dict[str, int]:
+    """`SENTINEL FAILOVER`: the replica is promoted; the old primary takes writes until Sentinel
+    demotes it. Returns no certain gap (what the old primary alone got depends on timing)."""
+    new = s.replica().port
+    c = s.sentinels[0].client()
+    try:
+        assert c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    finally:
+        c.close()
+    wait_for(lambda: s.all_agree_on(new), timeout=30, what="the replica promoted")
+    return {}
+
+
+def _sigkill_with_a_gap(s: SentinelSet, sids: list[str]) -> dict[str, int]:
+    """SIGKILL of the primary while its replica is cut off, so the new primary lacks the last
+    events of every stream: returns how many each lacks."""
+    primary, replica = s.primary(), s.replica()
+    p, rc = primary.client(), replica.client(socket_timeout=10)
+    before = {sid: p.xlen(keys.log(sid)) for sid in sids}
+    # One read for both commands: the replica's replication cron cannot reconnect in between,
+    # and while it sleeps (less than down-after, so the Sentinels keep it eligible) it gets nothing.
+    pipe = rc.pipeline(transaction=False)
+    pipe.execute_command("CLIENT", "KILL", "TYPE", "master")
+    pipe.execute_command("DEBUG", "SLEEP", "0.6")
+    cut = threading.Thread(target=pipe.execute, name="cut-replica", daemon=True)
+    cut.start()
+    wait_for(lambda: all(p.xlen(keys.log(sid)) >= before[sid] + 3 for sid in sids), timeout=5, interval=0.01,
+             what="three more events per stream on the primary alone")
+    at_kill = {sid: p.xlen(keys.log(sid)) for sid in sids}
+    primary.popen.send_signal(signal.SIGKILL)
+    primary.popen.wait(10)
+    cut.join(10)
+    assert not cut.is_alive()
+    role = rc.execute_command("ROLE")[0]
+    kept = {sid: rc.xlen(keys.log(sid)) for sid in sids}
+    assert role == b"slave", "promoted before its log was read: the gap below would not be the failover's"
+    p.close()
+    wait_for(lambda: s.all_agree_on(replica.port), timeout=30, what="the replica promoted")
+    rc.close()
+    return {sid: at_kill[sid] - kept[sid] for sid in sids}
+
+
+@pytest.mark.parametrize("how", ["sentinel_failover", "sigkill_primary"])
+def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -> None:
+    s = sentinel_set
+    apis = _start_tokenfan(tf, s)
+    contents = [f"sentinel {how} {i}" for i in range(STREAMS)]
+    sids = [create_stream(apis[i % 2], c, max_tokens=TOKENS) for i, c in enumerate(contents)]
+    readers = [Reader(sid, apis[i % 2:] + apis[:i % 2]).start() for i, sid in enumerate(sids)]
+    wait_for(lambda: all(r.tokens >= 20 or r.failure or r.ended for r in readers), timeout=30,
+             what="every stream under way")
+    assert not any(r.ended for r in readers), "a stream ended before the failover"
+    old = s.primary_port()
+    gaps = (_sigkill_with_a_gap if how == "sigkill_primary" else _sentinel_failover)(s, sids)
+    assert s.primary_port() != old
+    if gaps:  # the new primary lacks events the clients already had: the workers must re-send them
+        assert all(n > 0 for n in gaps.values()), gaps
+    for r in readers:
+        assert r.thread is not None
+        r.thread.join(STREAM_DEADLINE_S + 10)
+    outcomes = [_check_outcome(r, c) for r, c in zip(readers, contents, strict=True)]
+    print(f"{how}: outcomes {outcomes}, resumes {[r.resumes for r in readers]}, gaps {gaps}, "
+          f"API-made errors {[r.local_errors for r in readers]}")
+    # New work runs on the new primary, through both APIs.
+    for i, base in enumerate(apis):
+        sid = create_stream(base, f"after {how} {i}", max_tokens=TOKENS)
+        after = Reader(sid, [base]).start()
+        assert after.thread is not None
+        after.thread.join(STREAM_DEADLINE_S + 10)
+        assert _check_outcome(after, f"after {how} {i}") == "done"
+    for p in tf.procs:
+        assert p.alive(), f"{p.kind} exited:\n{p.log()[-3000:]}"
