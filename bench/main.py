@@ -9,6 +9,9 @@ Scenarios (docs/benchmarks.md says how each is measured and why):
 5. `server`   tokenfan against llama-cpp-python's OpenAI server at 1, 4 and 16 clients
 6. `batch`    one worker with 16 slots against llama.cpp's own llama-server --parallel 16 at 1, 4 and 16
               clients (builds llama-server from llama-cpp-python's source the first time: minutes)
+7. `chaos`    a soak: `--streams` clients for `--duration` seconds (50, 10 minutes) over 2 API processes
+              and 3 workers while workers, API processes and Redis are killed and restarted; streams
+              hung and tokens lost or doubled (must be 0), time to recover per fault. Runs only when named.
 
 Every scenario starts its own Redis and processes and stops them at its
 end; progress goes to stderr; the figures go to a JSON file, Markdown
@@ -30,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenfan.bench.batch import Plan
 
-SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch")
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos")
+# What a run with no scenario named runs: the soak takes ten minutes and measures no speed.
+DEFAULT_SCENARIOS = SCENARIOS[:6]
 ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
 DEFAULT_OUT = "docs/benchmarks.md"
 DEFAULT_JSON = "docs/benchmarks/results.json"
@@ -133,6 +138,12 @@ def add_parser(sub: Any) -> None:
                    help="llama.cpp threads on every model side (default: llama-cpp-python's own default, "
                         "half the CPUs: %(default)s)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the API process to a CPU of its own")
+    chaos = p.add_argument_group("chaos")
+    chaos.add_argument("--duration", type=float, help="chaos: seconds of soak (default 600; --quick 40)")
+    chaos.add_argument("--streams", type=int, help="chaos: concurrent clients (default 50; --quick 8)")
+    chaos.add_argument("--seed", type=int, default=1, help="chaos: seed of the faults and the clients (default 1)")
+    chaos.add_argument("--faults", help="chaos: comma-separated kinds of fault (default: all of "
+                       "worker-kill, worker-term, api-kill, api-term, redis-restart)")
 
 
 def default_threads() -> int:
@@ -143,7 +154,7 @@ def default_threads() -> int:
 
 
 def scenarios_of(given: list[str]) -> list[str]:
-    names = [ALIASES.get(g, g) for g in given] or list(SCENARIOS)
+    names = [ALIASES.get(g, g) for g in given] or list(DEFAULT_SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise SystemExit(f"tokenfan bench: unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -162,6 +173,11 @@ def command_of(args: argparse.Namespace) -> list[str]:
         out += ["--threads", str(args.threads)]
     if args.no_pin:
         out.append("--no-pin")
+    for flag in ("duration", "streams", "faults"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    if args.seed != 1:
+        out += ["--seed", str(args.seed)]
     return out
 
 
@@ -268,8 +284,15 @@ def batch_plan(sizes: Sizes) -> Plan:
                 sizes.batch_rounds)
 
 
+def _chaos(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.bench.chaos import default_plan, soak
+
+    return soak(stack, default_plan(args.duration, args.streams, args.seed, args.faults, args.quick))
+
+
 RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
     "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server, "batch": _batch,
+    "chaos": _chaos,
 }
 
 

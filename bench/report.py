@@ -28,6 +28,7 @@ TITLES = {
     "e2e": "4. End to end with the real model",
     "server": "5. Against llama-cpp-python's OpenAI server",
     "batch": "6. Batching: one worker's slots against llama.cpp's llama-server",
+    "chaos": "7. Chaos soak: workers, API processes and Redis killed under load",
 }
 
 
@@ -278,8 +279,14 @@ def _batch_table(r: dict[str, Any]) -> list[str]:
     return batch_table(r)
 
 
+def _chaos_table(r: dict[str, Any]) -> list[str]:
+    from tokenfan.bench.chaos import chaos_table
+
+    return chaos_table(r)
+
+
 TABLES = {"relay": _relay_table, "capacity": _capacity_table, "ttft": _ttft_table, "e2e": _e2e_table,
-          "server": _server_table, "batch": _batch_table}
+          "server": _server_table, "batch": _batch_table, "chaos": _chaos_table}
 
 
 # --- the chart --------------------------------------------------------------
