@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsError
 
 from tokenfan.shared.errors import ConfigError
+from tokenfan.shared.redisconn import redacted
 
 S = TypeVar("S", bound=BaseSettings)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,7 +82,10 @@ class Group:
             where = self.envs(field)[0]
         else:
             where = field
-        return f"{where}: {err['msg']} (got {err.get('input')!r})"
+        given_value = err.get("input")
+        if field.lower().endswith("redis_url") and isinstance(given_value, str):  # a URL may hold a password
+            given_value = redacted(given_value)
+        return f"{where}: {err['msg']} (got {given_value!r})"
 
 
 class SettingOption(click.Option):

@@ -80,6 +80,7 @@ SENTINEL_RETRIES = 1
 # The options a Sentinel URL takes for the Sentinels themselves; the rest go to the servers.
 SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 REDIS_URL_SETTING = "TOKENFAN_REDIS_URL (or REDIS_URL)"
+URL_FORMS = "redis://host:port/db, rediss://..., unix:///path or redis+sentinel://host:26379[,host:26379...]/service[/db]"
 # The channel on which every Sentinel announces a failover: "<service> <old ip> <old port> <new ip> <new port>".
 SWITCH_CHANNEL = "+switch-master"
 # A listener PINGs its Sentinel when it heard nothing for this long, and reconnects when the
@@ -108,56 +109,54 @@ def require_url(url: str | None, setting: str = REDIS_URL_SETTING) -> str:
     """The URL, checked: no URL is Unavailable; one that cannot work is a one-line ConfigError."""
     if not url:
         raise Unavailable("no Redis URL: set REDIS_URL (or TOKENFAN_REDIS_URL)", code="redis_not_configured")
-    if is_sentinel(url):
-        sentinel_target(url, setting)
-        return url
-    try:
-        parse_url(url)
-    except ValueError as exc:  # redis-py's reasons: the scheme, a port that is not a number, an option
-        raise _bad_url(url, setting, str(exc)) from None
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError(f"{setting}: {problem} (got {redacted(url)})", param="redis_url")
     return url
 
 
-def _bad_url(url: str, setting: str, reason: str) -> ConfigError:
-    return ConfigError(f"{setting}: {reason.rstrip('.')} (got {redacted(url)}); expected redis://host:port/db, "
-                       "rediss://..., unix:///path or redis+sentinel://host:26379[,host:26379...]/service[/db]",
-                       param="redis_url")
+def url_problem(url: str) -> str:
+    """Why a Redis URL cannot work ("" when it can), in words that never repeat the URL (its password)."""
+    try:
+        if is_sentinel(url):
+            sentinel_target(url)
+        else:
+            parse_url(url)  # redis-py's reasons: the scheme, a port that is not a number, an option
+    except ValueError as exc:
+        return f"{str(exc).rstrip('.')}; expected {URL_FORMS}"
+    return ""
 
 
-def sentinel_target(url: str, setting: str = REDIS_URL_SETTING) -> SentinelTarget:
-    """Parse a `redis+sentinel://` URL (the module docstring gives its form)."""
+def sentinel_target(url: str) -> SentinelTarget:
+    """Parse a `redis+sentinel://` URL (the module docstring gives its form); ValueError says what is wrong."""
     scheme, _, rest = url.partition("://")
     tls = SENTINEL_SCHEMES.get(scheme.lower())
     if tls is None:
-        raise _bad_url(url, setting, "not a Sentinel URL")
+        raise ValueError("not a Sentinel URL")
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     creds, _, hosts = netloc.rpartition("@")
-    sentinels = tuple(_host_port(h, url, setting) for h in hosts.split(","))
+    sentinels = tuple(_host_port(h) for h in hosts.split(","))
     parts = path.strip("/").split("/") if path.strip("/") else []
     if not parts or len(parts) > 2:
-        raise _bad_url(url, setting, "a Sentinel URL needs the monitored service's name as its path: "
-                       "/service or /service/db")
+        raise ValueError("a Sentinel URL needs the monitored service's name as its path: /service or /service/db")
     service, db = unquote(parts[0]), parts[1] if len(parts) > 1 else ""
     if db and not db.isdigit():
-        raise _bad_url(url, setting, f"the database must be a number, not {db!r}")
+        raise ValueError(f"the database must be a number, not {db!r}")
     options = parse_qsl(query, keep_blank_values=False)
     own = {k: v for k, v in options if k in SENTINEL_OPTIONS}
     plain = f"{'rediss' if tls else 'redis'}://{creds + '@' if creds else ''}sentinel-target/{db}"
-    try:
-        server = parse_url(f"{plain}?{urlencode([(k, v) for k, v in options if k not in SENTINEL_OPTIONS])}")
-    except ValueError as exc:
-        raise _bad_url(url, setting, str(exc)) from None
+    server = parse_url(f"{plain}?{urlencode([(k, v) for k, v in options if k not in SENTINEL_OPTIONS])}")
     for key in ("host", "port", "connection_class"):  # the Sentinels say where; the pool picks the class
         server.pop(key, None)
-    sentinel: dict[str, Any] = {k.removeprefix("sentinel_"): v for k, v in own.items()}
+    sentinel_options: dict[str, Any] = {k.removeprefix("sentinel_"): v for k, v in own.items()}
     if tls:
         server["ssl"] = True
-        sentinel.update({"ssl": True, **{k: v for k, v in server.items() if k.startswith("ssl_")}})
-    return SentinelTarget(sentinels, service, server, sentinel)
+        sentinel_options.update({"ssl": True, **{k: v for k, v in server.items() if k.startswith("ssl_")}})
+    return SentinelTarget(sentinels, service, server, sentinel_options)
 
 
-def _host_port(item: str, url: str, setting: str) -> tuple[str, int]:
+def _host_port(item: str) -> tuple[str, int]:
     host, port = item, ""
     if item.startswith("["):  # [IPv6]:port
         host, _, tail = item[1:].partition("]")
@@ -165,10 +164,9 @@ def _host_port(item: str, url: str, setting: str) -> tuple[str, int]:
     elif ":" in item:
         host, _, port = item.rpartition(":")
     if not host:
-        raise _bad_url(url, setting, "a Sentinel URL lists its Sentinels as host:port, comma-separated, "
-                       "and one of them has no host")
+        raise ValueError("a Sentinel URL lists its Sentinels as host:port, comma-separated, and one has no host")
     if port and not (port.isdigit() and 0 < int(port) < 65536):
-        raise _bad_url(url, setting, f"{port!r} is not a port")
+        raise ValueError(f"{port!r} is not a port")
     return unquote(host), int(port) if port else SENTINEL_PORT
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenfan.shared import defaults as d
+from tokenfan.shared.redisconn import is_sentinel, url_problem
 
 ENV_PREFIX = "TOKENFAN_"
 
@@ -40,7 +41,7 @@ class CommonSettings(BaseSettings):
     # Redis
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("TOKENFAN_REDIS_URL", "REDIS_URL"),
-        description="Redis URL (redis://, rediss://, unix://); REDIS_URL is read too")
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://); REDIS_URL is read too")
     redis_cluster: bool = Field(default=False, description="the Redis at redis_url is a Redis Cluster")
     # RQ cannot run on Redis Cluster (multi-key transactions): with a cluster,
     # the queues live on this plain Redis; without one it defaults to redis_url.
@@ -77,6 +78,22 @@ class CommonSettings(BaseSettings):
                                   "and what it generated, and the API keeps following clients open, while Redis is "
                                   "unreachable; then the streams are left to the reapers and the clients get a "
                                   "retryable error")
+
+    @field_validator("redis_url", "queue_redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        problem = url_problem(v) if v else ""
+        if problem:  # checked here, so a bad URL stops every command before it starts anything
+            raise ValueError(problem)
+        return v
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_not_sentinel(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and is_sentinel(info.data.get("redis_url")):
+            raise ValueError("a Sentinel URL (TOKENFAN_REDIS_URL) names one primary, not a Redis Cluster; "
+                             "turn one of them off")
+        return v
 
     def queue_url(self) -> str | None:
         return self.queue_redis_url or self.redis_url

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,8 +37,8 @@ import redis
 from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, wait_for
 from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
-
-pytestmark = pytest.mark.slow
+from tokenfan.shared.errors import ConfigError
+from tokenfan.shared.redisconn import SENTINEL_PORT, require_url, sentinel_target, sync_client
 
 SERVICE = "tf-primary"
 DOWN_AFTER_MS = 1000
@@ -362,6 +363,7 @@ def _sigkill_with_a_gap(s: SentinelSet, sids: list[str]) -> dict[str, int]:
     return {sid: at_kill[sid] - kept[sid] for sid in sids}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sentinel_failover", "sigkill_primary"])
 def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -> None:
     s = sentinel_set
@@ -392,3 +394,79 @@ def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -
         assert _check_outcome(after, f"after {how} {i}") == "done"
     for p in tf.procs:
         assert p.alive(), f"{p.kind} exited:\n{p.log()[-3000:]}"
+
+
+# --- the URL -----------------------------------------------------------------
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_options() -> None:
+    t = sentinel_target("redis+sentinel://tf:pw%40rd@10.0.0.1:26380,sentinel-b,[::1]:5000/main%20one/3"
+                        "?sentinel_password=spw&socket_timeout=4")
+    assert t.sentinels == (("10.0.0.1", 26380), ("sentinel-b", SENTINEL_PORT), ("::1", 5000))
+    assert t.service == "main one"
+    assert t.server == {"username": "tf", "password": "pw@rd", "db": 3, "socket_timeout": 4.0}
+    assert t.sentinel == {"password": "spw"}
+    tls = sentinel_target("rediss+sentinel://h/svc?ssl_cert_reqs=none")
+    assert tls.server["ssl"] is True and tls.sentinel == {"ssl": True, "ssl_cert_reqs": "none"}
+    assert "db" not in tls.server  # redis-py's default, 0
+
+
+def _tokenfan(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFAN_") and k != "REDIS_URL"}
+    return subprocess.run([sys.executable, "-m", "tokenfan.ops", *args], capture_output=True, text=True,
+                          timeout=60, env={**clean, "PYTHONUNBUFFERED": "1", **env})
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis+sentinel://:hunter2@127.0.0.1:26379", "needs the monitored service's name"),
+    ("redis+sentinel://:hunter2@127.0.0.1:26379,127.0.0.1:x/tf", "'x' is not a port"),
+    ("redis+sentinel://:hunter2@127.0.0.1/tf/zero", "the database must be a number"),
+    ("sentinel://:hunter2@127.0.0.1:26379/tf", "must specify one of the following schemes"),
+])
+@pytest.mark.parametrize("command", [["api", "--port", "0"], ["worker", "--engine", "fake", "--metrics-port", "0"],
+                                     ["keys", "list"]])
+def test_a_bad_url_is_one_line_naming_redis_url_without_its_password(url: str, says: str,
+                                                                     command: list[str]) -> None:
+    res = _tokenfan(*command, env={"REDIS_URL": url})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("tokenfan: TOKENFAN_REDIS_URL: ") and says in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "hunter2" not in res.stderr and "***" in res.stderr
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        require_url(url)
+
+
+def test_a_sentinel_url_with_a_redis_cluster_is_one_line() -> None:
+    res = _tokenfan("api", "--port", "0", env={"REDIS_URL": "redis+sentinel://127.0.0.1:1/tf",
+                                                "TOKENFAN_REDIS_CLUSTER": "true"})
+    assert res.returncode == 2 and res.stderr.startswith("tokenfan: TOKENFAN_REDIS_CLUSTER: "), res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_client_moves_to_the_new_primary_at_the_switch(sentinel_set: SentinelSet) -> None:
+    """The sync client (the worker's, RQ's) writes to the new primary once Sentinel announces it,
+    not only once the old primary is demoted, seconds later: what it writes then is not lost."""
+    s = sentinel_set
+    old, new = s.primary(), s.replica()
+    r = sync_client(s.url)
+    try:
+        r.set("before", "1")
+        c = s.sentinels[0].client()
+        assert c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        c.close()
+        wait_for(lambda: s.all_agree_on(new.port), timeout=30, what="the replica promoted")
+        watch = r.connection_pool.connection_kwargs["primary_watch"]
+        wait_for(lambda: watch.primary == ("127.0.0.1", new.port), timeout=10, what="the switch heard")
+        r.set("after", "1")
+        nc, oc = new.client(), old.client()
+        assert nc.get("after") == b"1" and nc.get("before") == b"1"
+        assert r.connection_pool.master_address == ("127.0.0.1", new.port)
+        # Unless Sentinel demoted it already (then it holds a copy of the new primary's data),
+        # the old primary, still a primary, never got the write.
+        on_old = oc.get("after")
+        if oc.execute_command("ROLE")[0] == b"master":
+            assert on_old is None
+        oc.close()
+        nc.close()
+    finally:
+        r.close()
