@@ -25,6 +25,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
+from tokenfan.shared.redisconn import sync_client
 from tokenfan.shared.state import StreamState, StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
@@ -174,7 +175,8 @@ class Cluster:
         if wait:
             model = env.get("TOKENFAN_MODEL", self.env.get("TOKENFAN_MODEL", "smollm2"))
             clustered = self.env.get("TOKENFAN_REDIS_CLUSTER") == "true"
-            r = (redis.RedisCluster.from_url(self.redis_url) if clustered else redis.Redis.from_url(self.redis_url))
+            # sync_client: every URL form the processes take (a Sentinel's too).
+            r = (redis.RedisCluster.from_url(self.redis_url) if clustered else sync_client(self.redis_url))
             try:
                 wait_for(lambda: r.zscore(keys.workers(model), name) is not None or not proc.alive(),
                          timeout=60, what=f"worker {name}")
