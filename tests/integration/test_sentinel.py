@@ -242,10 +242,10 @@ class Reader:
                               timeout=httpx.Timeout(SILENCE_S, connect=5)) as resp:
                 if resp.status_code == 204:  # ended at or before our id: cannot be, we stop at the terminal
                     raise AssertionError(f"204 on resume at {self.last}")
-                if resp.status_code != 200:
+                if resp.status_code != 200:  # 404: the stream is gone (a failover lost it)
                     resp.read()
-                    self.local_errors.append({"status": resp.status_code, "body": resp.text})
-                    return
+                    raise AssertionError(f"HTTP {resp.status_code} on resume at {self.last}: {resp.text} "
+                                         f"(after {self.local_errors})")
                 for ev in sse_events(resp):
                     if not self._take(ev):
                         return
