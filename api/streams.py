@@ -14,6 +14,14 @@ scripts' digits), and at most the highest seq a stream can reach
 stream ids stop at 2^64). An id the stream has not reached yet can only be
 judged when the stream ends: a terminal event at or before it ends the
 follower with `invalid_last_event_id`, not with silence.
+
+A follower never waits for ever (issue 16). While Redis is unreachable it
+keeps the client's stream open (pings) for `redis_outage_s`, then ends it
+with a retryable error; after `LIVENESS_S` without an event it looks at the
+stream's record, and a stream that says `running` with no lease (its worker
+is gone, and a Redis restart may have lost its lease index entry too) is put
+back into the lease index, due now, so the reaper of this very process
+hands it over or ends it within a second.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 
 import anyio
 import orjson
+import redis
 
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
@@ -184,6 +193,8 @@ class Follower:
         self.viewer = secrets.token_hex(6)
         self.cancel_on_disconnect = state.cancel_on_disconnect
         self._heard_at = time.monotonic()
+        self._resync = False  # the log must be read before the next live event
+        self._outage_since = 0.0  # when Redis started failing (0: it answers)
 
     async def batches(self) -> AsyncGenerator[list[Event] | None, None]:
         if self.sub is None:
@@ -209,7 +220,19 @@ class Follower:
         return min(self.edge.settings.heartbeat_s, LIVENESS_S)
 
     async def _next(self) -> list[Event] | None:
+        """The next batch, or None on an idle tick; Redis away for a while is an idle tick too."""
+        try:
+            got = await self._receive()
+        except redis.RedisError as exc:
+            self._unreachable(exc)
+            return None
+        self._outage_since = 0.0
+        return got
+
+    async def _receive(self) -> list[Event] | None:
         assert self.sub is not None
+        if self._resync:  # a gap whose log read failed (Redis away): read it now
+            return self._caught_up(await self.edge.bus.read_log(self.sid, self.last)) or None
         got = await self.sub.get(self._tick())
         if got is None:
             return await self._idle()
@@ -221,8 +244,24 @@ class Follower:
             raise self._ended_before(ended.seq)
         fresh = [e for e in batch if e.seq > self.last]
         if gap or (fresh and fresh[0].seq != self.last + 1) or _has_hole(fresh):
-            return self._accept(await self.edge.bus.read_log(self.sid, self.last))
+            self._resync = True
+            return self._caught_up(await self.edge.bus.read_log(self.sid, self.last))
         return self._accept(fresh)
+
+    def _caught_up(self, logged: list[Event]) -> list[Event]:
+        self._resync = False
+        return self._accept(logged)
+
+    def _unreachable(self, exc: redis.RedisError) -> None:
+        """Redis failed: keep the client waiting (pings) up to `redis_outage_s`, then give up."""
+        now = time.monotonic()
+        if not self._outage_since:
+            self._outage_since = now
+            log.warning("API %s: Redis unreachable while following stream %s (%s); waiting up to %gs",
+                        self.edge.name, self.sid, exc, self.edge.settings.redis_outage_s)
+        if now - self._outage_since > self.edge.settings.redis_outage_s:
+            raise exc
+        self._resync = True  # whatever was published meanwhile is read from the log
 
     def _accept(self, batch: list[Event]) -> list[Event]:
         out = []
@@ -250,10 +289,24 @@ class Follower:
             raise Unavailable("the stream's state is gone (Redis lost it); start a new request",
                               code="stream_lost")
         self.state = fresh
-        caught_up = self._accept(await self.edge.bus.read_log(self.sid, self.last))
+        caught_up = self._caught_up(await self.edge.bus.read_log(self.sid, self.last))
         if not caught_up and fresh.ended:  # ended, and nothing in its log after our id
             raise self._ended_before(await self._last_seq())
+        if not caught_up:
+            await self._check_owner(fresh)
         return caught_up or None
+
+    async def _check_owner(self, state: StreamState) -> None:
+        """A silent stream must have someone on it: a running one a live lease, a handed-over one a
+        deadline in the lease index. Otherwise the index gets the entry it lacks, and a reaper acts."""
+        r = self.edge.redis
+        if state.status is StreamStatus.RUNNING and not await r.exists(keys.lease(self.sid)):
+            if await r.zadd(keys.LEASES, {self.sid: int(time.time() * 1000)}, lt=True, ch=True):
+                log.warning("API %s: stream %s says running but has no lease and no due index entry; "
+                            "reaping it", self.edge.name, self.sid)
+        elif state.status is StreamStatus.QUEUED and state.attempt > 0:
+            deadline = int((time.time() + self.edge.settings.failover_wait_s) * 1000)
+            await r.zadd(keys.LEASES, {self.sid: deadline}, nx=True)
 
     async def _last_seq(self) -> int:
         last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)

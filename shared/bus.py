@@ -7,6 +7,15 @@ the cancel check cost one round trip. Scripts touch only one stream's keys
 
 The log is a Redis Stream whose entry ids are `seq-0`: Redis itself refuses
 an id that does not grow, and "events after N" is `XRANGE log (N-0 +`.
+
+The publish script checks each event's `seq` against the log's last one, so
+a Redis that restarted from an append-only file lacking the last second, or
+a replica promoted with the last writes missing, cannot silently drop or
+double an event: an event already in the log is not written again (a retry
+after a lost reply), and one that would leave a hole is refused with GAP,
+upon which the worker re-sends from the log's end (docs/faults.md).
+`reclaim` lets the worker that was generating a stream take its lease back
+after such a restart, when nobody else has taken the stream on.
 """
 
 from __future__ import annotations
@@ -32,11 +41,22 @@ _NAMES = {
     "queued": StreamStatus.QUEUED.value, "running": StreamStatus.RUNNING.value,
     "finished": StreamStatus.FINISHED.value,
     "missing": AcquireResult.MISSING.value, "taken": AcquireResult.TAKEN.value,
-    "fenced": int(PublishResult.FENCED), "refresh_every": LOG_TTL_REFRESH_EVERY,
+    "fenced": int(PublishResult.FENCED), "gap": int(PublishResult.GAP), "refresh_every": LOG_TTL_REFRESH_EVERY,
 }
+
+# The log's last seq, as `last` (0 for an empty or missing log); KEYS[n] is the log.
+_LAST_SEQ = """
+local top = redis.call('XREVRANGE', KEYS[%d], '+', '-', 'COUNT', 1)
+local last = 0
+if #top > 0 then last = tonumber(string.match(top[1][1], '^(%%d+)')) end
+"""
 
 PUBLISH_LUA = Template("""
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end
+""" + _LAST_SEQ % 1 + """
+local seq = tonumber(ARGV[2])
+if seq <= last then return redis.call('EXISTS', KEYS[5]) end
+if seq > last + 1 then return $gap end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2] .. '-0', 'e', ARGV[3])
 if ARGV[6] == '1' then
   redis.call('HSET', KEYS[4], '$status', '$finished')
@@ -58,11 +78,35 @@ local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return {'$taken', 0} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-local seq = 0
-if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) end
-return {status, seq}
+""" + _LAST_SEQ % 3 + """
+return {status, last}
 """).substitute(_NAMES)
+
+# The worker that was generating a stream takes its lease back (after Redis restarted, failed over, or
+# was out of reach past the lease): only while nobody else has taken the stream on, and only while the
+# log ends inside what this worker generated (ARGV[5] <= last seq <= ARGV[6]), so it can re-send the rest.
+# A stream still `queued` is ours when its attempt is ours (our claim was lost) or the next (a reaper
+# handed it over and no worker took it yet: its job will find the stream taken and skip it). The log's
+# last seq comes back with every answer: `finished` with our terminal event in it is our own success.
+RECLAIM_LUA = Template("""
+""" + _LAST_SEQ % 3 + """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return {'$taken', last} end
+local st = redis.call('HMGET', KEYS[2], '$status', '$worker', '$attempt')
+if not st[1] then return {'$missing', last} end
+if st[1] == '$finished' then return {'$finished', last} end
+local mine, attempt = tonumber(ARGV[4]), tonumber(st[3] or '0') or 0
+if not cur then
+  if st[1] == '$running' and (st[2] ~= ARGV[3] or attempt ~= mine) then return {'$taken', last} end
+  if st[1] == '$queued' and attempt ~= mine and attempt ~= mine + 1 then return {'$taken', last} end
+end
+if last < tonumber(ARGV[5]) or last > tonumber(ARGV[6]) then return {'$taken', last} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
+return {st[1], last}
+""").substitute(_NAMES)
+
+LAST_SEQ_LUA = _LAST_SEQ % 1 + "return last"
 
 RENEW_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -148,6 +192,8 @@ class SyncBus:
         self.cfg = cfg
         self._publish = redis.register_script(PUBLISH_LUA)
         self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._reclaim = redis.register_script(RECLAIM_LUA)
+        self._last_seq = redis.register_script(LAST_SEQ_LUA)
         self._renew = redis.register_script(RENEW_LUA)
         self._handback = redis.register_script(HANDBACK_LUA)
         self._max_set = redis.register_script(MAX_SET_LUA)
@@ -187,6 +233,26 @@ class SyncBus:
         """Claim the stream's lease; the result, and the last seq in its log."""
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
         return _acquired(self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), worker or owner]))
+
+    def reclaim(self, stream_id: str, owner: str, ttl_s: float, worker: str, attempt: int, first: int,
+                last: int) -> tuple[AcquireResult, int]:
+        """Take back the lease of a stream this worker was generating (RECLAIM_LUA says when it may);
+        the result, and the log's last seq, from which the worker re-sends. The lease index entry is
+        written first, so a claim that lands is always one a reaper can find."""
+        self.set_deadline(stream_id, ttl_s)
+        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
+        return _acquired(self._reclaim(keys=ks, args=[owner, int(ttl_s * 1000), worker, attempt, first, last]))
+
+    def last_seq(self, stream_id: str) -> int:
+        """The seq of the log's last event (0: empty or gone)."""
+        return int(self._last_seq(keys=[keys.log(stream_id)]))
+
+    def server_id(self) -> str:
+        """Which Redis process answers (its run_id): it changes when Redis restarts or fails over.
+        Empty on Redis Cluster, whose nodes each have their own."""
+        if hasattr(self.redis, "get_node_from_key"):
+            return ""
+        return str(self.redis.info("server").get("run_id", ""))
 
     def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
         ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])

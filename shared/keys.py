@@ -9,6 +9,8 @@ from __future__ import annotations
 
 PREFIX = "tf"
 LEASES = f"{PREFIX}:leases"
+# Held (SET NX PX) by the one process that rebuilds the lease index from the stream records this interval.
+SWEEP = f"{PREFIX}:sweep"
 RQ_QUEUE_PREFIX = "rq:queue:"
 
 
@@ -38,6 +40,11 @@ def cancel(stream_id: str) -> str:
 
 def viewers(stream_id: str) -> str:
     return f"{stream_tag(stream_id)}:viewers"
+
+
+def stream_id_of(key: str) -> str:
+    """The stream id inside one of its keys (`tf:stream:{ID}:state` -> ID)."""
+    return key[key.index("{") + 1:key.rindex("}")]
 
 
 def stream_keys(stream_id: str) -> list[str]:

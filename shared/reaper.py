@@ -6,6 +6,18 @@ stream. A reaped stream is continued by another worker (its payload goes
 back to the front of its model's queue with `attempt + 1`) or, when
 failover is `error`, no live worker serves the model, or the stream has
 used up its attempts, ended with a retryable `error` event.
+
+Reapers find streams through the lease index (`tf:leases`, stream id ->
+deadline). The index is a second record beside each stream's own state, so
+it is kept in an order that survives any crash: an entry is written before
+the claim it covers and removed only once its stream is finished, never
+between a claim and a hand-over. A Redis that restarts from an append-only
+file holds a prefix of what was written, so it holds the entry of every
+stream it says is running. What can still lose an entry (a rolled back
+cluster node, an eviction, a hand) is repaired by `sweep`: every
+`sweep_interval_s` one process walks the stream records and puts each
+running stream without a lease back into the index, due now (issue 16:
+a stream left `running` with no entry was never reaped).
 """
 
 from __future__ import annotations
@@ -17,36 +29,78 @@ import orjson
 
 from tokenfan.shared import events, keys, registry
 from tokenfan.shared.bus import SyncBus
-from tokenfan.shared.defaults import ERRORS_KEPT, REAP_BATCH
+from tokenfan.shared.defaults import ERRORS_KEPT, REAP_BATCH, SWEEP_SCAN_COUNT
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import CommonSettings
-from tokenfan.shared.state import AcquireResult, PublishResult, StreamState
+from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 
 
 def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
-    """One pass; returns how many streams it took over or ended."""
+    """One pass (and a sweep, when it is this process's turn); returns how many streams it took
+    over or ended."""
+    sweep(bus, settings, reaper)
     now_ms = int(time.time() * 1000)
     due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=REAP_BATCH)
-    acted = 0
-    for raw in due:
-        sid = raw.decode()
-        state = bus.state(sid)  # read before the claim, which overwrites its worker
-        result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
-        if result is AcquireResult.TAKEN:
-            continue
+    return sum(reap_one(bus, settings, reaper, raw.decode()) for raw in due)
+
+
+def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> bool:
+    """Take over or end one stream whose lease lapsed (or that was handed over and never taken);
+    False when it needs nothing (a live lease, finished, gone)."""
+    state = bus.state(sid)  # read before the claim, which overwrites its worker
+    # the index entry before the claim (a no-op when the stream was found there): whatever this
+    # process does next, a claim it leaves behind is one the next reaper finds
+    bus.redis.zadd(keys.LEASES, {sid: int((time.time() + settings.lease_ttl_s) * 1000)}, nx=True)
+    result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
+    if result is AcquireResult.TAKEN:
+        return False
+    if not result.claimed or state is None:
         bus.redis.zrem(keys.LEASES, sid)
-        if not result.claimed or state is None:
-            continue
-        if result is AcquireResult.QUEUED:  # handed over, but no worker took it in time
-            msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
-            end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
-        else:
-            _recover(bus, settings, reaper, sid, seq, state)
-        acted += 1
-    return acted
+        return False
+    if result is AcquireResult.QUEUED:  # handed over, but no worker took it in time
+        msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
+        end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
+    else:
+        _recover(bus, settings, reaper, sid, seq, state)
+    return True
+
+
+def sweep(bus: SyncBus, settings: CommonSettings, who: str) -> int:
+    """Put every running stream that has no lease and no lease index entry back into the index, due
+    now (one process per `sweep_interval_s` does it); returns how many it put back."""
+    if not bus.redis.set(keys.SWEEP, who, nx=True, px=int(settings.sweep_interval_s * 1000)):
+        return 0
+    found = 0
+    batch: list[str] = []
+    for key in bus.redis.scan_iter(match=keys.state("*"), count=SWEEP_SCAN_COUNT, _type="hash"):
+        batch.append(keys.stream_id_of(key.decode()))
+        if len(batch) >= SWEEP_SCAN_COUNT:
+            found += _sweep_batch(bus, batch)
+            batch = []
+    if batch:
+        found += _sweep_batch(bus, batch)
+    if found:
+        log.warning("Reaper %s: %d running streams had no lease and no index entry; reaping them", who, found)
+    return found
+
+
+def _sweep_batch(bus: SyncBus, sids: list[str]) -> int:
+    pipe = bus.redis.pipeline(transaction=False)
+    for sid in sids:
+        StreamState.queue_status(pipe, sid)
+        pipe.exists(keys.lease(sid))
+        pipe.zscore(keys.LEASES, sid)
+    replies = pipe.execute()
+    now_ms = int(time.time() * 1000)
+    lost = {sid: now_ms for i, sid in enumerate(sids)
+            if StreamState.parse_status(replies[3 * i]) is StreamStatus.RUNNING
+            and not replies[3 * i + 1] and replies[3 * i + 2] is None}
+    if lost:
+        bus.redis.zadd(keys.LEASES, lost, nx=True)
+    return len(lost)
 
 
 def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPayload) -> bool:
@@ -82,6 +136,8 @@ def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, mess
     ev = events.Event(seq + 1, events.ERROR, {"code": code, "message": message, "retryable": retryable})
     result = bus.publish(sid, owner, ev)
     record_error(bus, sid, code, message)
+    if result is not PublishResult.FENCED:
+        bus.redis.zrem(keys.LEASES, sid)  # finished: only now may its index entry go
     return result
 
 

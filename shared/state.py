@@ -58,8 +58,9 @@ class PublishResult(IntEnum):
     """What the publish script did with one event (its integer reply)."""
 
     FENCED = -1  # our lease is gone: nothing was written
-    PUBLISHED = 0
+    PUBLISHED = 0  # in the log (now, or already: a re-sent event is written once)
     CANCELLED = 1  # published, and a cancel is requested for the stream
+    GAP = 2  # the log lacks events before this one (Redis lost them): nothing was written; re-send from its end
 
 
 class JobOutcome(StrEnum):

@@ -2,13 +2,27 @@
 
 The scheduler (worker/scheduler.py) claims a job when a slot is free and
 makes a `StreamJob`; `start` claims nothing more than the stream's lease was
-already claimed for, publishes `meta` (and the disclosure) and admits the
+already claimed for, queues `meta` (and the disclosure) and admits the
 request to the engine; each step's text for the stream becomes one token
-event (`token_event`, sent with every other slot's in one round trip, then
-`sent`); `between` runs between steps (cancel, lost lease, shutdown grace,
-time limit); `finish` or `fail` publish the terminal event. `guard` maps any
-failure of one stream to that stream's outcome, so it never reaches the
-others in the batch.
+event (`token_event`); `between` runs between steps (cancel, lost lease,
+shutdown grace, time limit); `finish` or `fail` queue the terminal event.
+`guard` maps any failure of one stream to that stream's outcome, so it
+never reaches the others in the batch.
+
+Nothing here writes to Redis itself. Every event a stream makes goes into
+its `history` (this attempt's events, in order), and the scheduler sends
+each step what Redis has not confirmed yet (`unsent`), every slot's in one
+pipelined round trip, and hands each reply to `ack`. So a Redis that is
+unreachable for a while costs nothing but time: the events wait, and go
+out when it answers again (for `redis_outage_s` at most). A reply that
+says the log lacks events before this one (GAP: Redis restarted from an
+append-only file without its last second, or a replica took over without
+the last writes), or that our lease is gone (FENCED: it lapsed while Redis
+was away, or the restart lost it), makes the stream `resync`: take the
+lease back if nobody else took the stream on (`SyncBus.reclaim`), and send
+again from the log's last seq. A stream's job ends once its terminal event
+is confirmed (`settled`); the keeper then holds its history for
+`DURABLE_AFTER_S`, in case Redis restarts without it (worker/keeper.py).
 
 `run_job` is the function RQ's jobs name; the scheduler never calls it (it
 runs each stream in its batch instead), so it only refuses to run outside
@@ -33,7 +47,7 @@ from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
-from tokenfan.shared.state import JobOutcome, PublishResult, StreamState
+from tokenfan.shared.state import AcquireResult, JobOutcome, PublishResult, StreamState
 from tokenfan.worker.engines import Engine, GenRequest
 from tokenfan.worker.keeper import Keeper, Watch
 from tokenfan.worker.metrics import WorkerMetrics
@@ -86,16 +100,71 @@ class StreamJob:
         self.r = runner
         self.p = payload
         self.watch = watch
-        self.seq = seq
+        self.base = seq  # the log's last seq when this attempt claimed the stream
+        self.history: list[events.Event] = []  # this attempt's events: seq base+1, base+2, ...
+        self.confirmed = seq  # the highest seq Redis has confirmed is in the log
+        self.outcome: JobOutcome | None = None  # set when the terminal event is queued
+        self.error: tuple[str, str] | None = None  # the terminal error's code and message, for the ops page
+        self.outage_since = 0.0  # when publishing started to fail (0: it works)
         self.sid = payload.stream_id
         self.started = time.time()
         self.first_token_at = 0.0
         self.generated = 0
         self.prompt_tokens = 0
 
-    def emit(self, kind: str, data: dict[str, Any]) -> PublishResult:
-        self.seq += 1
-        return self._check(self.r.bus.publish(self.sid, self.r.name, events.Event(self.seq, kind, data)))
+    @property
+    def seq(self) -> int:
+        """The seq of the last event this attempt made (sent or not)."""
+        return self.base + len(self.history)
+
+    def emit(self, kind: str, data: dict[str, Any]) -> events.Event:
+        """Queue the next event; the scheduler sends it."""
+        ev = events.Event(self.seq + 1, kind, data)
+        self.history.append(ev)
+        self.watch.last = ev.seq
+        return ev
+
+    def unsent(self) -> list[events.Event]:
+        """The events Redis has not confirmed, oldest first."""
+        return self.history[self.confirmed - self.base:]
+
+    @property
+    def settled(self) -> bool:
+        """The terminal event is queued and Redis confirmed it."""
+        return self.outcome is not None and self.confirmed >= self.seq
+
+    def ack(self, event: events.Event, result: PublishResult) -> bool:
+        """What Redis said to one sent event; True when the stream resynced (the replies to its later
+        events in the same round trip say nothing more). Raises Fenced when it is someone else's now."""
+        self.outage_since = 0.0
+        if result is PublishResult.PUBLISHED or result is PublishResult.CANCELLED:
+            self.confirmed = max(self.confirmed, event.seq)
+            if result is PublishResult.CANCELLED and self.outcome is None:
+                self.finish("cancelled")
+            return False
+        self.resync()  # GAP or FENCED
+        return True
+
+    def resync(self) -> None:
+        """Redis lost our lease or the log's end: take the stream back and send again from the log's end."""
+        r = self.r
+        result, last = r.bus.reclaim(self.sid, r.name, r.settings.lease_ttl_s, r.name, self.p.attempt,
+                                     self.base, self.seq)
+        if result is AcquireResult.FINISHED and self.outcome is not None and last >= self.seq:
+            self.confirmed = self.seq  # our terminal event is in: the reply to it was lost
+            return
+        if not result.claimed:
+            raise Fenced(self.sid)
+        if last < self.confirmed:
+            log.warning("Worker %s: Redis lost events %d-%d of stream %s; sending them again", r.name, last + 1,
+                        self.confirmed, self.sid)
+        self.confirmed = last
+
+    def unreachable(self, now: float) -> bool:
+        """Publishing failed; True once Redis has been unreachable for longer than `redis_outage_s`."""
+        if not self.outage_since:
+            self.outage_since = now
+        return now - self.outage_since > self.r.settings.redis_outage_s
 
     def guard(self, action: Callable[..., JobOutcome | None], *args: Any) -> JobOutcome | None:
         """Run one step of this stream's life; a failure ends this stream (its outcome), never the batch."""
@@ -105,25 +174,27 @@ class StreamJob:
             log.warning("Worker %s: lost the lease of stream %s; stopping", self.r.name, self.sid)
             return JobOutcome.HANDED_OVER
         except ContextLengthExceeded as exc:
-            return self.fail(exc.code, exc.message, False)
+            self.fail(exc.code, exc.message, False)
         except JobTimeoutException:
-            return self.fail("timeout", "the job ran past its time limit", True)
+            self.fail("timeout", "the job ran past its time limit", True)
         except TokenfanError as exc:
-            return self.fail(exc.code, exc.message, exc.retryable)
+            self.fail(exc.code, exc.message, exc.retryable)
         except redis.RedisError:
-            log.exception("Worker %s: Redis failed during stream %s", self.r.name, self.sid)
+            # Its lease lapses and its lease index entry stays: a reaper continues or ends it.
+            log.exception("Worker %s: Redis failed during stream %s; leaving it to the reapers", self.r.name,
+                          self.sid)
             return JobOutcome.ERROR
         except Exception as exc:  # the engine is third-party code: any failure ends the stream cleanly
             log.exception("Worker %s: stream %s failed", self.r.name, self.sid)
-            return self.fail("engine_error", f"generation failed: {type(exc).__name__}", True)
+            self.fail("engine_error", f"generation failed: {type(exc).__name__}", True)
+        return None
 
-    def fail(self, code: str, message: str, retryable: bool) -> JobOutcome:
-        try:
+    def fail(self, code: str, message: str, retryable: bool) -> None:
+        """Queue the terminal error (once); the job ends when Redis confirms it."""
+        self.r.engine.drop(self.sid)
+        if self.outcome is None:
             self.emit(events.ERROR, {"code": code, "message": message, "retryable": retryable})
-            record_error(self.r.bus, self.sid, code, message)
-        except (Fenced, redis.RedisError):
-            log.warning("Worker %s: could not end stream %s with its error", self.r.name, self.sid)
-        return JobOutcome.ERROR
+            self.outcome, self.error = JobOutcome.ERROR, (code, message)
 
     def start(self) -> JobOutcome | None:
         """Announce the stream and give it a slot; None while it runs."""
@@ -137,7 +208,8 @@ class StreamJob:
             self.emit(events.DISCLOSURE, {"text": self.p.disclosure})
         self._mark_served()
         if self.watch.cancel:
-            return self.finish("cancelled")
+            self.finish("cancelled")
+            return None
         req = GenRequest(
             messages=[m.model_dump() for m in self.p.messages], max_tokens=self.p.max_tokens,
             temperature=self.p.temperature, top_p=self.p.top_p, stop=self.p.stop, seed=self.p.seed,
@@ -151,7 +223,7 @@ class StreamJob:
 
     def _history(self) -> tuple[str, int, float]:
         """Text already sent (a takeover continues it) and the stream's creation time."""
-        if self.seq == 0:
+        if self.base == 0:
             return "", 0, self.p.enqueued_at
         done = self.r.bus.read_log(self.sid)
         texts = [e.data.get("text", "") for e in done if e.type == events.TOKEN]
@@ -163,32 +235,21 @@ class StreamJob:
         if ticket:
             self.r.bus.mark_served(self.p.model, ticket)
 
-    def token_event(self, text: str) -> events.Event:
+    def token_event(self, text: str) -> None:
         if not self.first_token_at:
             self.first_token_at = time.time()
-        return events.Event(self.seq + 1, events.TOKEN, {"text": text})
-
-    def sent(self, result: PublishResult) -> JobOutcome | None:
-        """The token event's publish result: it is in the log unless fenced; a cancel ends the stream now."""
-        self._check(result)
-        self.seq += 1
+        self.emit(events.TOKEN, {"text": text})
         self.generated += 1
-        if result is PublishResult.CANCELLED:
-            return self.finish("cancelled")
-        return None
-
-    def _check(self, result: PublishResult) -> PublishResult:
-        """A publish's result; our lease was taken when it is FENCED."""
-        if result is PublishResult.FENCED:
-            raise Fenced(self.sid)
-        return result
 
     def between(self) -> JobOutcome | None:
         """Between two steps: what the keeper saw, the shutdown grace, the time limit."""
         if self.watch.lost:
             raise Fenced(self.sid)
+        if self.outcome is not None:  # ended; its last events wait for Redis to confirm them
+            return None
         if self.watch.cancel:
-            return self.finish("cancelled")
+            self.finish("cancelled")
+            return None
         shutdown_at = self.r.shutdown_at
         if shutdown_at and time.time() - shutdown_at > self.r.settings.shutdown_grace_s:
             return self.hand_back()
@@ -209,11 +270,13 @@ class StreamJob:
         raw = self.r.bus.redis.get(keys.cancel(self.sid))
         return raw.decode() if raw else "client"
 
-    def finish(self, reason: str) -> JobOutcome:
+    def finish(self, reason: str) -> None:
+        """Queue the `done` event (once); the job ends when Redis confirms it."""
         self.r.engine.drop(self.sid)
+        if self.outcome is not None:
+            return
         now = time.time()
         gen_s = now - (self.first_token_at or now)
-        new_tokens = self.generated
         data: dict[str, Any] = {
             "finish_reason": reason,
             "usage": {
@@ -221,13 +284,25 @@ class StreamJob:
                 "completion_tokens": self.generated,
                 "total_tokens": self.prompt_tokens + self.generated,
             },
-            "timings": self._timings(now, gen_s, new_tokens),
+            "timings": self._timings(now, gen_s, self.generated),
         }
         if reason == "cancelled":
             data["cancel_reason"] = self._cancel_reason()
         self.emit(events.DONE, data)
-        self.r.bus.redis.zrem(keys.active(), self.sid)
-        return JobOutcome.CANCELLED if reason == "cancelled" else JobOutcome.DONE
+        self.outcome = JobOutcome.CANCELLED if reason == "cancelled" else JobOutcome.DONE
+
+    def settle(self) -> None:
+        """The terminal event is in the log: the bookkeeping around it (best effort, Redis may be away)."""
+        bus = self.r.bus
+        try:
+            if self.error is not None:
+                record_error(bus, self.sid, *self.error)
+            pipe = bus.redis.pipeline(transaction=False)
+            pipe.zrem(keys.active(), self.sid)
+            pipe.zrem(keys.LEASES, self.sid)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("Worker %s: could not clear the records of finished stream %s", self.r.name, self.sid)
 
     def _timings(self, now: float, gen_s: float, tokens: int) -> dict[str, Any]:
         m = self.r.metrics

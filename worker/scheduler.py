@@ -13,9 +13,11 @@ what RQ's own worker does around each job, with RQ's own methods, for up to
   `StartedJobRegistry`, the worker's current executions), and when its
   stream ends mark it finished with its outcome (`_finalize_success`, as
   `perform_job` does), so `rq info` and the registries show every stream;
-- between claims, one `engine.step()`; all of that step's token events are
-  published in one pipelined round trip (`SyncBus.publish_many`), each
-  fenced by its own stream's lease.
+- between claims, one `engine.step()`; every event Redis has not confirmed
+  yet (that step's tokens, a terminal event, whatever waited while Redis was
+  away) is published in one pipelined round trip (`SyncBus.publish_many`),
+  each fenced by its own stream's lease and checked against its log's last
+  seq; a job ends when its terminal event is confirmed (worker/runner.py).
 
 Leases, cancels and abandoned streams are the keeper's thread's (one watch
 per stream). SIGTERM (or SIGINT): no new job; streams go on to their end, and
@@ -44,12 +46,10 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from tokenfan.shared import keys
 from tokenfan.shared.events import Event
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.state import JobOutcome
-from tokenfan.worker.engines import Output
-from tokenfan.worker.runner import Runner, StreamJob
+from tokenfan.worker.runner import Fenced, Runner, StreamJob
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,10 @@ class Scheduler:
 
     def _dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
         now = time.monotonic()
-        if now - self._rq_beat > RQ_HEARTBEAT_S:
-            self._rq_beat = now
-            self.worker.heartbeat()
         try:
+            if now - self._rq_beat > RQ_HEARTBEAT_S:
+                self._rq_beat = now
+                self.worker.heartbeat()
             got: tuple[Job, Queue] | None = Queue.dequeue_any([self.queue], timeout, connection=self.worker.connection,
                                                               serializer=JSONSerializer)
         except DequeueTimeout:
@@ -133,10 +133,14 @@ class Scheduler:
         return got
 
     def _start(self, job: Job, queue: Queue) -> None:
-        execution = self.worker.prepare_execution(job)
-        self.worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
-        job.started_at = now()
-        opened = self._open(job)
+        try:
+            execution = self.worker.prepare_execution(job)
+            self.worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            job.started_at = now()
+            opened = self._open(job)
+        except redis.RedisError as exc:  # a claim that landed is in the lease index: a reaper takes it on
+            log.error("Worker %s: Redis failed starting job %s: %s", self.r.name, job.id, exc)
+            return
         if isinstance(opened, JobOutcome):
             self.r.metrics.job(opened)
             self._finalize(job, queue, execution, opened)
@@ -154,11 +158,13 @@ class Scheduler:
         sid = payload.stream_id
         if sid in self.active:  # a second job for a stream this worker serves
             return JobOutcome.SKIPPED_TAKEN
+        # The lease index entry before the claim: a claim that lands is always one a reaper can find.
+        self.r.bus.set_deadline(sid, self.r.settings.lease_ttl_s)
         result, seq = self.r.bus.acquire(sid, self.r.name, self.r.settings.lease_ttl_s, self.r.name)
         if not result.claimed:
             log.info("Worker %s: stream %s is %s; skipping its job", self.r.name, sid, result)
             return JobOutcome.skipped(result)
-        stream = StreamJob(self.r, payload, self.r.keeper.begin(sid, self.r.name), seq)
+        stream = StreamJob(self.r, payload, self.r.keeper.begin(sid, self.r.name, payload.attempt, seq), seq)
         outcome = stream.guard(stream.start)
         if outcome is not None:
             self._release(stream, outcome)
@@ -177,40 +183,57 @@ class Scheduler:
         outs = self.r.engine.step()
         st = self.r.engine.last
         self.r.metrics.step(st.streams, st.prefill, st.decode, st.seconds)
-        sends: list[tuple[Active, Event]] = []
-        ends: dict[str, Output] = {}
         for out in outs:
             a = self.active.get(out.key)
             if a is None:
                 continue
             if out.text:
-                sends.append((a, a.stream.token_event(out.text)))
-            if out.finish or out.error:
-                ends[out.key] = out
-        self._publish(sends, ends)
-        for key, out in ends.items():
-            a = self.active[key]
+                a.stream.token_event(out.text)
             if out.error is not None:
                 err = out.error
-                self._close(a, a.stream.guard(a.stream.fail, err.code, err.message, err.retryable))
-            else:
-                self._close(a, a.stream.guard(a.stream.finish, out.finish))
+                a.stream.guard(a.stream.fail, err.code, err.message, err.retryable)
+            elif out.finish:
+                a.stream.guard(a.stream.finish, out.finish)
+        self._publish()
+        for a in [a for a in self.active.values() if a.stream.settled]:
+            self._close(a, a.stream.outcome)
 
-    def _publish(self, sends: list[tuple[Active, Event]], ends: dict[str, Output]) -> None:
-        """One round trip for the step's tokens; a stream fenced or cancelled by it ends here."""
+    def _publish(self) -> None:
+        """One round trip for every event Redis has not confirmed (a step's tokens, and a terminal
+        event in the same trip); a stream fenced by it ends here. Redis unreachable: the events wait
+        for the next step, for `redis_outage_s` at most."""
+        sends = [(a, ev) for a in list(self.active.values()) for ev in a.stream.unsent()]
+        if not sends:
+            return
         try:
             results = self.r.bus.publish_many([(a.stream.sid, self.r.name, ev) for a, ev in sends])
-        except redis.RedisError:
-            log.exception("Worker %s: Redis failed publishing a step's tokens", self.r.name)
-            for a, _ in sends:
-                ends.pop(a.stream.sid, None)
-                self._close(a, JobOutcome.ERROR)
+        except redis.RedisError as exc:
+            self._unreachable(sends, exc)
             return
-        for (a, _), result in zip(sends, results, strict=True):
-            outcome = a.stream.guard(a.stream.sent, result)
-            if outcome is not None:
-                ends.pop(a.stream.sid, None)
-                self._close(a, outcome)
+        resynced: set[str] = set()
+        for (a, ev), result in zip(sends, results, strict=True):
+            if a.stream.sid in resynced or a.stream.sid not in self.active:
+                continue
+            try:
+                if a.stream.ack(ev, result):
+                    resynced.add(a.stream.sid)
+            except Fenced:
+                log.warning("Worker %s: stream %s is someone else's now; stopping", self.r.name, a.stream.sid)
+                self._close(a, JobOutcome.HANDED_OVER)
+            except redis.RedisError as exc:  # Redis failing again in the resync: try again next step
+                resynced.add(a.stream.sid)
+                self._unreachable([(a, ev)], exc)
+
+    def _unreachable(self, sends: list[tuple[Active, Event]], exc: redis.RedisError) -> None:
+        now = time.time()
+        streams = {a.stream.sid: a for a, _ in sends}
+        log.warning("Worker %s: Redis unreachable publishing %d events of %d streams (%s); they wait",
+                    self.r.name, len(sends), len(streams), exc)
+        for a in streams.values():
+            if a.stream.unreachable(now):
+                log.error("Worker %s: Redis unreachable for over %gs; leaving stream %s to the reapers",
+                          self.r.name, self.r.settings.redis_outage_s, a.stream.sid)
+                self._close(a, JobOutcome.ERROR)
 
     # --- jobs out ------------------------------------------------------------
 
@@ -224,13 +247,13 @@ class Scheduler:
         self._occupancy()
 
     def _release(self, stream: StreamJob, outcome: JobOutcome) -> None:
+        """The slot and the watch go; the lease index entry only with a confirmed terminal event (any
+        other end leaves the stream to the reapers, which find it there)."""
         self.r.engine.drop(stream.sid)
         self.r.keeper.end(stream.sid)
-        if outcome is not JobOutcome.HANDED_OVER:
-            try:
-                self.r.bus.redis.zrem(keys.LEASES, stream.sid)
-            except redis.RedisError:
-                log.warning("Worker %s: could not clear the lease entry of stream %s", self.r.name, stream.sid)
+        if stream.settled:
+            stream.settle()
+            self.r.keeper.hold(stream.sid, stream.p.attempt, stream.base, stream.history)
 
     def _finalize(self, job: Job, queue: Queue, execution: Execution, outcome: JobOutcome) -> None:
         """RQ's end of a job, as its `perform_job` does for a job that returned (the outcome is its result)."""
