@@ -65,7 +65,8 @@ class WorkerInfo:
     def as_json(self) -> dict[str, Any]:
         """The ops page's view of the worker."""
         return {"name": self.name, "model": self.model, "state": self.state.value, "stream": self.stream,
-                "host": self.host, "pid": self.pid, "jobs": self.jobs, "last_seen": self.last_seen}
+                "host": self.host, "pid": self.pid, "jobs": self.jobs, "last_seen": self.last_seen,
+                "metrics_port": self.metrics_port}
 
 
 def _state(raw: str) -> WorkerState:

@@ -10,6 +10,7 @@ keeper) and a shutdown that hands long streams back instead of cutting them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from tokenfan.shared import registry
 from tokenfan.shared.bus import BusConfig, SyncBus
+from tokenfan.shared.defaults import WORKER_METRICS_PORT_SPAN
 from tokenfan.shared.errors import ConfigError
 from tokenfan.shared.jobs import queue
 from tokenfan.shared.redisconn import redacted, sync_client
@@ -46,21 +48,41 @@ def bus_config(settings: WorkerSettings) -> BusConfig:
     return BusConfig(settings.log_maxlen, settings.log_active_ttl_s, settings.log_ttl_s, settings.redis_cluster)
 
 
-def start_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> None:
+def start_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> int:
+    """Start the exporter; the port it listens on (0: off).
+
+    The default port is where a worker starts looking: several workers on one host (one per GPU)
+    take the next free ones, and each records its own in the registry, where Prometheus'
+    service discovery (/metrics/targets) and the ops page find it. A port the operator named is
+    taken as is, or the worker stops with one line naming the setting: something scrapes exactly
+    that port (a PodMonitor, an EXPOSE, a static config), and moving quietly would hide it from it.
+    """
     if not settings.metrics_port:
-        return
-    try:
-        start_http_server(settings.metrics_port, registry=metrics.registry)
-    except OSError as exc:  # most often a second worker on this host with the same port
-        raise ConfigError(f"TOKENFAN_METRICS_PORT: cannot listen on port {settings.metrics_port} ({exc.strerror}); "
-                          "give each worker on a host its own port, or 0 to turn the exporter off",
-                          param="metrics_port") from exc
+        return 0
+    named = "metrics_port" in settings.model_fields_set
+    span = 1 if named else WORKER_METRICS_PORT_SPAN
+    for port in range(settings.metrics_port, settings.metrics_port + span):
+        try:
+            start_http_server(port, registry=metrics.registry)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or named:
+                raise ConfigError(f"TOKENFAN_METRICS_PORT: cannot listen on port {port} ({exc.strerror}); "
+                                  "give each worker on a host its own port, or 0 to turn the exporter off",
+                                  param="metrics_port") from exc
+            continue
+        if port != settings.metrics_port:
+            log.info("Worker metrics: port %d is taken (another worker on this host?); listening on %d",
+                     settings.metrics_port, port)
+        return port
+    last = settings.metrics_port + span - 1
+    raise ConfigError(f"TOKENFAN_METRICS_PORT: ports {settings.metrics_port}-{last} are all taken; set a free "
+                      "port, or 0 to turn the exporter off", param="metrics_port")
 
 
 def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> int:
     name = worker_name(settings)
     metrics = WorkerMetrics(settings.model)
-    start_metrics(settings, metrics)
+    metrics_port = start_metrics(settings, metrics)
     t0 = time.perf_counter()
     engine = load_engine(settings, fake)
     metrics.model_load.set(time.perf_counter() - t0)
@@ -71,6 +93,7 @@ def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None)
     bus = SyncBus(sync_client(settings.redis_url, cluster=settings.redis_cluster), bus_config(settings),
                   queue=sync_client(settings.queue_url()))
     keeper = Keeper(bus, settings, name, metrics)
+    keeper.metrics_port = metrics_port
     runner = Runner(settings, engine, bus, keeper, metrics, name)
     keeper.beat()
     keeper.start()
