@@ -28,15 +28,15 @@ clients do, each process listens to every Sentinel's `+switch-master`
 (`PrimaryWatch`, one per Sentinel set, threads of its own): on a switch, every
 connection of ours to that service is dropped before its next command (it
 raises ConnectionError, which the clients retry, reconnecting), and the hub's
-pub/sub connection is dropped at once. A connection asks all the Sentinels
-and takes the answer with the highest config epoch (the newest failover), so
-a Sentinel that has not heard of the switch yet cannot send it back to the old
-primary. What is still lost and when is in docs/faults.md.
+pub/sub connection is dropped at once. A connection that reconnects after a
+switch takes a Sentinel's answer only if it names the primary announced, else
+asks them all and believes the highest config epoch (the newest failover),
+so a Sentinel that has not heard of the switch yet cannot send it back to the
+old primary. What is still lost and when is in docs/faults.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -196,9 +196,10 @@ def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOU
         target = sentinel_target(url)
         manager = _Sentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(target, Retry(NoBackoff(),
                                                                                             SENTINEL_RETRIES)))
+        manager.watch = primary_watch(target)
         options = {"retry": retry, "socket_timeout": socket_timeout, **_common(), **target.server,
                    "connection_class": _WatchedSSL if target.server.get("ssl") else _Watched,
-                   "primary_watch": primary_watch(target)}
+                   "primary_watch": manager.watch}
         return manager.master_for(target.service, redis_class=redis.Redis, **options)
     return redis.Redis.from_url(url, retry=retry, socket_timeout=socket_timeout, **_common())
 
@@ -228,7 +229,8 @@ def async_client(url: str | None, *, max_connections: int = POOL_SIZE, cluster: 
         target = sentinel_target(url)
         manager = _AsyncSentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(
             target, AsyncRetry(NoBackoff(), SENTINEL_RETRIES)))
-        options.update({**target.server, "primary_watch": primary_watch(target),
+        manager.watch = primary_watch(target)
+        options.update({**target.server, "primary_watch": manager.watch,
                         "connection_class": _AsyncWatchedSSL if target.server.get("ssl") else _AsyncWatched})
         return manager.master_for(target.service, redis_class=aredis.Redis,
                                   connection_pool_class=BlockingSentinelPool, **options)
@@ -337,45 +339,66 @@ def primary_watch(target: SentinelTarget) -> PrimaryWatch:
     return watch.start()
 
 
-def _newest(found: list[dict[str, Any]], service: str, errors: list[str], error: type[Exception]) -> tuple[str, int]:
-    """Of the Sentinels' answers, the one of the latest failover (highest config epoch)."""
+def _newest(found: list[tuple[int, dict[str, Any]]], sentinels: list[Any], service: str, errors: list[str],
+            error: type[Exception]) -> tuple[str, int]:
+    """Of the Sentinels' answers, the one of the latest failover (highest config epoch); its
+    Sentinel is asked first next time (as redis-py does with the first that answers)."""
     if not found:
         raise error(f"No master found for {service!r}" + (f": {', '.join(errors)}" if errors else ""))
-    best = max(found, key=lambda state: int(state.get("config-epoch", 0)))
+    i, best = max(found, key=lambda item: int(item[1].get("config-epoch", 0)))
+    sentinels[0], sentinels[i] = sentinels[i], sentinels[0]
     return str(best["ip"]), int(best["port"])
 
 
+def _enough(state: dict[str, Any], heard: tuple[str, int] | None) -> bool:
+    """Whether an answer can be taken without asking the other Sentinels: nothing was heard of a
+    failover (redis-py's rule: the first answer), or it names the primary the last switch named.
+    Otherwise every Sentinel is asked, so one that missed the switch cannot send us back."""
+    return heard is None or (str(state["ip"]), int(state["port"])) == heard
+
+
 class _Sentinel(sentinel.Sentinel):  # type: ignore[misc]
-    """redis-py's Sentinel, asking every Sentinel and believing the newest (redis-py takes the first
-    that answers, which may not have heard of the last failover yet)."""
+    """redis-py's Sentinel, made to believe the newest answer (`_enough`, `_newest`)."""
+
+    watch: PrimaryWatch | None = None
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        found, errors = [], []
-        for s in self.sentinels:
+        heard = self.watch.primary if self.watch else None
+        found: list[tuple[int, dict[str, Any]]] = []
+        errors: list[str] = []
+        for i, s in enumerate(self.sentinels):
             try:
                 state = s.sentinel_masters().get(service_name)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                errors.append(f"{s.connection_pool.connection_kwargs.get('port')}: {exc}")
+                errors.append(str(exc))
                 continue
             if state and self.check_master_state(state, service_name):
-                found.append(state)
-        return _newest(found, service_name, errors, sentinel.MasterNotFoundError)
+                found.append((i, state))
+                if _enough(state, heard):
+                    break
+        return _newest(found, self.sentinels, service_name, errors, sentinel.MasterNotFoundError)
 
 
 class _AsyncSentinel(asentinel.Sentinel):  # type: ignore[misc]
-    """The same for redis.asyncio, asking the Sentinels at once."""
+    """The same for redis.asyncio."""
+
+    watch: PrimaryWatch | None = None
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
-        replies = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
-        found, errors = [], []
-        for reply in replies:
-            if isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
-                errors.append(str(reply))
-            elif isinstance(reply, BaseException):
-                raise reply
-            elif (state := reply.get(service_name)) and self.check_master_state(state, service_name):
-                found.append(state)
-        return _newest(found, service_name, errors, asentinel.MasterNotFoundError)
+        heard = self.watch.primary if self.watch else None
+        found: list[tuple[int, dict[str, Any]]] = []
+        errors: list[str] = []
+        for i, s in enumerate(self.sentinels):
+            try:
+                state = (await s.sentinel_masters()).get(service_name)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                errors.append(str(exc))
+                continue
+            if state and self.check_master_state(state, service_name):
+                found.append((i, state))
+                if _enough(state, heard):
+                    break
+        return _newest(found, self.sentinels, service_name, errors, asentinel.MasterNotFoundError)
 
 
 _SWITCHED = "the primary changed (Sentinel +switch-master); reconnecting"

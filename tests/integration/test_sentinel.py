@@ -470,3 +470,34 @@ def test_a_client_moves_to_the_new_primary_at_the_switch(sentinel_set: SentinelS
         nc.close()
     finally:
         r.close()
+
+
+class _FakeSentinel:
+    def __init__(self, ip: str, port: int, epoch: int) -> None:
+        self.state = {"ip": ip, "port": port, "config-epoch": epoch, "is_master": True, "is_sdown": False,
+                      "is_odown": False, "num-other-sentinels": 2}
+        self.asked = 0
+
+    def sentinel_masters(self) -> dict[str, dict[str, object]]:
+        self.asked += 1
+        return {SERVICE: self.state}
+
+
+def test_discovery_believes_the_sentinel_that_saw_the_last_failover() -> None:
+    from tokenfan.shared.redisconn import PrimaryWatch, SentinelTarget, _Sentinel
+
+    stale, fresh = _FakeSentinel("10.0.0.1", 6379, 1), _FakeSentinel("10.0.0.2", 6379, 2)
+    manager = _Sentinel([])
+    manager.sentinels = [stale, fresh]
+    manager.watch = PrimaryWatch(SentinelTarget((("s", 1),), SERVICE))  # never started: no thread
+    # Nothing heard of a failover: the first answer, as redis-py takes it.
+    assert manager.discover_master(SERVICE) == ("10.0.0.1", 6379) and fresh.asked == 0
+    # A switch to 10.0.0.2 was announced: the stale answer is not enough; the newest epoch wins
+    # and its Sentinel is asked first from then on.
+    assert manager.watch.heard(f"{SERVICE} 10.0.0.1 6379 10.0.0.2 6379")
+    assert manager.watch.epoch == 1 and not manager.watch.heard(f"{SERVICE} 10.0.0.1 6379 10.0.0.2 6379")
+    assert manager.discover_master(SERVICE) == ("10.0.0.2", 6379)
+    assert manager.sentinels[0] is fresh
+    stale.asked = 0
+    assert manager.discover_master(SERVICE) == ("10.0.0.2", 6379) and stale.asked == 0
+    assert not manager.watch.heard("another-service 1.1.1.1 1 2.2.2.2 2") and manager.watch.epoch == 1
