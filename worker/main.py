@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # How long a stopping worker waits for its keeper's last tick.
 KEEPER_JOIN_S = 5.0
+MAX_PORT = 65535
 
 
 def worker_name(settings: WorkerSettings) -> str:
@@ -59,8 +60,11 @@ def start_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> int:
     """
     if not settings.metrics_port:
         return 0
+    if not 0 < settings.metrics_port <= MAX_PORT:
+        raise ConfigError(f"TOKENFAN_METRICS_PORT: {settings.metrics_port} is not a port (1-{MAX_PORT}, or 0 to "
+                          "turn the exporter off)", param="metrics_port")
     named = "metrics_port" in settings.model_fields_set
-    span = 1 if named else WORKER_METRICS_PORT_SPAN
+    span = 1 if named else min(WORKER_METRICS_PORT_SPAN, MAX_PORT + 1 - settings.metrics_port)
     for port in range(settings.metrics_port, settings.metrics_port + span):
         try:
             start_http_server(port, registry=metrics.registry)

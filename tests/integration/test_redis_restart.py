@@ -1,0 +1,200 @@
+"""Redis dying mid-stream (issue 16), against real processes: two API processes, two workers (fake
+engine), a redis-server with an append-only file as compose.yaml runs it, SIGKILLed and started
+again on its port. Every stream a client follows ends with exactly one terminal event, or goes on:
+with persistence, `done` and exactly the text it would have had; without, one retryable `error`.
+A stream left `running` with no lease and no lease index entry is found all the same."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.faults import PersistentRedis, follow
+from tests.procs import SSE, Cluster, create_stream, expected_text, stream_status, wait_for
+from tokenfan.shared import keys
+from tokenfan.shared.state import StreamStatus
+
+# Short leases and a quick keeper so a lapse is seconds, not the default's minutes of test.
+FAST = {"TOKENFAN_LEASE_TTL_S": "2", "TOKENFAN_KEEPER_INTERVAL_S": "0.25", "TOKENFAN_SWEEP_INTERVAL_S": "2"}
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[PersistentRedis]:
+    server = PersistentRedis().start()
+    yield server
+    server.stop()
+
+
+def _text(evs: list[SSE]) -> str:
+    return "".join(e.json()["text"] for e in evs if e.event == "token")
+
+
+def _whole(evs: list[SSE]) -> None:
+    """Every seq from 1 exactly once, in order, and exactly one terminal event, at the end."""
+    seqs = [int(e.id) for e in evs]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert sum(e.event in ("done", "error") for e in evs) == 1 and evs[-1].event in ("done", "error")
+
+
+def _logged(r: redis.Redis, sid: str) -> int:
+    return int(r.xlen(keys.log(sid)))
+
+
+class Clients:
+    """One following client per stream, each in its own thread, reading across both API processes."""
+
+    def __init__(self, apis: list[str], sids: list[str], switch_every: int = 0) -> None:
+        self.got: dict[str, list[SSE]] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.threads = [threading.Thread(target=self._run, args=(apis[i % 2:] + apis[:i % 2], sid, switch_every))
+                        for i, sid in enumerate(sids)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, apis: list[str], sid: str, switch_every: int) -> None:
+        try:
+            self.got[sid] = follow(apis, sid, timeout=120, switch_every=switch_every)
+        except BaseException as exc:  # reported by join()
+            self.errors[sid] = exc
+
+    def join(self) -> dict[str, list[SSE]]:
+        for t in self.threads:
+            t.join(150)
+        assert not self.errors, self.errors
+        return self.got
+
+
+def _start(cluster: Cluster, server: PersistentRedis, **worker_env: str) -> list[str]:
+    cluster.redis_url = server.url
+    cluster.env.update(FAST)
+    apis = [cluster.api().url, cluster.api().url]
+    for _ in range(2):
+        cluster.worker(TOKENFAN_SLOTS="2", TOKENFAN_FAKE_RATE="15", **worker_env)
+    return apis
+
+
+def _streams(api: str, n: int, tokens: int, tag: str) -> dict[str, str]:
+    return {create_stream(api, f"{tag} {i}", max_tokens=tokens): f"{tag} {i}" for i in range(n)}
+
+
+def test_redis_killed_and_restarted_from_its_aof_every_stream_completes_exactly(
+        aof_redis: PersistentRedis, cluster: Cluster) -> None:
+    """The issue's reproduction: SIGKILL mid-stream, back 3 s later from the AOF."""
+    apis = _start(cluster, aof_redis)
+    sids = _streams(apis[0], 4, 60, "restart")
+    clients = Clients(apis, list(sids), switch_every=15)
+    r = redis.Redis.from_url(aof_redis.url)
+    wait_for(lambda: all(_logged(r, s) >= 8 for s in sids), timeout=30, what="every stream generating")
+    r.close()
+    aof_redis.kill()
+    down = threading.Event()
+    down.wait(3.0)  # the outage itself: Redis stays down this long (the fault, not a wait for a condition)
+    aof_redis.restart()
+    got = clients.join()
+    for sid, content in sids.items():
+        _whole(got[sid])
+        assert got[sid][-1].event == "done", got[sid][-1].data
+        assert _text(got[sid]) == expected_text(content, 60)
+
+
+def test_redis_down_ten_seconds_every_stream_completes_exactly(aof_redis: PersistentRedis,
+                                                               cluster: Cluster) -> None:
+    """Down past every lease: the workers take their streams back (or others continue them)."""
+    apis = _start(cluster, aof_redis)
+    sids = _streams(apis[1], 3, 50, "long outage")
+    clients = Clients(apis, list(sids))
+    r = redis.Redis.from_url(aof_redis.url)
+    wait_for(lambda: all(_logged(r, s) >= 6 for s in sids), timeout=30, what="every stream generating")
+    r.close()
+    aof_redis.kill()
+    threading.Event().wait(10.0)  # the outage
+    aof_redis.restart()
+    got = clients.join()
+    for sid, content in sids.items():
+        _whole(got[sid])
+        assert got[sid][-1].event == "done", got[sid][-1].data
+        assert _text(got[sid]) == expected_text(content, 50)
+
+
+def test_redis_back_without_its_last_writes_every_stream_is_still_exact(aof_redis: PersistentRedis,
+                                                                        cluster: Cluster) -> None:
+    """An AOF lacking the last writes (the restart loses what clients already saw): the workers see
+    the gap in the log and send those events again; the text is exact, nothing doubled."""
+    apis = _start(cluster, aof_redis)
+    sids = _streams(apis[0], 4, 60, "rolled back")
+    clients = Clients(apis, list(sids), switch_every=10)
+    r = redis.Redis.from_url(aof_redis.url)
+    wait_for(lambda: all(_logged(r, s) >= 8 for s in sids), timeout=30, what="every stream generating")
+    at_snapshot = {s: _logged(r, s) for s in sids}
+    snap = aof_redis.snapshot()
+    # what the AOF will lack: several more events of every stream, seen by the clients meanwhile
+    wait_for(lambda: all(_logged(r, s) >= at_snapshot[s] + 6 for s in sids), timeout=30, what="more events")
+    r.close()
+    aof_redis.kill()
+    aof_redis.restore(snap)
+    aof_redis.restart()
+    got = clients.join()
+    for sid, content in sids.items():
+        _whole(got[sid])
+        assert got[sid][-1].event == "done", got[sid][-1].data
+        assert _text(got[sid]) == expected_text(content, 60)
+    # the restart did lose events the clients had seen, and the workers sent them again
+    workers = "".join(p.log() for p in cluster.procs if p.kind == "worker")
+    assert "Redis lost events" in workers and "sending them again" in workers
+
+
+def test_redis_back_empty_every_stream_ends_with_one_retryable_error(cluster: Cluster) -> None:
+    server = PersistentRedis(appendonly=False).start()
+    try:
+        apis = _start(cluster, server)
+        sids = _streams(apis[0], 3, 200, "empty")
+        clients = Clients(apis, list(sids))
+        r = redis.Redis.from_url(server.url)
+        wait_for(lambda: all(_logged(r, s) >= 5 for s in sids), timeout=30, what="every stream generating")
+        r.close()
+        server.kill()
+        server.wipe()
+        server.restart()
+        got = clients.join()
+        for sid in sids:
+            evs = got[sid]
+            assert evs[-1].event == "error" and evs[-1].json()["retryable"] is True, [e.event for e in evs][-3:]
+            assert sum(e.event in ("done", "error") for e in evs) == 1
+            seqs = [int(e.id) for e in evs[:-1]]
+            assert seqs == list(range(1, len(seqs) + 1))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("followed", [True, False], ids=["followed", "unfollowed"])
+def test_running_stream_without_lease_or_index_entry_is_found(aof_redis: PersistentRedis, cluster: Cluster,
+                                                              followed: bool) -> None:
+    """The lease index lost (here: deleted) and the stream's worker dead: the follower notices the
+    stream has nobody on it, or the sweep finds it from the stream records; it goes on elsewhere."""
+    cluster.redis_url = aof_redis.url
+    # followed: no sweep in the test's time (its lock, once taken, lasts the interval), so the follower it is
+    cluster.env.update({**FAST, "TOKENFAN_SWEEP_INTERVAL_S": "600" if followed else "2"})
+    apis = [cluster.api().url]
+    doomed = cluster.worker(TOKENFAN_FAKE_RATE="15")
+    sid = create_stream(apis[0], "index lost", max_tokens=40)
+    r = redis.Redis.from_url(aof_redis.url)
+    try:
+        wait_for(lambda: _logged(r, sid) >= 6, timeout=30, what="the stream generating")
+        clients = Clients(apis, [sid]) if followed else None
+        cluster.worker(TOKENFAN_FAKE_RATE="50")
+        doomed.signal(signal.SIGKILL)
+        r.delete(keys.LEASES)
+        assert stream_status(r, sid) is StreamStatus.RUNNING and r.zscore(keys.LEASES, sid) is None
+        if clients is None:  # nobody follows: only the sweep can find it
+            wait_for(lambda: stream_status(r, sid) is StreamStatus.FINISHED, timeout=60, what="the stream to end")
+            evs = follow(apis, sid, timeout=10)
+        else:
+            evs = clients.join()[sid]
+    finally:
+        r.close()
+    _whole(evs)
+    assert evs[-1].event == "done" and _text(evs) == expected_text("index lost", 40)
