@@ -139,6 +139,10 @@ REAP_BATCH = 100
 SWEEP_INTERVAL_S = 10.0
 # Keys per SCAN call of that sweep, and stream records checked per pipelined round trip.
 SWEEP_SCAN_COUNT = 1000
+# A queued stream whose RQ job does not exist this long after it was created lost its job (a Redis
+# restart kept its record, written first, but not its job, written a few ms later) and is enqueued
+# again: far longer than that gap, far shorter than anyone waits for a first token.
+JOB_LOST_AFTER_S = 5.0
 # While Redis is unreachable, a worker keeps its streams and every event it generated, and an API
 # process keeps its clients' streams open (pinging), this long: a restart or a Sentinel failover
 # takes seconds; past this, the worker lets its leases lapse and the API ends the stream with a
