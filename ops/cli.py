@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from tokenfan.ops.flags import Group, as_flags, options
-from tokenfan.shared.errors import ConfigError, TokenfanError
+from tokenfan.shared.errors import ConfigError, TokenfanError, Unavailable
 from tokenfan.shared.settings import ApiSettings, CommonSettings, FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger("tokenfan")
+# How often a starting process asks a Redis that does not answer yet.
+STARTUP_RETRY_S = 0.5
 F = TypeVar("F", bound=Callable[..., Any])
 
 API = Group(ApiSettings)
@@ -47,9 +50,38 @@ def _setup_logging(level: str) -> None:
 
 
 def _need_redis(settings: CommonSettings, command: str) -> None:
+    """A Redis URL that answers: one that does not within `redis_outage_s` (Redis starting after us, as
+    compose and Kubernetes may start them) is one line naming the URL, not a startup traceback."""
     if not settings.redis_url:
         raise ConfigError(f"TOKENFAN_REDIS_URL (or REDIS_URL) is not set: `tokenfan {command}` needs a Redis "
                           "(`tokenfan up` starts one of its own)")
+    import redis
+
+    from tokenfan.shared.redisconn import redacted, sync_client
+
+    client = sync_client(settings.redis_url, cluster=settings.redis_cluster)
+    deadline = time.monotonic() + settings.redis_outage_s
+    said = False
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.AuthenticationError as exc:
+                raise ConfigError(f"REDIS_URL: Redis at {redacted(settings.redis_url)} refused the password: "
+                                  f"{exc}") from None
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"cannot reach Redis at {redacted(settings.redis_url)} (REDIS_URL) after "
+                                      f"{settings.redis_outage_s:g}s (TOKENFAN_REDIS_OUTAGE_S): {exc}") from None
+                if not said:
+                    logging.getLogger(__name__).warning(
+                        "tokenfan %s: Redis at %s does not answer (%s); waiting up to %gs", command,
+                        redacted(settings.redis_url), exc, settings.redis_outage_s)
+                    said = True
+                time.sleep(STARTUP_RETRY_S)
+    finally:
+        client.close()
 
 
 @click.group(help=__doc__.split("\n\n")[0], context_settings={"max_content_width": 120})
@@ -87,12 +119,16 @@ def api(log_level: str, **params: Any) -> int:
 @options(WORKER, FAKE)
 @_log_level()
 def worker(log_level: str, **params: Any) -> int:
+    from tokenfan.worker.engines import model_file
     from tokenfan.worker.main import run_worker
 
     _setup_logging(log_level)
     settings = WORKER.build(params)
+    fake = FAKE.build(params) if settings.engine == "fake" else None
+    if fake is None:
+        model_file(settings)  # every configuration mistake before waiting for Redis
     _need_redis(settings, "worker")
-    return run_worker(settings, FAKE.build(params) if settings.engine == "fake" else None)
+    return run_worker(settings, fake)
 
 
 @cli.command(help="stream an answer in the terminal")

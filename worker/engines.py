@@ -243,14 +243,20 @@ CHATML = (
 )
 
 
+def model_file(settings: WorkerSettings) -> Path:
+    """The GGUF file a llama worker loads: the configured one, or the bundled model; a missing file is one line."""
+    path = Path(settings.model_path) if settings.model_path else bundled_model_path()
+    if not path.is_file():
+        raise ConfigError(f"TOKENFAN_MODEL_PATH: model file not found: {path}", param="model_path")
+    return path
+
+
 def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> Engine:
     """The configured engine; the fake one's knobs are its own settings (given, or from the environment)."""
     if settings.engine == "fake":
         f = fake or FakeEngineSettings()
         return FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s, slots=settings.slots)
-    path = Path(settings.model_path) if settings.model_path else bundled_model_path()
-    if not path.is_file():
-        raise ConfigError(f"TOKENFAN_MODEL_PATH: model file not found: {path}", param="model_path")
+    path = model_file(settings)
     log.info("Loading %s (%d slots of %d tokens, %d threads, %d GPU layers)", path.name, settings.slots,
              settings.n_ctx, settings.threads, settings.n_gpu_layers)
     from tokenfan.worker.batch import LlamaBatchEngine  # llama_cpp is imported only by a llama worker

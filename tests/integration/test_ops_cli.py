@@ -256,6 +256,48 @@ def test_a_configuration_mistake_is_one_line_naming_the_setting(args: list[str],
     assert res.stderr.count("\n") == 1 and res.stdout == "", res.stderr
 
 
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_a_redis_that_never_answers_is_one_line_naming_the_url(command: str) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"redis://:secret@127.0.0.1:{port}/0"
+    env = {**clean_env(), "REDIS_URL": url, "TOKENFAN_ENGINE": "fake", "TOKENFAN_REDIS_OUTAGE_S": "1"}
+    res = tokenfan(command, "--port" if command == "api" else "--metrics-port", str(free_port()), env=env)
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tokenfan: cannot reach Redis at redis://***@127.0.0.1:{port}/0 (REDIS_URL)"), res.stderr
+    assert "Traceback" not in res.stderr and "secret" not in res.stderr, res.stderr
+
+
+def test_a_redis_that_starts_late_is_waited_for() -> None:
+    """compose and Kubernetes may start the API before Redis: it waits (up to redis_outage_s), then serves."""
+    late = free_port()
+    env = {**clean_env(), "REDIS_URL": f"redis://127.0.0.1:{late}/0", "TOKENFAN_REDIS_OUTAGE_S": "60"}
+    api_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", "api", "--port", str(api_port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the one warning: it is waiting
+        assert "does not answer" in line and "waiting up to 60s" in line, line
+        server = subprocess.Popen(["redis-server", "--port", str(late), "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL)
+        wait_for(lambda: _healthy(api_port), timeout=30, what="the API to serve once Redis is up")
+    finally:
+        stop_process(proc, 10)  # type: ignore[arg-type]
+        if server is not None:
+            stop_process(server, 10)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_a_second_worker_on_the_metrics_port_is_one_line_naming_it(redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
