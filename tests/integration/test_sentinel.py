@@ -200,6 +200,7 @@ class Reader:
     events: list[SSE] = field(default_factory=list)  # the logged events, in the order received
     local_errors: list[dict[str, object]] = field(default_factory=list)  # API-made errors (not in the log)
     resumes: int = 0
+    drop_after: int = 0  # once past this seq, leave and resume on the other API (as a flaky network would)
     failure: str = ""
     thread: threading.Thread | None = None
 
@@ -242,6 +243,11 @@ class Reader:
                               timeout=httpx.Timeout(SILENCE_S, connect=5)) as resp:
                 if resp.status_code == 204:  # ended at or before our id: cannot be, we stop at the terminal
                     raise AssertionError(f"204 on resume at {self.last}")
+                if resp.status_code == 503:  # Redis unreachable for now: try again after Retry-After
+                    resp.read()
+                    self.local_errors.append({"status": 503, **resp.json()})
+                    time.sleep(min(float(resp.headers.get("retry-after", "1")), 1.0))  # the client's backoff
+                    return
                 if resp.status_code != 200:  # 404: the stream is gone (a failover lost it)
                     resp.read()
                     raise AssertionError(f"HTTP {resp.status_code} on resume at {self.last}: {resp.text} "
@@ -266,6 +272,9 @@ class Reader:
         if seq != self.last + 1:
             raise AssertionError(f"seq {seq} after {self.last}: {ev.event} {ev.data}")
         self.events.append(ev)
+        if self.drop_after and seq >= self.drop_after and ev.event not in ("done", "error"):
+            self.drop_after = 0
+            return False
         return ev.event not in ("done", "error")
 
 
@@ -375,14 +384,21 @@ def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -
              what="every stream under way")
     assert not any(r.ended for r in readers), "a stream ended before the failover"
     old = s.primary_port()
+    for r in readers:  # each client leaves and resumes on the other API as the primary fails over ...
+        r.drop_after = r.last + 2  # (the SIGKILL waits for 3 more events of each stream)
     gaps = (_sigkill_with_a_gap if how == "sigkill_primary" else _sentinel_failover)(s, sids)
     assert s.primary_port() != old
+    wait_for(lambda: all(r.drop_after == 0 or r.failure for r in readers), timeout=30,
+             what="every client resumed on the other API")
+    for r in readers:  # ... and once more after, from the new primary's log
+        r.drop_after = r.last + 2
     if gaps:  # the new primary lacks events the clients already had: the workers must re-send them
         assert all(n > 0 for n in gaps.values()), gaps
     for r in readers:
         assert r.thread is not None
         r.thread.join(STREAM_DEADLINE_S + 10)
     outcomes = [_check_outcome(r, c) for r, c in zip(readers, contents, strict=True)]
+    assert all(r.resumes >= 2 for r in readers), [r.resumes for r in readers]
     print(f"{how}: outcomes {outcomes}, resumes {[r.resumes for r in readers]}, gaps {gaps}, "
           f"API-made errors {[r.local_errors for r in readers]}")
     # New work runs on the new primary, through both APIs.
