@@ -21,7 +21,9 @@ with a retryable error; after `LIVENESS_S` without an event it looks at the
 stream's record, and a stream that says `running` with no lease (its worker
 is gone, and a Redis restart may have lost its lease index entry too) is put
 back into the lease index, due now, so the reaper of this very process
-hands it over or ends it within a second.
+hands it over or ends it within a second; a stream `queued` for longer than
+`JOB_LOST_AFTER_S` whose job is gone (the restart kept its record but not
+its job) is enqueued again.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
-from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
+from tokenfan.shared.defaults import JOB_LOST_AFTER_S, MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import Event
 from tokenfan.shared.jobs import enqueue
+from tokenfan.shared.reaper import requeue_lost
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
 from tokenfan.shared.settings import ApiSettings
 from tokenfan.shared.state import StreamState, StreamStatus
@@ -195,6 +198,7 @@ class Follower:
         self._heard_at = time.monotonic()
         self._resync = False  # the log must be read before the next live event
         self._outage_since = 0.0  # when Redis started failing (0: it answers)
+        self._owner_checked = 0.0  # when `_check_owner` last looked
 
     async def batches(self) -> AsyncGenerator[list[Event] | None, None]:
         if self.sub is None:
@@ -292,7 +296,8 @@ class Follower:
         caught_up = self._caught_up(await self.edge.bus.read_log(self.sid, self.last))
         if not caught_up and fresh.ended:  # ended, and nothing in its log after our id
             raise self._ended_before(await self._last_seq())
-        if not caught_up:
+        if not caught_up and time.monotonic() - self._owner_checked >= LIVENESS_S:
+            self._owner_checked = time.monotonic()
             await self._check_owner(fresh)
         return caught_up or None
 
@@ -304,9 +309,12 @@ class Follower:
             if await r.zadd(keys.LEASES, {self.sid: int(time.time() * 1000)}, lt=True, ch=True):
                 log.warning("API %s: stream %s says running but has no lease and no due index entry; "
                             "reaping it", self.edge.name, self.sid)
-        elif state.status is StreamStatus.QUEUED and state.attempt > 0:
-            deadline = int((time.time() + self.edge.settings.failover_wait_s) * 1000)
-            await r.zadd(keys.LEASES, {self.sid: deadline}, nx=True)
+        elif state.status is StreamStatus.QUEUED:
+            if state.attempt > 0:
+                deadline = int((time.time() + self.edge.settings.failover_wait_s) * 1000)
+                await r.zadd(keys.LEASES, {self.sid: deadline}, nx=True)
+            if time.time() - state.created > JOB_LOST_AFTER_S:  # a restart may have kept it but not its job
+                await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
 
     async def _last_seq(self) -> int:
         last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)

@@ -15,7 +15,12 @@ JOB_FUNC = "tokenfan.worker.runner.run_job"
 
 
 def job_id(payload: JobPayload) -> str:
-    return f"{payload.stream_id}_{payload.attempt}"
+    return stream_job_id(payload.stream_id, payload.attempt)
+
+
+def stream_job_id(stream_id: str, attempt: int) -> str:
+    """The RQ job id of one attempt at a stream."""
+    return f"{stream_id}_{attempt}"
 
 
 def queue(redis: Redis, model: str) -> Queue:

@@ -17,7 +17,8 @@ stream it says is running. What can still lose an entry (a rolled back
 cluster node, an eviction, a hand) is repaired by `sweep`: every
 `sweep_interval_s` one process walks the stream records and puts each
 running stream without a lease back into the index, due now (issue 16:
-a stream left `running` with no entry was never reaped).
+a stream left `running` with no entry was never reaped), and enqueues
+again each queued stream whose job is gone (`requeue_lost`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import logging
 import time
 
 import orjson
+from rq.job import Job
 
 from tokenfan.shared import events, keys, registry
 from tokenfan.shared.bus import SyncBus
-from tokenfan.shared.defaults import ERRORS_KEPT, REAP_BATCH, SWEEP_SCAN_COUNT
-from tokenfan.shared.jobs import enqueue
+from tokenfan.shared.defaults import ERRORS_KEPT, JOB_LOST_AFTER_S, REAP_BATCH, SWEEP_SCAN_COUNT
+from tokenfan.shared.jobs import enqueue, stream_job_id
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import CommonSettings
 from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
@@ -78,29 +80,55 @@ def sweep(bus: SyncBus, settings: CommonSettings, who: str) -> int:
     for key in bus.redis.scan_iter(match=keys.state("*"), count=SWEEP_SCAN_COUNT, _type="hash"):
         batch.append(keys.stream_id_of(key.decode()))
         if len(batch) >= SWEEP_SCAN_COUNT:
-            found += _sweep_batch(bus, batch)
+            found += _sweep_batch(bus, settings, batch)
             batch = []
     if batch:
-        found += _sweep_batch(bus, batch)
+        found += _sweep_batch(bus, settings, batch)
     if found:
         log.warning("Reaper %s: %d running streams had no lease and no index entry; reaping them", who, found)
     return found
 
 
-def _sweep_batch(bus: SyncBus, sids: list[str]) -> int:
+def _sweep_batch(bus: SyncBus, settings: CommonSettings, sids: list[str]) -> int:
     pipe = bus.redis.pipeline(transaction=False)
     for sid in sids:
-        StreamState.queue_status(pipe, sid)
+        StreamState.queue_summary(pipe, sid)
         pipe.exists(keys.lease(sid))
         pipe.zscore(keys.LEASES, sid)
     replies = pipe.execute()
-    now_ms = int(time.time() * 1000)
-    lost = {sid: now_ms for i, sid in enumerate(sids)
-            if StreamState.parse_status(replies[3 * i]) is StreamStatus.RUNNING
-            and not replies[3 * i + 1] and replies[3 * i + 2] is None}
+    now = time.time()
+    lost: dict[str, int] = {}
+    for i, sid in enumerate(sids):
+        state, leased, indexed = StreamState.parse_summary(replies[3 * i]), replies[3 * i + 1], replies[3 * i + 2]
+        if state is None:
+            continue
+        if state.status is StreamStatus.RUNNING and not leased and indexed is None:
+            lost[sid] = int(now * 1000)
+        elif state.status is StreamStatus.QUEUED and now - state.created > JOB_LOST_AFTER_S:
+            requeue_lost(bus, settings, sid)
     if lost:
         bus.redis.zadd(keys.LEASES, lost, nx=True)
     return len(lost)
+
+
+def requeue_lost(bus: SyncBus, settings: CommonSettings, sid: str) -> bool:
+    """A queued stream whose job is gone is enqueued again (at the front: it waited already). The API
+    writes a stream's record before its job, so a Redis restarted from an append-only file that lacks
+    the last second can hold the one without the other; the acquire script makes a doubled job harmless
+    (the second finds the stream taken or finished and is skipped)."""
+    summary = StreamState.load(bus.redis, sid, with_request=False)
+    if summary is None or summary.status is not StreamStatus.QUEUED or time.time() - summary.created < JOB_LOST_AFTER_S:
+        return False
+    if Job.exists(stream_job_id(sid, summary.attempt), connection=bus.queue):
+        return False
+    state = bus.state(sid)
+    if state is None or state.status is not StreamStatus.QUEUED:
+        return False
+    payload = JobPayload.model_validate(orjson.loads(state.request))
+    payload.attempt = state.attempt  # a handed-over stream's job is its next attempt's
+    enqueue(bus.queue, payload, timeout_s=settings.job_timeout_s, at_front=True)
+    log.warning("Reaper: queued stream %s had lost its job (a Redis restart?); enqueued it again", sid)
+    return True
 
 
 def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPayload) -> bool:

@@ -178,6 +178,15 @@ class StreamState:
         return int(raw) if raw else 0
 
     @staticmethod
+    def queue_summary(pipe: Any, stream_id: str) -> None:
+        """Queue a read of the record without its payload on a pipeline; `parse_summary` reads the reply."""
+        pipe.hmget(keys.state(stream_id), SUMMARY_FIELDS)
+
+    @classmethod
+    def parse_summary(cls, values: list[Any]) -> StreamState | None:
+        return cls._from_fields(values)
+
+    @staticmethod
     def queue_status(pipe: Any, stream_id: str) -> None:
         """Queue a read of the stream's status on a pipeline; `parse_status` reads the reply."""
         pipe.hget(keys.state(stream_id), Field.STATUS)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from rq.job import Job
 
 from tests.faults import PersistentRedis, follow
 from tests.procs import SSE, Cluster, create_stream, expected_text, stream_status, wait_for
@@ -198,3 +199,25 @@ def test_running_stream_without_lease_or_index_entry_is_found(aof_redis: Persist
         r.close()
     _whole(evs)
     assert evs[-1].event == "done" and _text(evs) == expected_text("index lost", 40)
+
+
+def test_queued_stream_whose_job_was_lost_is_enqueued_again(aof_redis: PersistentRedis, cluster: Cluster) -> None:
+    """A restart that kept a new stream's record but not its job (written a few ms later): the
+    follower sees a queued stream with no job behind it and enqueues it again."""
+    cluster.redis_url = aof_redis.url
+    cluster.env.update({**FAST, "TOKENFAN_SWEEP_INTERVAL_S": "600"})  # the follower, not the sweep
+    api = cluster.api().url
+    sid = create_stream(api, "job lost", max_tokens=12)
+    r = redis.Redis.from_url(aof_redis.url)
+    try:
+        job = f"{sid}_0"
+        assert r.lrem(keys.queue_list("smollm2"), 0, job) == 1 and r.delete(Job.key_for(job)) == 1
+        clients = Clients([api], [sid])
+        cluster.worker()
+        evs = clients.join()[sid]
+        assert stream_status(r, sid) is StreamStatus.FINISHED
+    finally:
+        r.close()
+    _whole(evs)
+    assert evs[-1].event == "done" and _text(evs) == expected_text("job lost", 12)
+    assert "had lost its job" in "".join(p.log() for p in cluster.procs if p.kind == "api")
