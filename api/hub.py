@@ -198,6 +198,7 @@ class Hub:
         self._sub_cmd = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
         self._unsub_cmd = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
         self._watching: PrimaryWatch | None = None
+        self._wake = asyncio.Event()
         self._on_switch: Callable[[], None] | None = None
 
     async def start(self) -> None:
@@ -283,7 +284,7 @@ class Hub:
                 self._lost(exc)
                 if not self._ready.done():  # start() need not wait out a Redis that refused at once
                     self._ready.set_result(None)
-                await asyncio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
+                await self._pause(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
                 continue
             failures = 0
             if not self._ready.done():
@@ -292,11 +293,20 @@ class Hub:
             self.wire = None
             failures += 1
             self._lost(reason)
-            await asyncio.sleep(RECONNECT_BACKOFF_S[0])
+            await self._pause(RECONNECT_BACKOFF_S[0])
+
+    async def _pause(self, seconds: float) -> None:
+        """The backoff before a reconnect, cut short when Sentinel names a new primary."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _switched(self) -> None:
         """Sentinel announced a new primary: this connection is to the old one, which takes
         publishes no more (or soon will not); reconnecting asks the Sentinels where the new one is."""
+        self._wake.set()
         if self.wire is not None:
             log.warning("Hub: the Redis primary changed; reconnecting the pub/sub connection")
             self.wire.abort()

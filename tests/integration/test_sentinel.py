@@ -18,6 +18,7 @@ wait has a deadline).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -517,3 +518,54 @@ def test_discovery_believes_the_sentinel_that_saw_the_last_failover() -> None:
     stale.asked = 0
     assert manager.discover_master(SERVICE) == ("10.0.0.2", 6379) and stale.asked == 0
     assert not manager.watch.heard("another-service 1.1.1.1 1 2.2.2.2 2") and manager.watch.epoch == 1
+
+
+@pytest.mark.parametrize("how", ["sentinel_failover", "sigkill_primary"])
+async def test_the_hub_follows_the_primary(sentinel_set: SentinelSet, how: str) -> None:
+    """An API process's pub/sub connection is on the new primary once Sentinel names it: a
+    message published there reaches a subscription that was made on the old one (with the gap
+    marked, so its follower re-reads the log)."""
+    from tokenfan.api.hub import Hub
+    from tokenfan.shared.redisconn import async_client
+
+    s = sentinel_set
+    old, new = s.primary(), s.replica()
+    client = async_client(s.url)
+    hub = Hub(client)
+    try:
+        await hub.start()
+        sub = await hub.subscribe("tf:test:channel")
+        if how == "sigkill_primary":
+            old.popen.send_signal(signal.SIGKILL)
+        else:
+            c = s.sentinels[0].client()
+            assert c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+            c.close()
+        deadline = time.monotonic() + 30
+        while not s.all_agree_on(new.port):
+            assert time.monotonic() < deadline, "the replica was not promoted"
+            await asyncio.sleep(0.05)  # polling the Sentinels, with a deadline
+        publisher = new.client()
+        got: list[bytes] = []
+        gap = False
+        try:
+            while not got:  # the hub subscribes again on the new primary: publish until it hears
+                assert time.monotonic() < deadline, "the hub never heard the new primary"
+                publisher.publish("tf:test:channel", b"on the new primary")
+                res = await sub.get(0.1)
+                if res is not None:
+                    got, gap = res[0], gap or res[1]
+        finally:
+            publisher.close()
+        assert got[0] == b"on the new primary"
+        if how == "sentinel_failover":
+            # Heard while the old primary still takes writes (Sentinel demotes it 8-10 s after the
+            # switch, and only then would a hub left on it be dropped, or hear the new one's
+            # messages through replication): the hub moved at the switch itself.
+            oc = old.client()
+            role = oc.execute_command("ROLE")[0]
+            oc.close()
+            assert role == b"master", "the hub moved only when the old primary was demoted"
+    finally:
+        await hub.close()
+        await client.aclose()
