@@ -112,7 +112,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         edge = await Edge.open(settings)
         app.state.edge = edge
         edge.tasks.append(asyncio.create_task(discovery.announce(edge), name="tokenfan-discovery"))
-        edge.tasks.append(asyncio.create_task(ops.record(edge, app.state.ops_history), name="tokenfan-ops-history"))
+        edge.tasks.append(asyncio.create_task(ops.record(edge), name="tokenfan-ops-history"))
         if not await edge.auth.enabled():
             log.warning("API %s: NO API KEYS ARE CONFIGURED - this API is open to anyone who can reach it. "
                         "Add keys (tokenfan keys add) before exposing it beyond this machine.", edge.name)

@@ -32,17 +32,19 @@ from tokenfan.shared.defaults import (
     OPS_MAX_STREAMS,
     OPS_TTFT_WINDOW_S,
 )
+from tokenfan.shared.state import Field as F
 from tokenfan.shared.state import StreamState, StreamStatus
 
 if TYPE_CHECKING:
     from tokenfan.api.edge import Edge
 
 log = logging.getLogger(__name__)
+# The sampler's lease lasts this many feed intervals: a stopped sampler is replaced within it.
+SAMPLER_TTL_INTERVALS = 3
 STATIC = Path(__file__).parent / "static"
 
 
 def install(app: FastAPI) -> None:
-    app.state.ops_history = History()
 
     @app.get("/ops", include_in_schema=False, response_model=None)
     async def ops_page() -> Response:
@@ -59,29 +61,33 @@ def install(app: FastAPI) -> None:
     @app.get("/v1/ops/history", include_in_schema=False)
     async def ops_history(request: Request) -> Response:
         """The charts' last 15 minutes; the feed's `snapshot` events carry each new sample."""
-        await request.app.state.edge.auth.admin(request)
-        history: History = request.app.state.ops_history
-        body = {"interval_s": OPS_FEED_INTERVAL_S, "span_s": OPS_HISTORY_S, "samples": list(history.samples)}
-        return Response(orjson.dumps(body), media_type="application/json")
+        edge: Edge = request.app.state.edge
+        await edge.auth.admin(request)
+        raw = await edge.redis.lrange(keys.ops_history(), 0, -1)
+        samples = b",".join(reversed(raw))  # stored as JSON, newest first
+        body = b'{"interval_s":%s,"span_s":%s,"samples":[%s]}' % (
+            orjson.dumps(OPS_FEED_INTERVAL_S), orjson.dumps(OPS_HISTORY_S), samples)
+        return Response(body, media_type="application/json")
 
     @app.get("/v1/ops/events", response_model=None, include_in_schema=False)
     async def ops_events(request: Request) -> sse.SSEResponse:
         edge: Edge = request.app.state.edge
         await edge.auth.admin(request)
         stop = anyio.Event()
-        return sse.SSEResponse(_feed(edge, stop, request.app.state.ops_history), ping_s=edge.settings.heartbeat_s,
+        return sse.SSEResponse(_feed(edge, stop), ping_s=edge.settings.heartbeat_s,
                                send_timeout_s=edge.settings.send_timeout_s, grace_s=OPS_FEED_INTERVAL_S,
                                shutdown_event=stop)
 
 
-async def _feed(edge: Edge, stop: anyio.Event, history: History) -> AsyncIterator[bytes]:
+async def _feed(edge: Edge, stop: anyio.Event) -> AsyncIterator[bytes]:
     """A `snapshot` event a second until the server stops (sse-starlette sets `stop`)."""
     n = 0
     while not stop.is_set():
         n += 1
         try:
             snap = await snapshot(edge)
-            snap["sample"] = history.samples[-1] if history.samples else None
+            latest = await edge.redis.lindex(keys.ops_history(), 0)
+            snap["sample"] = orjson.loads(latest) if latest else None
             body = orjson.dumps(snap)
         except redis.RedisError as exc:
             body = orjson.dumps({"error": f"Redis unreachable: {exc}"})
@@ -131,56 +137,77 @@ async def _stream(edge: Edge, sid: str, now: float) -> dict[str, Any] | None:
 
 
 class History:
-    """The ops page's charts: one sample a feed interval, the last `OPS_HISTORY_S`, kept by this process.
+    """The ops page's charts: one sample a feed interval, the last `OPS_HISTORY_S`, for the whole fleet.
 
-    Every sample is read from Redis, so each replica draws the same fleet-wide picture: tokens/s per
-    model from the growth of each stream's log (a stream that ended since the last sample is counted to
-    its end), running and queued streams, TTFT p50/p95 over the streams that got a first token in the
-    last `OPS_TTFT_WINDOW_S` (first token's `ts` minus the stream's `created`, what a user waits), busy
-    slots per worker (the streams its record lists) and errors by code."""
+    One API process at a time takes the samples (it holds `keys.ops_sampler()`, renewed every interval;
+    when it stops another takes over within `SAMPLER_TTL_INTERVALS`) and stores each in a capped Redis
+    list that every replica serves, so N replicas cost Redis one sampler, not N, and draw the same
+    charts. A sample: tokens/s per model from the growth of each stream's log (a stream that ended
+    since the last sample is counted to its end), running and queued streams, TTFT p50/p95 over the
+    streams that got a first token in the last `OPS_TTFT_WINDOW_S` (first token's `ts` minus the
+    stream's `created`, what a user waits), busy slots per worker (the streams its record lists) and
+    errors by code. Each is a few pipelined round trips, whatever the number of streams."""
 
     def __init__(self) -> None:
-        self.samples: deque[dict[str, Any]] = deque(maxlen=int(OPS_HISTORY_S / OPS_FEED_INTERVAL_S))
         self._tokens: dict[str, int] = {}  # stream id -> tokens in its log at the last sample
         self._models: dict[str, str] = {}
         self._ttft: deque[tuple[float, float]] = deque()  # (first token time, seconds)
         self._last_error = time.time()
+        self.primed = False  # a first sample after taking over only sets the baseline of the rates
 
-    async def sample(self, edge: Edge) -> dict[str, Any]:
+    def reset(self) -> None:
+        """Another process samples now: start from a fresh baseline if this one takes over again."""
+        self.__init__()  # type: ignore[misc]
+
+    async def sample(self, edge: Edge) -> dict[str, Any] | None:
         r, now = edge.redis, time.time()
         active = [sid.decode() for sid in await r.zrange(keys.active(), 0, OPS_MAX_STREAMS - 1)]
+        sids = list(dict.fromkeys([*active, *self._tokens]))
+        pipe = r.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hmget(keys.state(sid), [F.STATUS, F.MODEL, F.CREATED])
+            pipe.xlen(keys.log(sid))
+        replies = await pipe.execute() if sids else []
         counts = {"running": 0, "queued": 0}
         rates: dict[str, float] = {}
         seen: dict[str, int] = {}
-        for sid in dict.fromkeys([*active, *self._tokens]):
-            state = await StreamState.aload(r, sid, with_request=False)
-            if state is not None and sid in active:
-                counts[state.status.value] = counts.get(state.status.value, 0) + 1
-                self._models[sid] = state.model
-            tokens = await self._count(r, sid, state)
+        firsts: list[tuple[str, float]] = []
+        for i, sid in enumerate(sids):
+            status, model, created = (_text(v) for v in replies[2 * i])
+            entries = int(replies[2 * i + 1])
+            if status and sid in active:
+                counts[status] = counts.get(status, 0) + 1
+                self._models[sid] = model
+            ended = not status or status == StreamStatus.FINISHED
+            tokens = max(0, entries - 2 - (1 if ended else 0))  # meta, disclosure, end
+            if tokens and sid not in self._tokens and status:
+                firsts.append((sid, float(created or 0)))
             model = self._models.get(sid, "")
-            grown = max(0, tokens - self._tokens.get(sid, 0))
-            rates[model] = rates.get(model, 0.0) + grown / OPS_FEED_INTERVAL_S
+            rates[model] = rates.get(model, 0.0) + max(0, tokens - self._tokens.get(sid, 0)) / OPS_FEED_INTERVAL_S
             if sid in active:
                 seen[sid] = tokens
+        await self._first_tokens(r, firsts)
         self._tokens = seen
         self._models = {s: m for s, m in self._models.items() if s in seen}
         point = {"time": now, "tokens_per_s": {m: round(v, 1) for m, v in rates.items() if m},
                  "running": counts["running"], "queued": counts["queued"], **self._quantiles(now),
                  "slots_busy": await _slots_busy(edge), "errors": await self._errors(r, now)}
-        self.samples.append(point)
+        if not self.primed:  # every token so far would count as this second's: no rate yet
+            self.primed = True
+            return None
         return point
 
-    async def _count(self, r: AsyncRedis, sid: str, state: StreamState | None) -> int:
-        """Tokens in the stream's log; the first time there are some, its time to first token too."""
-        entries = int(await r.xlen(keys.log(sid)))
-        tokens = max(0, entries - 2 - (1 if state is None or state.ended else 0))  # meta, disclosure, end
-        if tokens and sid not in self._tokens and state is not None:
-            for e in _entries(await r.xrange(keys.log(sid), count=4)):
-                if e.type == events.TOKEN:
-                    self._ttft.append((e.ts, max(0.0, e.ts - state.created)))
-                    break
-        return tokens
+    async def _first_tokens(self, r: AsyncRedis, firsts: list[tuple[str, float]]) -> None:
+        """Streams whose first tokens arrived since the last sample: their time to first token."""
+        if not firsts or not self.primed:
+            return
+        pipe = r.pipeline(transaction=False)
+        for sid, _ in firsts:
+            pipe.xrange(keys.log(sid), count=4)
+        for (_, created), raw in zip(firsts, await pipe.execute(), strict=True):
+            first = next((e for e in _entries(raw) if e.type == events.TOKEN), None)
+            if first is not None:
+                self._ttft.append((first.ts, max(0.0, first.ts - created)))
 
     def _quantiles(self, now: float) -> dict[str, float | None]:
         while self._ttft and self._ttft[0][0] < now - OPS_TTFT_WINDOW_S:
@@ -199,6 +226,10 @@ class History:
                 found[str(e.get("code"))] = found.get(str(e.get("code")), 0) + 1
         self._last_error = now
         return found
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else (v or "")
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -224,11 +255,33 @@ async def _slots_busy(edge: Edge) -> dict[str, int]:
     return busy
 
 
-async def record(edge: Edge, history: History) -> None:
-    """A lifespan task: sample until the process stops (Edge.close cancels it)."""
+# Take the sampler's lease, or keep it: (key, this process's name, TTL ms) -> 1 when this process samples.
+_LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+
+async def record(edge: Edge, history: History | None = None) -> None:
+    """A lifespan task: take the fleet's samples while this process holds the sampler lease, until the
+    process stops (Edge.close cancels it)."""
+    history = history or History()
+    ttl_ms = int(SAMPLER_TTL_INTERVALS * OPS_FEED_INTERVAL_S * 1000)
+    size = int(OPS_HISTORY_S / OPS_FEED_INTERVAL_S)
     while True:
         try:
-            await history.sample(edge)
+            if await edge.redis.eval(_LEAD, 1, keys.ops_sampler(), edge.name, ttl_ms):
+                point = await history.sample(edge)
+                if point is not None:
+                    pipe = edge.redis.pipeline(transaction=False)
+                    pipe.lpush(keys.ops_history(), orjson.dumps(point))
+                    pipe.ltrim(keys.ops_history(), 0, size - 1)
+                    pipe.expire(keys.ops_history(), int(OPS_HISTORY_S))
+                    await pipe.execute()
+            elif history.primed:
+                history.reset()
         except redis.RedisError as exc:
             log.debug("API %s: ops history sample failed: %s", edge.name, exc)
         await anyio.sleep(OPS_FEED_INTERVAL_S)

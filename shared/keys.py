@@ -87,6 +87,16 @@ def errors() -> str:
     return f"{PREFIX}:errors"
 
 
+def ops_history() -> str:
+    """List of the ops charts' samples, newest first (one API process takes them for the fleet)."""
+    return f"{PREFIX}:ops:history"
+
+
+def ops_sampler() -> str:
+    """Which API process takes the ops samples now (its name, with a TTL of a few intervals)."""
+    return f"{PREFIX}:ops:sampler"
+
+
 def active() -> str:
     """Sorted set of streams not yet finished (id -> created ms), for the ops page."""
     return f"{PREFIX}:active"
