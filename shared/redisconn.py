@@ -38,6 +38,7 @@ old primary. What is still lost and when is in docs/faults.md.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -123,8 +124,19 @@ def url_problem(url: str) -> str:
         else:
             parse_url(url)  # redis-py's reasons: the scheme, a port that is not a number, an option
     except ValueError as exc:
-        return f"{str(exc).rstrip('.')}; expected {URL_FORMS}"
+        return f"{_scrub(str(exc), url).rstrip('.')}; expected {URL_FORMS}"
     return ""
+
+
+def _scrub(message: str, url: str) -> str:
+    """A parser's message without any piece of the URL's password: one with a '/' or '#' not
+    percent-encoded is cut at it, and redis-py names the piece ("... integer value as 'pa'")."""
+    creds = url.partition("://")[2].partition("?")[0].rpartition("@")[0]
+    password = creds.partition(":")[2] if ":" in creds else creds
+    for piece in re.split(r"[/:?#@]", password):
+        if len(piece) >= 3 or (piece and f"'{piece}'" in message):
+            message = message.replace(piece, "***")
+    return message
 
 
 def sentinel_target(url: str) -> SentinelTarget:
