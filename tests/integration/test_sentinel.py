@@ -60,9 +60,11 @@ class Node:
     port: int
     popen: subprocess.Popen[bytes]
     log: Path
+    password: str = ""
 
     def client(self, **kw: float) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=kw.get("socket_timeout", 5))
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=kw.get("socket_timeout", 5),
+                           password=self.password or None)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -70,16 +72,21 @@ class Node:
 
 @dataclass
 class SentinelSet:
-    """A primary, a replica and three Sentinels, all on loopback ports of their own."""
+    """A primary, a replica and three Sentinels, all on loopback ports of their own (with a
+    password for the servers and another for the Sentinels, when given)."""
 
     folder: Path
+    password: str = ""
+    sentinel_password: str = ""
     servers: list[Node] = field(default_factory=list)
     sentinels: list[Node] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        creds = f":{self.password}@" if self.password else ""
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{creds}{hosts}/{SERVICE}/0{query}"
 
     def _start(self, role: str, argv: list[str]) -> Node:
         log = self.folder / f"{role}.log"
@@ -93,9 +100,11 @@ class SentinelSet:
         port = free_port()
         folder = self.folder / role
         folder.mkdir()
+        auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
         node = self._start(role, [
             find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(folder), "--daemonize", "no", "--enable-debug-command", "local", *extra])
+            "--dir", str(folder), "--daemonize", "no", "--enable-debug-command", "local", *auth, *extra])
+        node.password = self.password
         self.servers.append(node)
         return node
 
@@ -109,8 +118,11 @@ class SentinelSet:
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
-            f"sentinel parallel-syncs {SERVICE} 1", ""]))
+            f"sentinel parallel-syncs {SERVICE} 1",
+            *([f"sentinel auth-pass {SERVICE} {self.password}"] if self.password else []),
+            *([f"requirepass {self.sentinel_password}"] if self.sentinel_password else []), ""]))
         node = self._start(f"sentinel{i}", [find_redis_server(), str(conf), "--sentinel", "--port", str(port)])
+        node.password = self.sentinel_password
         self.sentinels.append(node)
         return node
 
@@ -174,9 +186,9 @@ class SentinelSet:
 
 
 @pytest.fixture
-def sentinel_set() -> Iterator[SentinelSet]:
+def sentinel_set(request: pytest.FixtureRequest) -> Iterator[SentinelSet]:
     folder = Path(tempfile.mkdtemp(prefix="tokenfan-sentinel-"))
-    s = SentinelSet(folder)
+    s = SentinelSet(folder, **getattr(request, "param", {}))
     try:
         yield s.start()
     finally:
@@ -573,3 +585,45 @@ async def test_the_hub_follows_the_primary(sentinel_set: SentinelSet, how: str) 
     finally:
         await hub.close()
         await client.aclose()
+
+
+@pytest.mark.parametrize("sentinel_set", [{"password": "servers-Pa55", "sentinel_password": "sentinels-Pa55"}],
+                         indirect=True)
+async def test_passwords_for_the_servers_and_for_the_sentinels(sentinel_set: SentinelSet) -> None:
+    """The URL's password reaches the servers (the clients and the hub's own connection), the
+    `sentinel_password` option the Sentinels (discovery and the failover listener)."""
+    from tokenfan.api.hub import Hub
+    from tokenfan.shared.redisconn import async_client
+
+    s = sentinel_set
+    with redis.Redis(host="127.0.0.1", port=s.sentinels[0].port) as anonymous, \
+            pytest.raises(redis.AuthenticationError):
+        anonymous.execute_command("SENTINEL", "MASTERS")
+    r = sync_client(s.url)
+    client = async_client(s.url)
+    hub = Hub(client)
+    try:
+        r.set("k", "v")
+        assert await client.get("k") == b"v"
+        await hub.start()
+        sub = await hub.subscribe("tf:test:auth")
+        assert r.publish("tf:test:auth", b"hello") == 1
+        got = await sub.get(5)
+        assert got is not None and got[0] == [b"hello"]
+        new = s.replica()
+        c = s.sentinels[0].client()
+        assert c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        c.close()
+        watch = r.connection_pool.connection_kwargs["primary_watch"]
+        deadline = time.monotonic() + 30
+        while watch.primary != ("127.0.0.1", new.port):  # heard through the Sentinels' password
+            assert time.monotonic() < deadline, "the listener never heard the switch"
+            await asyncio.sleep(0.05)
+        r.set("after", "1")
+        nc = new.client()
+        assert nc.get("after") == b"1"
+        nc.close()
+    finally:
+        await hub.close()
+        await client.aclose()
+        r.close()
