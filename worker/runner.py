@@ -206,7 +206,6 @@ class StreamJob:
         })
         if not resumed and self.p.disclosure:
             self.emit(events.DISCLOSURE, {"text": self.p.disclosure})
-        self._mark_served()
         if self.watch.cancel:
             self.finish("cancelled")
             return None
@@ -230,7 +229,8 @@ class StreamJob:
         created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
         return "".join(texts), len(texts), created
 
-    def _mark_served(self) -> None:
+    def mark_served(self) -> None:
+        """The queue's served mark, for the positions of the streams still waiting (best effort)."""
         ticket = StreamState.load_ticket(self.r.bus.redis, self.sid)
         if ticket:
             self.r.bus.mark_served(self.p.model, ticket)
