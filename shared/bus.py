@@ -70,10 +70,16 @@ if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call(
 return redis.call('EXISTS', KEYS[5])
 """).substitute(_NAMES)
 
+# ARGV[4] and ARGV[5], a reaper's: claim only if the stream is still as the reaper saw it (that status
+# and attempt), so one that another reaper handed over a moment ago is not taken for one nobody took.
 ACQUIRE_LUA = Template("""
-local status = redis.call('HGET', KEYS[2], '$status')
+local st = redis.call('HMGET', KEYS[2], '$status', '$attempt')
+local status = st[1]
 if not status then return {'$missing', 0} end
 if status == '$finished' then return {'$finished', 0} end
+if ARGV[4] and (status ~= ARGV[4] or (tonumber(st[2] or '0') or 0) ~= tonumber(ARGV[5])) then
+  return {'$taken', 0}
+end
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return {'$taken', 0} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -197,6 +203,9 @@ class SyncBus:
         self._renew = redis.register_script(RENEW_LUA)
         self._handback = redis.register_script(HANDBACK_LUA)
         self._max_set = redis.register_script(MAX_SET_LUA)
+        self._server: str | None = None  # what back_since() saw last: the run_id, when it came back, the
+        self._back_at = float("-inf")  # last failure
+        self._unreachable_at = float("-inf")
 
     def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
@@ -229,10 +238,29 @@ class SyncBus:
         return [self.publish(sid, owner, event) if isinstance(reply, Exception) else _published(reply)
                 for (sid, owner, event), reply in zip(items, replies, strict=True)]
 
-    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "") -> tuple[AcquireResult, int]:
-        """Claim the stream's lease; the result, and the last seq in its log."""
+    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "",
+                seen: StreamState | None = None) -> tuple[AcquireResult, int]:
+        """Claim the stream's lease (a reaper: only while its status and attempt are still those it
+        `seen`, else TAKEN); the result, and the last seq in its log."""
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        return _acquired(self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), worker or owner]))
+        args: list[Any] = [owner, int(ttl_s * 1000), worker or owner]
+        if seen is not None:
+            args += [seen.status.value, seen.attempt]
+        return _acquired(self._acquire(keys=ks, args=args))
+
+    def back_since(self) -> float:
+        """How long Redis has answered this process without a break: seconds since its run_id changed
+        (a restart, a failover) or since a `mark_unreachable` call was followed by an answer."""
+        server = self.server_id()
+        now = time.monotonic()
+        if self._server is None:  # the first look: nothing to compare with yet
+            self._server = server
+        elif server != self._server or self._unreachable_at > self._back_at:
+            self._server, self._back_at = server, now
+        return now - self._back_at
+
+    def mark_unreachable(self) -> None:
+        self._unreachable_at = time.monotonic()
 
     def reclaim(self, stream_id: str, owner: str, ttl_s: float, worker: str, attempt: int, first: int,
                 last: int) -> tuple[AcquireResult, int]:

@@ -27,6 +27,7 @@ import logging
 import time
 
 import orjson
+import redis
 from rq.job import Job
 
 from tokenfan.shared import events, keys, registry
@@ -43,20 +44,29 @@ log = logging.getLogger(__name__)
 def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     """One pass (and a sweep, when it is this process's turn); returns how many streams it took
     over or ended."""
-    sweep(bus, settings, reaper)
-    now_ms = int(time.time() * 1000)
-    due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=REAP_BATCH)
-    return sum(reap_one(bus, settings, reaper, raw.decode()) for raw in due)
+    try:
+        if bus.back_since() < settings.lease_ttl_s:
+            return 0  # Redis just came back: no lease could be renewed meanwhile, and their workers go first
+        sweep(bus, settings, reaper)
+        now_ms = int(time.time() * 1000)
+        due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=REAP_BATCH)
+        return sum(reap_one(bus, settings, reaper, raw.decode()) for raw in due)
+    except redis.RedisError:
+        bus.mark_unreachable()
+        raise
 
 
 def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> bool:
     """Take over or end one stream whose lease lapsed (or that was handed over and never taken);
     False when it needs nothing (a live lease, finished, gone)."""
     state = bus.state(sid)  # read before the claim, which overwrites its worker
+    now_ms = int(time.time() * 1000)
     # the index entry before the claim (a no-op when the stream was found there): whatever this
     # process does next, a claim it leaves behind is one the next reaper finds
-    bus.redis.zadd(keys.LEASES, {sid: int((time.time() + settings.lease_ttl_s) * 1000)}, nx=True)
-    result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s)
+    bus.redis.zadd(keys.LEASES, {sid: now_ms + int(settings.lease_ttl_s * 1000)}, nx=True)
+    if state is not None and state.status is StreamStatus.QUEUED and (bus.redis.zscore(keys.LEASES, sid) or 0) > now_ms:
+        return False  # handed over a moment ago (its deadline is ahead): not ours to end yet
+    result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s, seen=state)
     if result is AcquireResult.TAKEN:
         return False
     if not result.claimed or state is None:
@@ -65,6 +75,7 @@ def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> b
     if result is AcquireResult.QUEUED:  # handed over, but no worker took it in time
         msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
         end_with_error(bus, sid, reaper, seq, "worker_lost", msg, True)
+        log.warning("Reaper %s: stream %s was handed over and no worker took it; ended it", reaper, sid)
     else:
         _recover(bus, settings, reaper, sid, seq, state)
     return True

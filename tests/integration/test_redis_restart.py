@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
 import redis
 from rq.job import Job
 
 from tests.faults import PersistentRedis, follow
 from tests.procs import SSE, Cluster, create_stream, expected_text, stream_status, wait_for
-from tokenfan.shared import keys
-from tokenfan.shared.state import StreamStatus
+from tokenfan.shared import defaults as d
+from tokenfan.shared import events, keys
+from tokenfan.shared.bus import BusConfig, SyncBus
+from tokenfan.shared.reaper import reap_one, sweep
+from tokenfan.shared.schema import JobMessage, JobPayload
+from tokenfan.shared.settings import CommonSettings
+from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
 
 # Short leases and a quick keeper so a lapse is seconds, not the default's minutes of test.
 FAST = {"TOKENFAN_LEASE_TTL_S": "2", "TOKENFAN_KEEPER_INTERVAL_S": "0.25", "TOKENFAN_SWEEP_INTERVAL_S": "2"}
@@ -180,7 +187,7 @@ def test_running_stream_without_lease_or_index_entry_is_found(aof_redis: Persist
     # followed: no sweep in the test's time (its lock, once taken, lasts the interval), so the follower it is
     cluster.env.update({**FAST, "TOKENFAN_SWEEP_INTERVAL_S": "600" if followed else "2"})
     apis = [cluster.api().url]
-    doomed = cluster.worker(TOKENFAN_FAKE_RATE="15")
+    doomed = cluster.worker(TOKENFAN_FAKE_RATE="5")  # 8 s of stream: still running when the spare is up
     sid = create_stream(apis[0], "index lost", max_tokens=40)
     r = redis.Redis.from_url(aof_redis.url)
     try:
@@ -221,3 +228,69 @@ def test_queued_stream_whose_job_was_lost_is_enqueued_again(aof_redis: Persisten
     _whole(evs)
     assert evs[-1].event == "done" and _text(evs) == expected_text("job lost", 12)
     assert "had lost its job" in "".join(p.log() for p in cluster.procs if p.kind == "api")
+
+
+# --- the scripts and the reaper rules the above relies on, on a real Redis -------------------------
+
+SID = "restartstream0000001"
+
+
+@pytest.fixture
+def bus(r: redis.Redis, redis_url: str) -> Iterator[SyncBus]:
+    client = redis.Redis.from_url(redis_url)
+    yield SyncBus(client, BusConfig(d.LOG_MAXLEN, d.LOG_ACTIVE_TTL_S, d.LOG_TTL_S))
+    client.close()
+
+
+def _running(bus: SyncBus, worker: str = "w1") -> None:
+    payload = JobPayload(stream_id=SID, model="m", messages=[JobMessage(role="user", content="hi")], max_tokens=5,
+                         enqueued_at=time.time())
+    StreamState(model="m", owner="k", request=orjson.dumps(payload.dump())).create(bus.redis, SID, 3600)
+    assert bus.acquire(SID, worker, 5.0, worker)[0] is AcquireResult.QUEUED
+
+
+def _tok(seq: int) -> events.Event:
+    return events.Event(seq, events.TOKEN, {"text": f"t{seq}"})
+
+
+def test_a_re_sent_event_is_written_once_and_a_hole_is_refused(bus: SyncBus) -> None:
+    _running(bus)
+    assert [bus.publish(SID, "w1", _tok(n)) for n in (1, 2, 2, 1)] == [PublishResult.PUBLISHED] * 4
+    assert bus.publish(SID, "w1", _tok(4)) is PublishResult.GAP
+    assert [e.seq for e in bus.read_log(SID)] == [1, 2] and bus.last_seq(SID) == 2
+    assert bus.publish(SID, "w1", _tok(3)) is PublishResult.PUBLISHED
+
+
+def test_reclaim_takes_back_only_a_stream_nobody_else_took_on(bus: SyncBus) -> None:
+    _running(bus)
+    for n in (1, 2, 3):
+        bus.publish(SID, "w1", _tok(n))
+    bus.redis.delete(keys.lease(SID))  # lapsed while Redis was away
+    assert bus.reclaim(SID, "w1", 5.0, "w1", 0, 0, 2) == (AcquireResult.TAKEN, 3)  # the log has more than ours
+    assert bus.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9) == (AcquireResult.TAKEN, 3)  # not w2's stream
+    assert bus.reclaim(SID, "w1", 5.0, "w1", 0, 0, 9) == (AcquireResult.RUNNING, 3)  # ours: re-send from 4
+    assert bus.publish(SID, "w1", _tok(4)) is PublishResult.PUBLISHED
+    assert bus.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9)[0] is AcquireResult.TAKEN  # w1 holds it again
+
+
+def test_a_stream_handed_over_a_moment_ago_is_not_ended_by_a_second_reaper(bus: SyncBus) -> None:
+    settings = CommonSettings(lease_ttl_s=5.0, failover_wait_s=15.0)
+    _running(bus)
+    bus.redis.hset(keys.worker("w2"), mapping={"model": "m"})  # a live worker to continue it
+    bus.redis.zadd(keys.workers("m"), {"w2": int(time.time() * 1000)})
+    bus.redis.delete(keys.lease(SID))
+    seen = bus.state(SID)  # what a second reaper read before the first acted
+    assert reap_one(bus, settings, "reaper-a", SID) is True
+    assert stream_status(bus.redis, SID) is StreamStatus.QUEUED  # handed over, its deadline ahead
+    assert reap_one(bus, settings, "reaper-b", SID) is False
+    assert bus.acquire(SID, "reaper-b", 5.0, seen=seen)[0] is AcquireResult.TAKEN  # it changed since
+    assert stream_status(bus.redis, SID) is StreamStatus.QUEUED and bus.last_seq(SID) == 0
+
+
+def test_the_sweep_puts_a_running_stream_without_lease_or_entry_back(bus: SyncBus) -> None:
+    settings = CommonSettings(sweep_interval_s=60.0)
+    _running(bus)
+    bus.redis.delete(keys.lease(SID), keys.LEASES)
+    assert sweep(bus, settings, "me") == 1 and bus.redis.zscore(keys.LEASES, SID) is not None
+    bus.redis.delete(keys.LEASES)
+    assert sweep(bus, settings, "other") == 0  # one sweep per interval, fleet-wide
