@@ -36,6 +36,7 @@ import httpx
 import pytest
 import redis
 
+from tests.integration.test_redis_auth_tls import _certs
 from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, wait_for
 from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
@@ -61,10 +62,12 @@ class Node:
     popen: subprocess.Popen[bytes]
     log: Path
     password: str = ""
+    ca: str = ""  # TLS: the CA file to check the server's certificate with
 
     def client(self, **kw: float) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=kw.get("socket_timeout", 5),
-                           password=self.password or None)
+                           password=self.password or None, **tls)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -78,6 +81,7 @@ class SentinelSet:
     folder: Path
     password: str = ""
     sentinel_password: str = ""
+    tls: bool = False
     servers: list[Node] = field(default_factory=list)
     sentinels: list[Node] = field(default_factory=list)
 
@@ -85,25 +89,39 @@ class SentinelSet:
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         creds = f":{self.password}@" if self.password else ""
-        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
-        return f"redis+sentinel://{creds}{hosts}/{SERVICE}/0{query}"
+        options = [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        options += [f"ssl_ca_certs={self.folder / 'ca.crt'}"] if self.tls else []
+        query = f"?{'&'.join(options)}" if options else ""
+        return f"{'rediss' if self.tls else 'redis'}+sentinel://{creds}{hosts}/{SERVICE}/0{query}"
 
-    def _start(self, role: str, argv: list[str]) -> Node:
+    def _tls(self) -> list[str]:
+        """TLS only, on the port given (`tls-port`), for clients and for replication alike."""
+        if not self.tls:
+            return []
+        if not (self.folder / "ca.crt").exists():
+            _certs(self.folder)
+        f = self.folder
+        return ["tls-cert-file", str(f / "redis.crt"), "tls-key-file", str(f / "redis.key"),
+                "tls-ca-cert-file", str(f / "ca.crt"), "tls-auth-clients", "no", "tls-replication", "yes"]
+
+    def _start(self, role: str, port: int, argv: list[str]) -> Node:
         log = self.folder / f"{role}.log"
         fh = log.open("wb")
         popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         fh.close()
-        node = Node(role, int(argv[argv.index("--port") + 1]) if "--port" in argv else 0, popen, log)
-        return node
+        return Node(role, port, popen, log, ca=str(self.folder / "ca.crt") if self.tls else "")
 
     def server(self, role: str, *extra: str) -> Node:
         port = free_port()
         folder = self.folder / role
         folder.mkdir()
         auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
-        node = self._start(role, [
-            find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(folder), "--daemonize", "no", "--enable-debug-command", "local", *auth, *extra])
+        tls = self._tls()
+        ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
+        node = self._start(role, port, [
+            find_redis_server(), *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(folder), "--daemonize", "no", "--enable-debug-command", "local", *auth,
+            *(f"--{a}" if i % 2 == 0 else a for i, a in enumerate(tls)), *extra])
         node.password = self.password
         self.servers.append(node)
         return node
@@ -113,15 +131,18 @@ class SentinelSet:
         folder = self.folder / f"sentinel{i}"
         folder.mkdir()
         conf = folder / "sentinel.conf"
+        tls = self._tls()
+        ports = ["port 0", f"tls-port {port}"] if tls else [f"port {port}"]
         conf.write_text("\n".join([
-            f"port {port}", "bind 127.0.0.1", "daemonize no", f'dir "{folder}"',
+            *ports, "bind 127.0.0.1", "daemonize no", f'dir "{folder}"',
+            *(f"{k} {v}" for k, v in zip(tls[::2], tls[1::2], strict=True)),
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {SERVICE} 1",
             *([f"sentinel auth-pass {SERVICE} {self.password}"] if self.password else []),
             *([f"requirepass {self.sentinel_password}"] if self.sentinel_password else []), ""]))
-        node = self._start(f"sentinel{i}", [find_redis_server(), str(conf), "--sentinel", "--port", str(port)])
+        node = self._start(f"sentinel{i}", port, [find_redis_server(), str(conf), "--sentinel"])
         node.password = self.sentinel_password
         self.sentinels.append(node)
         return node
@@ -587,18 +608,19 @@ async def test_the_hub_follows_the_primary(sentinel_set: SentinelSet, how: str) 
         await client.aclose()
 
 
-@pytest.mark.parametrize("sentinel_set", [{"password": "servers-Pa55", "sentinel_password": "sentinels-Pa55"}],
-                         indirect=True)
-async def test_passwords_for_the_servers_and_for_the_sentinels(sentinel_set: SentinelSet) -> None:
+@pytest.mark.parametrize("sentinel_set", [{"password": "servers-Pa55", "sentinel_password": "sentinels-Pa55"},
+                                          {"tls": True}], indirect=True, ids=["passwords", "tls"])
+async def test_passwords_and_tls_reach_the_servers_and_the_sentinels(sentinel_set: SentinelSet) -> None:
     """The URL's password reaches the servers (the clients and the hub's own connection), the
-    `sentinel_password` option the Sentinels (discovery and the failover listener)."""
+    `sentinel_password` option the Sentinels (discovery and the failover listener); with
+    `rediss+sentinel://` all of them speak TLS."""
     from tokenfan.api.hub import Hub
     from tokenfan.shared.redisconn import async_client
 
     s = sentinel_set
-    with redis.Redis(host="127.0.0.1", port=s.sentinels[0].port) as anonymous, \
-            pytest.raises(redis.AuthenticationError):
-        anonymous.execute_command("SENTINEL", "MASTERS")
+    with redis.Redis(host="127.0.0.1", port=s.sentinels[0].port, socket_timeout=2) as plain, \
+            pytest.raises(redis.AuthenticationError if s.password else redis.ConnectionError):
+        plain.execute_command("SENTINEL", "MASTERS")  # no password, or no TLS: refused
     r = sync_client(s.url)
     client = async_client(s.url)
     hub = Hub(client)
