@@ -83,7 +83,21 @@ def start_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> int:
                       "port, or 0 to turn the exporter off", param="metrics_port")
 
 
+def check_settings(settings: WorkerSettings) -> None:
+    """What the fields' types cannot say: a worker that could never take a job, or whose leases lapse
+    between two renewals, is a configuration mistake, said in one line before anything starts."""
+    if settings.slots < 1:
+        raise ConfigError(f"TOKENFAN_SLOTS: {settings.slots}; a worker needs at least one slot", param="slots")
+    if settings.keeper_interval_s <= 0:
+        raise ConfigError("TOKENFAN_KEEPER_INTERVAL_S: must be more than 0 seconds", param="keeper_interval_s")
+    if settings.lease_ttl_s <= settings.keeper_interval_s:
+        raise ConfigError(f"TOKENFAN_LEASE_TTL_S: {settings.lease_ttl_s:g}s would lapse before its renewal every "
+                          f"{settings.keeper_interval_s:g}s (TOKENFAN_KEEPER_INTERVAL_S); make it several times "
+                          "longer", param="lease_ttl_s")
+
+
 def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> int:
+    check_settings(settings)
     name = worker_name(settings)
     metrics = WorkerMetrics(settings.model)
     metrics_port = start_metrics(settings, metrics)

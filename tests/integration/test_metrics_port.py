@@ -83,3 +83,6 @@ def test_configuration_mistakes_of_the_worker_are_one_line(redis_url: str, r: re
     _one_line_naming(_run_worker(redis_url, "--slots", "many"), "--slots")
     _one_line_naming(_run_worker(redis_url, TOKENFAN_REDIS_OUTAGE_S="-1"), "TOKENFAN_REDIS_OUTAGE_S")
     _one_line_naming(_run_worker("nowhere"), "TOKENFAN_REDIS_URL")
+    _one_line_naming(_run_worker(redis_url, "--slots", "0"), "TOKENFAN_SLOTS")
+    _one_line_naming(_run_worker(redis_url, TOKENFAN_LEASE_TTL_S="1", TOKENFAN_KEEPER_INTERVAL_S="1"),
+                     "TOKENFAN_LEASE_TTL_S")
