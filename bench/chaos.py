@@ -12,8 +12,8 @@ its files, down for up to 10 s).
 
 Each client resumes as `EventSource` does: when its connection ends without
 a terminal event (a killed API, a `reconnect` event, an API's own retryable
-`error` that is no event of the stream's) it waits the `retry:` the server
-gave (else a second) and reconnects with `Last-Event-ID` to either API,
+`error` that is no event of the stream's) it waits the last `retry:` a
+server gave (else a second) and reconnects with `Last-Event-ID` to either API,
 chosen at random; a 5xx or 429 answer is retried the same way (an app
 would), any other status ends the stream as failed.
 
@@ -318,6 +318,7 @@ class Record:
     started: float = 0.0
     connects: int = 0
     api_errors: int = 0  # an API's own retryable error (the stream went on)
+    retry_s: float = RETRY_S  # the reconnection time: the server's last `retry:`, else EventSource's own
 
     @property
     def progress(self) -> float:
@@ -380,39 +381,37 @@ class Clients:
             if time.monotonic() - rec.progress > self.plan.hang_after_s:
                 rec.end("hung")
                 return
-            retry = RETRY_S
             try:
                 async with asyncio.timeout_at(self._deadline(rec)) as watchdog:
-                    retry = await self.read(rec, watchdog)
+                    await self.read(rec, watchdog)
             except TimeoutError:
                 rec.end("hung")
                 return
             except httpx.HTTPError:
                 pass  # the API went away mid-response, or would not answer: reconnect
             if not rec.outcome:
-                await asyncio.sleep(retry)
+                await asyncio.sleep(rec.retry_s)
 
     def _deadline(self, rec: Record) -> float:
         return asyncio.get_running_loop().time() + rec.progress + self.plan.hang_after_s - time.monotonic()
 
-    async def read(self, rec: Record, watchdog: asyncio.Timeout) -> float:
-        """One connection's worth of the stream; the pause before the next (if the stream goes on)."""
+    async def read(self, rec: Record, watchdog: asyncio.Timeout) -> None:
+        """One connection's worth of the stream (it ends at the stream's end, or for a reconnect)."""
         rec.connects += 1
         headers = {"Last-Event-ID": str(rec.last_seq)} if rec.last_seq else {}
-        retry = RETRY_S
         async with self.client.stream("GET", f"{self.rng.choice(self.urls)}/v1/streams/{rec.sid}",
                                       headers=headers) as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 if resp.status_code not in RETRY_STATUSES:
                     rec.end("failed", f"http_{resp.status_code}")
-                return retry
+                return
             async for ev in EventSource(resp).aiter_sse():
-                retry = ev.retry / 1000 if ev.retry else retry
+                if ev.retry:  # EventSource keeps the last `retry:` a server gave for every reconnect after
+                    rec.retry_s = ev.retry / 1000
                 if self.take(rec, ev):
-                    return retry
+                    return
                 watchdog.reschedule(self._deadline(rec))
-        return retry
 
     def take(self, rec: Record, ev: ServerSentEvent) -> bool:
         """One event; True when this connection is over (the stream ended, or the API said reconnect)."""
