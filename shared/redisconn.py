@@ -89,6 +89,9 @@ SWITCH_CHANNEL = "+switch-master"
 LISTEN_PING_S = 5.0
 # After a lost Sentinel connection, a listener tries again this much later.
 RELISTEN_S = 1.0
+# Each Sentinel announces a switch when it learns of it (hello messages, every 2 s): the same new
+# primary named again within this is the same switch. Past it, a new one (after one we missed).
+SWITCH_SAME_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +264,7 @@ class PrimaryWatch:
         self.target = target
         self.epoch = 0
         self.primary: tuple[str, int] | None = None
+        self._heard_at = 0.0
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -291,10 +295,11 @@ class PrimaryWatch:
         if len(parts) != 5 or parts[0] != self.target.service or not parts[4].isdigit():
             return False
         new = (parts[3], int(parts[4]))
+        now = time.monotonic()
         with self._lock:
-            if new == self.primary:  # every Sentinel announces the same switch
+            if new == self.primary and now - self._heard_at < SWITCH_SAME_S:
                 return False
-            self.primary = new
+            self.primary, self._heard_at = new, now
             self.epoch += 1
             callbacks = list(self._callbacks)
         log.warning("Sentinel: %s failed over to %s:%d; dropping our connections to the old primary",
