@@ -266,8 +266,9 @@ class SyncBus:
                 last: int) -> tuple[AcquireResult, int]:
         """Take back the lease of a stream this worker was generating (RECLAIM_LUA says when it may);
         the result, and the log's last seq, from which the worker re-sends. The lease index entry is
-        written first, so a claim that lands is always one a reaper can find."""
-        self.set_deadline(stream_id, ttl_s)
+        written first, so a claim that lands is always one a reaper can find (never moved earlier: a
+        stream handed over keeps its deadline when the claim is refused)."""
+        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)}, gt=True)
         ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
         return _acquired(self._reclaim(keys=ks, args=[owner, int(ttl_s * 1000), worker, attempt, first, last]))
 
