@@ -91,8 +91,9 @@ return {status, last}
 # The worker that was generating a stream takes its lease back (after Redis restarted, failed over, or
 # was out of reach past the lease): only while nobody else has taken the stream on, and only while the
 # log ends inside what this worker generated (ARGV[5] <= last seq <= ARGV[6]), so it can re-send the rest.
-# A stream still `queued` is ours when its attempt is ours (our claim was lost) or the next (a reaper
-# handed it over and no worker took it yet: its job will find the stream taken and skip it). The log's
+# A stream still `queued` is ours only when its attempt is ours (the restart lost our claim, and our job
+# may be back in the queue: it will find the stream taken and skip it); one a reaper handed over is not,
+# even if no worker took it yet: once anyone has taken a worker for lost, it stays fenced. The log's
 # last seq comes back with every answer: `finished` with our terminal event in it is our own success.
 RECLAIM_LUA = Template("""
 """ + _LAST_SEQ % 3 + """
@@ -104,7 +105,7 @@ if st[1] == '$finished' then return {'$finished', last} end
 local mine, attempt = tonumber(ARGV[4]), tonumber(st[3] or '0') or 0
 if not cur then
   if st[1] == '$running' and (st[2] ~= ARGV[3] or attempt ~= mine) then return {'$taken', last} end
-  if st[1] == '$queued' and attempt ~= mine and attempt ~= mine + 1 then return {'$taken', last} end
+  if st[1] == '$queued' and attempt ~= mine then return {'$taken', last} end
 end
 if last < tonumber(ARGV[5]) or last > tonumber(ARGV[6]) then return {'$taken', last} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

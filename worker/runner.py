@@ -150,7 +150,7 @@ class StreamJob:
         r = self.r
         result, last = r.bus.reclaim(self.sid, r.name, r.settings.lease_ttl_s, r.name, self.p.attempt,
                                      self.base, self.seq)
-        if result is AcquireResult.FINISHED and self.outcome is not None and last >= self.seq:
+        if result is AcquireResult.FINISHED and self.outcome is not None and last == self.seq:
             self.confirmed = self.seq  # our terminal event is in: the reply to it was lost
             return
         if not result.claimed:
