@@ -27,7 +27,11 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.model:
         body["model"] = args.model
     with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0)) as client:
-        created = client.post("/v1/streams", json=body)
+        try:
+            created = client.post("/v1/streams", json=body)
+        except httpx.TransportError as exc:
+            print(f"tokenfan: cannot reach the API at {args.url} (--url): {exc}", file=sys.stderr)
+            return 2
         if created.status_code != 201:
             print(f"tokenfan: {created.status_code} {created.text}", file=sys.stderr)
             return 1

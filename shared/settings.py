@@ -101,7 +101,7 @@ class CommonSettings(BaseSettings):
 
 class ApiSettings(CommonSettings):
     host: str = Field(default=d.API_HOST, description="address the API binds")
-    port: int = Field(default=d.API_PORT, description="port the API listens on")
+    port: int = Field(default=d.API_PORT, ge=1, le=65535, description="port the API listens on")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated models the API accepts (default: model)")
     disclosure: str = Field(default=d.DISCLOSURE, description="notice sent with every answer")

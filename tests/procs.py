@@ -248,6 +248,18 @@ def read_stream(base: str, sid: str, last: int | None = None, stop_after: int | 
     return 200, got
 
 
+def token_text(evs: list[SSE]) -> str:
+    """The answer a client assembled: its `token` events' text, in order."""
+    return "".join(e.json()["text"] for e in evs if e.event == "token")
+
+
+def assert_whole(evs: list[SSE]) -> None:
+    """Every seq from 1 exactly once, in order, and exactly one terminal event, at the end."""
+    seqs = [int(e.id) for e in evs]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert sum(e.event in ("done", "error") for e in evs) == 1 and evs[-1].event in ("done", "error")
+
+
 def logged(got: list[SSE]) -> list[SSE]:
     """The events that belong to the seq space (not API-made `queued`)."""
     return [e for e in got if e.event not in ("queued",)]

@@ -11,7 +11,18 @@ from rq.job import Job, JobStatus
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from tests.procs import SSE, Cluster, create_stream, expected_text, logged, read_stream, stream_status, wait_for
+from tests.procs import (
+    SSE,
+    Cluster,
+    assert_whole,
+    create_stream,
+    expected_text,
+    logged,
+    read_stream,
+    stream_status,
+    token_text,
+    wait_for,
+)
 from tokenfan.shared import keys
 from tokenfan.shared.jobs import queue
 from tokenfan.shared.state import StreamStatus
@@ -19,15 +30,6 @@ from tokenfan.shared.state import StreamStatus
 FAST_LEASE = {"TOKENFAN_LEASE_TTL_S": "1.5", "TOKENFAN_KEEPER_INTERVAL_S": "0.25"}
 
 
-def _text(evs: list[SSE]) -> str:
-    return "".join(e.json()["text"] for e in evs if e.event == "token")
-
-
-def _whole(evs: list[SSE]) -> None:
-    """Gapless seqs from 1 and exactly one terminal event, at the end."""
-    seqs = [int(e.id) for e in evs]
-    assert seqs == list(range(1, len(seqs) + 1)), seqs
-    assert sum(e.event in ("done", "error") for e in evs) == 1 and evs[-1].event in ("done", "error")
 
 
 def _tokens_logged(r: redis.Redis, sid: str) -> int:
@@ -56,8 +58,8 @@ def test_one_worker_generates_several_streams_at_once_and_rq_sees_each_job(clust
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
         evs = got[sid]
-        _whole(evs)
-        assert evs[-1].event == "done" and _text(evs) == expected_text(content, 24)
+        assert_whole(evs)
+        assert evs[-1].event == "done" and token_text(evs) == expected_text(content, 24)
         assert evs[0].json()["worker"] == w.name
     first = list(sids)[:3]  # they overlapped: each began before the others ended
     spans = [(got[s][2].json()["ts"], got[s][-1].json()["ts"]) for s in first]
@@ -80,13 +82,13 @@ def test_cancelling_one_of_several_streams_leaves_the_others_whole(cluster: Clus
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
         evs = got[sid]
-        _whole(evs)
+        assert_whole(evs)
         if sid == victim:
             done = evs[-1].json()
             assert done["finish_reason"] == "cancelled" and done["cancel_reason"] == "client"
             assert len([e for e in evs if e.event == "token"]) <= at_cancel + 3  # seen within a step or two
         else:
-            assert evs[-1].json()["finish_reason"] == "length" and _text(evs) == expected_text(content, 40)
+            assert evs[-1].json()["finish_reason"] == "length" and token_text(evs) == expected_text(content, 40)
 
 
 def test_sigkill_with_several_slots_busy_every_stream_continues_on_another(cluster: Cluster,
@@ -102,11 +104,11 @@ def test_sigkill_with_several_slots_busy_every_stream_continues_on_another(clust
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
         evs = got[sid]
-        _whole(evs)
+        assert_whole(evs)
         assert evs[-1].event == "done", evs[-1].data
         metas = [e.json() for e in evs if e.event == "meta"]
         assert len(metas) == 2 and metas[1]["resumed"] is True and metas[1]["worker"] == second.name, metas
-        assert _text(evs) == expected_text(content, 30)  # one continuous answer
+        assert token_text(evs) == expected_text(content, 30)  # one continuous answer
 
 
 def test_sigterm_with_several_slots_busy_finishes_them_all_and_takes_no_new_job(cluster: Cluster,
@@ -119,8 +121,8 @@ def test_sigterm_with_several_slots_busy_finishes_them_all_and_takes_no_new_job(
     late = create_stream(api.url, "after deploy", max_tokens=3)
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
-        _whole(got[sid])
-        assert got[sid][-1].event == "done" and _text(got[sid]) == expected_text(content, 40)
+        assert_whole(got[sid])
+        assert got[sid][-1].event == "done" and token_text(got[sid]) == expected_text(content, 40)
     wait_for(lambda: not w.alive(), timeout=15, what="the worker to exit")
     assert stream_status(r, late) is StreamStatus.QUEUED  # it took no new job
     cluster.worker()
@@ -143,8 +145,8 @@ def test_sigterm_hands_every_busy_slot_back_after_the_grace_period(cluster: Clus
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
         evs = got[sid]
-        _whole(evs)
+        assert_whole(evs)
         assert evs[-1].event == "done"
         metas = [e.json() for e in evs if e.event == "meta"]
         assert metas[-1]["resumed"] is True and metas[-1]["worker"] == second.name
-        assert _text(evs) == expected_text(content, 60)
+        assert token_text(evs) == expected_text(content, 60)

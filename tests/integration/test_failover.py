@@ -16,6 +16,7 @@ from tests.procs import (
     read_stream,
     sse_events,
     stream_status,
+    token_text,
     wait_for,
 )
 from tokenfan.ops.embedded import EmbeddedRedis
@@ -23,9 +24,6 @@ from tokenfan.shared.state import StreamStatus
 
 FAST_LEASE = {"TOKENFAN_LEASE_TTL_S": "1.5", "TOKENFAN_KEEPER_INTERVAL_S": "0.25"}
 
-
-def _text(evs: list[SSE]) -> str:
-    return "".join(e.json()["text"] for e in evs if e.event == "token")
 
 
 def _follow_until(base: str, sid: str, tokens: int, timeout: float = 30) -> list[SSE]:
@@ -60,7 +58,7 @@ def test_sigkill_worker_stream_continues_on_another(cluster: Cluster) -> None:
     assert evs[-1].event == "done", evs[-1].data
     metas = [e.json() for e in evs if e.event == "meta"]
     assert len(metas) == 2 and metas[1]["resumed"] is True and metas[1]["worker"] == second.name
-    assert _text(evs) == expected_text("survive the crash", 30)  # one continuous answer
+    assert token_text(evs) == expected_text("survive the crash", 30)  # one continuous answer
     assert evs[-1].json()["usage"]["completion_tokens"] == 30
 
 
@@ -99,7 +97,7 @@ def test_sigterm_worker_finishes_its_stream_then_exits(cluster: Cluster) -> None
     queued = create_stream(api.url, "after deploy", max_tokens=3)
     evs = logged(read_stream(api.url, sid, timeout=30)[1])
     _one_terminal(evs)
-    assert evs[-1].event == "done" and _text(evs) == expected_text("deploy", 40)
+    assert evs[-1].event == "done" and token_text(evs) == expected_text("deploy", 40)
     wait_for(lambda: not w.alive(), timeout=15, what="the worker to exit")
     r = redis.Redis.from_url(cluster.redis_url)
     assert stream_status(r, queued) is StreamStatus.QUEUED  # it took no new job
@@ -122,7 +120,7 @@ def test_sigterm_worker_hands_long_stream_back_after_grace(cluster: Cluster) -> 
     assert evs[-1].event == "done"
     metas = [e.json() for e in evs if e.event == "meta"]
     assert metas[-1]["resumed"] is True and metas[-1]["worker"] == second.name
-    assert _text(evs) == expected_text("hand me back", 60)
+    assert token_text(evs) == expected_text("hand me back", 60)
 
 
 def test_killed_api_client_resumes_on_another(cluster: Cluster) -> None:
@@ -142,7 +140,7 @@ def test_killed_api_client_resumes_on_another(cluster: Cluster) -> None:
     rest = logged(read_stream(b.url, sid, last=int(got[-1].id))[1])
     evs = got + rest
     _one_terminal(evs)
-    assert _text(evs) == expected_text("api crash", 40)
+    assert token_text(evs) == expected_text("api crash", 40)
 
 
 def test_redis_restart_mid_stream_ends_with_error_and_new_requests_work(cluster: Cluster) -> None:
@@ -192,5 +190,5 @@ def test_sigterm_api_tells_native_clients_to_reconnect(cluster: Cluster) -> None
     rest = logged(read_stream(b.url, sid, last=int(got[-1].id))[1])
     evs = part + rest
     _one_terminal(evs)
-    assert _text(evs) == expected_text("drain me", 60)
+    assert token_text(evs) == expected_text("drain me", 60)
     wait_for(lambda: not a.alive(), timeout=15, what="the API to exit")

@@ -94,6 +94,14 @@ def test_status_cannot_reach_the_api() -> None:
 
 # --- tokenfan chat ---------------------------------------------------------
 
+def test_chat_with_no_api_listening_is_one_line_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    res = tokenfan("chat", "hello", "--url", url)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"tokenfan: cannot reach the API at {url} (--url)"), res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+
+
 def test_chat_prints_exactly_the_answer_on_stdout(cluster: Cluster) -> None:
     api = cluster.api()
     w = cluster.worker()
@@ -246,8 +254,9 @@ def test_redis_url_from_the_environment_is_enough(command: str, redis_url: str, 
      "TOKENFAN_MODEL_PATH: model file not found: /nonexistent.gguf"),
     (["up", "--n-ctx", "big"], {}, "--n-ctx"),  # up checks the worker's settings before starting anything
     (["up", "--max-queue", "-"], {}, "--max-queue"),  # and the API's
+    (["api", "--port", "70000"], {"REDIS_URL": "redis://127.0.0.1:1"}, "--port"),
 ], ids=["flag", "variable", "api-no-redis", "worker-flag", "worker-variable", "fake-variable", "model-file",
-        "up-worker", "up-api"])
+        "up-worker", "up-api", "api-port-range"])
 def test_a_configuration_mistake_is_one_line_naming_the_setting(args: list[str], env: dict[str, str],
                                                                 named: str) -> None:
     res = tokenfan(*args, env={**clean_env(), **env})

@@ -17,7 +17,7 @@ import redis
 from rq.job import Job
 
 from tests.faults import PersistentRedis, follow
-from tests.procs import SSE, Cluster, create_stream, expected_text, stream_status, wait_for
+from tests.procs import SSE, Cluster, assert_whole, create_stream, expected_text, stream_status, token_text, wait_for
 from tokenfan.shared import defaults as d
 from tokenfan.shared import events, keys
 from tokenfan.shared.bus import BusConfig, SyncBus
@@ -37,15 +37,6 @@ def aof_redis() -> Iterator[PersistentRedis]:
     server.stop()
 
 
-def _text(evs: list[SSE]) -> str:
-    return "".join(e.json()["text"] for e in evs if e.event == "token")
-
-
-def _whole(evs: list[SSE]) -> None:
-    """Every seq from 1 exactly once, in order, and exactly one terminal event, at the end."""
-    seqs = [int(e.id) for e in evs]
-    assert seqs == list(range(1, len(seqs) + 1)), seqs
-    assert sum(e.event in ("done", "error") for e in evs) == 1 and evs[-1].event in ("done", "error")
 
 
 def _logged(r: redis.Redis, sid: str) -> int:
@@ -89,43 +80,27 @@ def _streams(api: str, n: int, tokens: int, tag: str) -> dict[str, str]:
     return {create_stream(api, f"{tag} {i}", max_tokens=tokens): f"{tag} {i}" for i in range(n)}
 
 
+@pytest.mark.parametrize(("outage_s", "n", "tokens", "api", "switch_every"), [
+    (3.0, 4, 60, 0, 15),  # the issue's reproduction: SIGKILL mid-stream, back 3 s later from the AOF
+    (10.0, 3, 50, 1, 0),  # down past every lease: the workers take their streams back (or others do)
+], ids=["3s", "10s"])
 def test_redis_killed_and_restarted_from_its_aof_every_stream_completes_exactly(
-        aof_redis: PersistentRedis, cluster: Cluster) -> None:
-    """The issue's reproduction: SIGKILL mid-stream, back 3 s later from the AOF."""
+        aof_redis: PersistentRedis, cluster: Cluster, outage_s: float, n: int, tokens: int, api: int,
+        switch_every: int) -> None:
     apis = _start(cluster, aof_redis)
-    sids = _streams(apis[0], 4, 60, "restart")
-    clients = Clients(apis, list(sids), switch_every=15)
-    r = redis.Redis.from_url(aof_redis.url)
-    wait_for(lambda: all(_logged(r, s) >= 8 for s in sids), timeout=30, what="every stream generating")
-    r.close()
-    aof_redis.kill()
-    down = threading.Event()
-    down.wait(3.0)  # the outage itself: Redis stays down this long (the fault, not a wait for a condition)
-    aof_redis.restart()
-    got = clients.join()
-    for sid, content in sids.items():
-        _whole(got[sid])
-        assert got[sid][-1].event == "done", got[sid][-1].data
-        assert _text(got[sid]) == expected_text(content, 60)
-
-
-def test_redis_down_ten_seconds_every_stream_completes_exactly(aof_redis: PersistentRedis,
-                                                               cluster: Cluster) -> None:
-    """Down past every lease: the workers take their streams back (or others continue them)."""
-    apis = _start(cluster, aof_redis)
-    sids = _streams(apis[1], 3, 50, "long outage")
-    clients = Clients(apis, list(sids))
+    sids = _streams(apis[api], n, tokens, f"down {outage_s:g}s")
+    clients = Clients(apis, list(sids), switch_every=switch_every)
     r = redis.Redis.from_url(aof_redis.url)
     wait_for(lambda: all(_logged(r, s) >= 6 for s in sids), timeout=30, what="every stream generating")
     r.close()
     aof_redis.kill()
-    threading.Event().wait(10.0)  # the outage
+    threading.Event().wait(outage_s)  # the outage itself: Redis stays down this long (the fault, not a condition)
     aof_redis.restart()
     got = clients.join()
     for sid, content in sids.items():
-        _whole(got[sid])
+        assert_whole(got[sid])
         assert got[sid][-1].event == "done", got[sid][-1].data
-        assert _text(got[sid]) == expected_text(content, 50)
+        assert token_text(got[sid]) == expected_text(content, tokens)
 
 
 def test_redis_back_without_its_last_writes_every_stream_is_still_exact(aof_redis: PersistentRedis,
@@ -147,9 +122,9 @@ def test_redis_back_without_its_last_writes_every_stream_is_still_exact(aof_redi
     aof_redis.restart()
     got = clients.join()
     for sid, content in sids.items():
-        _whole(got[sid])
+        assert_whole(got[sid])
         assert got[sid][-1].event == "done", got[sid][-1].data
-        assert _text(got[sid]) == expected_text(content, 60)
+        assert token_text(got[sid]) == expected_text(content, 60)
     # the restart did lose events the clients had seen, and the workers sent them again
     workers = "".join(p.log() for p in cluster.procs if p.kind == "worker")
     assert "Redis lost events" in workers and "sending them again" in workers
@@ -204,8 +179,8 @@ def test_running_stream_without_lease_or_index_entry_is_found(aof_redis: Persist
             evs = clients.join()[sid]
     finally:
         r.close()
-    _whole(evs)
-    assert evs[-1].event == "done" and _text(evs) == expected_text("index lost", 40)
+    assert_whole(evs)
+    assert evs[-1].event == "done" and token_text(evs) == expected_text("index lost", 40)
 
 
 def test_queued_stream_whose_job_was_lost_is_enqueued_again(aof_redis: PersistentRedis, cluster: Cluster) -> None:
@@ -225,8 +200,8 @@ def test_queued_stream_whose_job_was_lost_is_enqueued_again(aof_redis: Persisten
         assert stream_status(r, sid) is StreamStatus.FINISHED
     finally:
         r.close()
-    _whole(evs)
-    assert evs[-1].event == "done" and _text(evs) == expected_text("job lost", 12)
+    assert_whole(evs)
+    assert evs[-1].event == "done" and token_text(evs) == expected_text("job lost", 12)
     assert "had lost its job" in "".join(p.log() for p in cluster.procs if p.kind == "api")
 
 

@@ -19,14 +19,11 @@ from tests.procs import (
     read_stream,
     sse_events,
     stream_status,
+    token_text,
     wait_for,
 )
 from tokenfan.shared import keys
 from tokenfan.shared.state import StreamStatus
-
-
-def _text(evs: list[SSE]) -> str:
-    return "".join(e.json()["text"] for e in evs if e.event == "token")
 
 
 def _assert_exact(evs: list[SSE], n_total: int | None = None) -> None:
@@ -67,7 +64,7 @@ def test_resume_at_random_points_while_generating(cluster: Cluster) -> None:
         sid = create_stream(api.url, content, max_tokens=n)
         evs = _read_with_drops([api.url], sid, points)
         _assert_exact(evs, n + 3)
-        assert _text(evs) == expected_text(content, n), points
+        assert token_text(evs) == expected_text(content, n), points
 
 
 def test_resume_after_finish_and_on_another_api(cluster: Cluster) -> None:
@@ -94,7 +91,7 @@ def test_drop_mid_stream_and_resume_on_other_api_while_live(cluster: Cluster) ->
     sid = create_stream(a.url, "live switch", max_tokens=30)
     evs = _read_with_drops([a.url, b.url], sid, [4, 6, 9])
     _assert_exact(evs, 33)
-    assert _text(evs) == expected_text("live switch", 30)
+    assert token_text(evs) == expected_text("live switch", 30)
 
 
 def test_three_viewers_get_the_full_sequence(cluster: Cluster) -> None:
@@ -107,7 +104,7 @@ def test_three_viewers_get_the_full_sequence(cluster: Cluster) -> None:
     for got in results:
         evs = logged(got)
         _assert_exact(evs, 28)
-        assert _text(evs) == expected_text("three viewers", 25)
+        assert token_text(evs) == expected_text("three viewers", 25)
 
 
 def test_openai_format_resumes_to_done(cluster: Cluster) -> None:
@@ -261,5 +258,5 @@ def test_slow_client_catches_up_from_the_log(cluster: Cluster) -> None:
                 break
     evs = logged(got)
     _assert_exact(evs, 403)
-    assert _text(evs) == expected_text("slow reader", 400)
+    assert token_text(evs) == expected_text("slow reader", 400)
     assert logged(read_stream(api.url, fast)[1])[-1].event == "done"

@@ -37,7 +37,7 @@ import pytest
 import redis
 
 from tests.integration.test_redis_auth_tls import _certs
-from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, wait_for
+from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, token_text, wait_for
 from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
 from tokenfan.shared.errors import ConfigError
@@ -313,9 +313,6 @@ class Reader:
         return ev.event not in ("done", "error")
 
 
-def _text(evs: list[SSE]) -> str:
-    return "".join(e.json()["text"] for e in evs if e.event == "token")
-
 
 def _check_outcome(reader: Reader, content: str) -> str:
     """'done' or 'error'; fails unless the stream ended with done and its exact text, or one retryable error."""
@@ -327,7 +324,7 @@ def _check_outcome(reader: Reader, content: str) -> str:
     if evs[-1].event == "error":
         assert evs[-1].json()["retryable"] is True, evs[-1].data
         return "error"
-    assert _text(evs) == expected_text(content, TOKENS), f"stream {reader.sid}: the text differs"
+    assert token_text(evs) == expected_text(content, TOKENS), f"stream {reader.sid}: the text differs"
     assert evs[-1].json()["usage"]["completion_tokens"] == TOKENS
     return "done"
 
