@@ -142,6 +142,12 @@ def _describe(p: psutil.Process) -> str:
         return f"{p.pid} (gone)"
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal sends it: a run started in the background (nohup, `&`, some CI runners) has SIGINT
+    ignored, children inherit that, and Python then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("stop_signal", "presses"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 1)],
                          ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
 def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(stop_signal: int, presses: int) -> None:
@@ -149,7 +155,8 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(stop_signal: int, presse
     base = f"http://127.0.0.1:{port}"
     up = subprocess.Popen([sys.executable, "-m", "tokenfan.ops", "up", "--engine", "fake", "--port", str(port),
                            "--metrics-port", "0"],
-                          env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                          env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                          preexec_fn=_as_in_a_terminal)
     assert up.stdout is not None
     out = Output(up.stdout)
     children: list[psutil.Process] = []
