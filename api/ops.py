@@ -155,10 +155,6 @@ class History:
         self._last_error = time.time()
         self.primed = False  # a first sample after taking over only sets the baseline of the rates
 
-    def reset(self) -> None:
-        """Another process samples now: start from a fresh baseline if this one takes over again."""
-        self.__init__()  # type: ignore[misc]
-
     async def sample(self, edge: Edge) -> dict[str, Any] | None:
         r, now = edge.redis, time.time()
         active = [sid.decode() for sid in await r.zrange(keys.active(), 0, OPS_MAX_STREAMS - 1)]
@@ -264,10 +260,10 @@ return 0
 """
 
 
-async def record(edge: Edge, history: History | None = None) -> None:
+async def record(edge: Edge) -> None:
     """A lifespan task: take the fleet's samples while this process holds the sampler lease, until the
     process stops (Edge.close cancels it)."""
-    history = history or History()
+    history = History()
     ttl_ms = int(SAMPLER_TTL_INTERVALS * OPS_FEED_INTERVAL_S * 1000)
     size = int(OPS_HISTORY_S / OPS_FEED_INTERVAL_S)
     while True:
@@ -280,8 +276,8 @@ async def record(edge: Edge, history: History | None = None) -> None:
                     pipe.ltrim(keys.ops_history(), 0, size - 1)
                     pipe.expire(keys.ops_history(), int(OPS_HISTORY_S))
                     await pipe.execute()
-            elif history.primed:
-                history.reset()
+            elif history.primed:  # another process samples now: a fresh baseline if this one takes over
+                history = History()
         except redis.RedisError as exc:
             log.debug("API %s: ops history sample failed: %s", edge.name, exc)
         await anyio.sleep(OPS_FEED_INTERVAL_S)
