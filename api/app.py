@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenfan.api import discovery, ops, sse
+from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
@@ -132,6 +132,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     _routes(app)
     ops.install(app)
     discovery.install(app)
+    responses.install(app)
     app.openapi = _openapi_without_422(app)  # type: ignore[method-assign]
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -385,14 +386,19 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
 async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:
     """`"stream": false`: gather the events into one chat.completion."""
     parts: list[str] = []
+    logprobs: list[Any] | None = None
     try:
         async with asyncio.timeout(edge.settings.request_timeout_s):
             async for batch in follower.batches():
                 for e in batch or ():
                     if e.type == events.TOKEN:
                         parts.append(e.data.get("text", ""))
+                        if "logprobs" in e.data:
+                            logprobs = [] if logprobs is None else logprobs
+                            logprobs.extend(e.data["logprobs"])
                     elif e.type == events.DONE:
-                        return JSONResponse(completion(follower.sid, model, created, "".join(parts), e))
+                        body = completion(follower.sid, model, created, "".join(parts), e, logprobs)
+                        return JSONResponse(body)
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:
