@@ -25,6 +25,8 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/chat/completions", "POST /v1/streams", "GET /v1/streams/{stream_id}",
         "DELETE /v1/streams/{stream_id}", "GET /v1/models", "GET /readyz", "GET /metrics",
+        "POST /v1/responses", "GET /v1/responses/{response_id}", "POST /v1/responses/{response_id}/cancel",
+        "DELETE /v1/responses/{response_id}",
     }
     seen: set[tuple[str, str, int]] = set()
     calls = sum(_fuzz(op, api.url, seen) for op in operations)
@@ -32,6 +34,7 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
     # the fuzzing reached both sides of the main routes: accepted and refused
     assert ("POST", "/v1/streams", 201) in seen and ("POST", "/v1/streams", 400) in seen, sorted(seen)
     assert ("POST", "/v1/chat/completions", 200) in seen and ("POST", "/v1/chat/completions", 400) in seen
+    assert ("POST", "/v1/responses", 200) in seen and ("POST", "/v1/responses", 400) in seen
 
 
 def _fuzz(op: schemathesis.APIOperation, base_url: str, seen: set[tuple[str, str, int]]) -> int:
