@@ -386,14 +386,19 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
 async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:
     """`"stream": false`: gather the events into one chat.completion."""
     parts: list[str] = []
+    logprobs: list[Any] | None = None
     try:
         async with asyncio.timeout(edge.settings.request_timeout_s):
             async for batch in follower.batches():
                 for e in batch or ():
                     if e.type == events.TOKEN:
                         parts.append(e.data.get("text", ""))
+                        if "logprobs" in e.data:
+                            logprobs = [] if logprobs is None else logprobs
+                            logprobs.extend(e.data["logprobs"])
                     elif e.type == events.DONE:
-                        return JSONResponse(completion(follower.sid, model, created, "".join(parts), e))
+                        body = completion(follower.sid, model, created, "".join(parts), e, logprobs)
+                        return JSONResponse(body)
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:

@@ -35,8 +35,9 @@ class OpenAIWriter:
             {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
         )[:-1]
 
-    def _choice(self, delta: dict[str, Any], finish: str | None) -> bytes:
-        choice = orjson.dumps({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
+    def _choice(self, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
+        lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+        choice = orjson.dumps({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
         return self.head + choice + b"]}"
 
     def write(self, batch: list[Event]) -> bytes:
@@ -44,7 +45,8 @@ class OpenAIWriter:
 
     def one(self, e: Event) -> bytes:
         if e.type == events.TOKEN:
-            return sse.data_frame(self._choice({"content": e.data.get("text", "")}, None), e.seq)
+            delta = {"content": e.data.get("text", "")}
+            return sse.data_frame(self._choice(delta, None, e.data.get("logprobs")), e.seq)
         if e.type == events.META and not e.data.get("resumed"):
             return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
         if e.type == events.DONE:
@@ -67,8 +69,9 @@ def openai_error(code: str | None, message: str, seq: int | None = None) -> byte
     return sse.data_frame(orjson.dumps(err), seq) + sse.DONE
 
 
-def completion(stream_id: str, model: str, created: int, text: str, done: Event) -> dict[str, Any]:
-    """The non-streaming answer, OpenAI's chat.completion."""
+def completion(stream_id: str, model: str, created: int, text: str, done: Event,
+               logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """The non-streaming answer, OpenAI's chat.completion; `logprobs` every token's, when asked for."""
     return {
         "id": stream_id,
         "object": "chat.completion",
@@ -77,7 +80,7 @@ def completion(stream_id: str, model: str, created: int, text: str, done: Event)
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             "finish_reason": done.data.get("finish_reason", "stop"),
         }],
         "usage": done.data.get("usage"),

@@ -12,16 +12,23 @@ number type.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from tokenfan.shared import structured
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.settings import ApiSettings
 
 Role = Literal["system", "user", "assistant", "developer"]
 # What Redis, RQ's JSON and orjson can carry: a seed is stored as a signed 64-bit integer.
 INT64 = 2**63
+# OpenAI's caps: alternatives per token, and entries of logit_bias (token ids fit llama.cpp's int32).
+MAX_TOP_LOGPROBS: Final = 20
+MAX_LOGIT_BIAS: Final = 300
+MAX_TOKEN_ID: Final = 2**31 - 1
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 def _unicode(s: str) -> str:
@@ -63,6 +70,58 @@ class StreamOptions(BaseModel):
     include_usage: Bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`; the schema is converted here, so a bad one is a 400."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+    @model_validator(mode="after")
+    def _convertible(self) -> JsonSchemaFormat:
+        if self.schema_ is not None:
+            try:
+                structured.check(self.schema_)
+            except structured.SchemaError as exc:
+                raise ValueError(f"schema.{exc}" if exc.where else f"schema: {exc}") from None
+        return self
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must match (json_object: any object); None for plain text."""
+        if self.type == "json_object" or (self.json_schema is not None and self.json_schema.schema_ is None):
+            return dict(structured.JSON_OBJECT)
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
+
+def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
+    if v is None:
+        return None
+    if len(v) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+    for key, bias in v.items():
+        if not _TOKEN_ID.fullmatch(key) or int(key) > MAX_TOKEN_ID:
+            raise ValueError(f"{key[:20]!r} is not a token id (a string of decimal digits)")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"the bias of token {key} must be from -100 to 100")
+    return v
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: Text | None = None
@@ -76,6 +135,13 @@ class ChatRequest(BaseModel):
     stop: Text | list[Text] | None = None
     seed: Int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: Int = Field(default=1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    presence_penalty: Number = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Number = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, Number] | None, AfterValidator(_logit_bias)] = None
+    user: Text | None = None
     cancel_on_disconnect: Bool = False
 
     @field_validator("stop")
@@ -93,6 +159,16 @@ class ChatRequest(BaseModel):
         if not any(m.text().strip() for m in self.messages):
             raise ValueError("messages hold no text")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        """Alternatives per token when logprobs are asked for (0: the chosen token's only); None when not."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def wanted_tokens(self, settings: ApiSettings) -> int:
         default = min(settings.default_max_tokens, settings.max_tokens_cap)
@@ -127,6 +203,11 @@ class JobMessage(BaseModel):
     content: str
 
 
+# Sampling fields a job carries only when they differ from these defaults (`dump`), so a job that uses
+# none of them is the same JSON an older worker reads (it forbids fields it does not know).
+OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
 class JobPayload(BaseModel):
     """What a job carries: the stream id and the validated request."""
 
@@ -140,6 +221,11 @@ class JobPayload(BaseModel):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    json_schema: dict[str, Any] | None = None  # the answer is JSON matching it (grammar-constrained)
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # top alternatives; None: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (decimal string) -> bias
     disclosure: str = ""
     enqueued_at: float
     attempt: int = 0
@@ -157,9 +243,18 @@ class JobPayload(BaseModel):
             top_p=req.top_p,
             stop=list(req.stop or []),
             seed=req.seed,
+            json_schema=req.response_format.answer_schema() if req.response_format else None,
+            logprobs=req.wanted_logprobs(),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=dict(req.logit_bias or {}),
             disclosure=settings.disclosure,
             enqueued_at=now,
         )
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        for name in OPTIONAL_SAMPLING:
+            if out[name] == JobPayload.model_fields[name].get_default(call_default_factory=True):
+                del out[name]
+        return out

@@ -15,6 +15,16 @@ llama-server's slots do (tools/server/server-context.cpp), in our own code:
   logits row): its own temperature, top_p and seed, the same chain
   llama-cpp-python's `create_completion` builds (top-k 40, top-p, min-p 0.05,
   temperature, dist; greedy at temperature 0), so answers read as before.
+  A request that asks for them gets, ahead of that chain and in llama.cpp's
+  own order (common/sampling.cpp): `logit_bias`, the presence and frequency
+  penalties (over every token it generated), and the grammar of its
+  `response_format` (shared/structured.py), which masks every token the JSON
+  cannot go on with before top-k looks at them. A request that asks for none
+  gets exactly the chain above: nothing is added to its step.
+- **Log probabilities**, when asked for: the log-softmax of the stream's raw
+  logits row (the model's distribution, before penalties, grammar or
+  temperature, as vLLM's and OpenAI's are), for the sampled token and the
+  top N; computed with numpy on the row llama.cpp left, only for those streams.
 - **Prompt-cache reuse.** A slot remembers the tokens its KV sequence holds
   after its stream ends. A new stream goes to the free slot whose tokens share
   the longest prefix with its prompt (least recently used on a tie, as
@@ -44,14 +54,16 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenfan.shared.errors import ContextLengthExceeded, EngineError
-from tokenfan.worker.engines import CHATML, Admission, GenRequest, Output, StepStats
+from tokenfan.shared import structured
+from tokenfan.shared.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +140,8 @@ class Stream:
     budget: int
     generated: int = 0
     next_token: int = -1  # sampled, not yet decoded
+    logprobs: int | None = None  # alternatives per token; None: none computed
+    held: list[LogProb] = field(default_factory=list)  # logprobs of tokens whose text is held back
 
 
 def pick_slot(slots: Sequence[Slot], prompt: Sequence[int]) -> Slot | None:
@@ -146,9 +160,11 @@ class LlamaBatchEngine:
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
                  chunk: int = PROMPT_CHUNK, unified: bool = False) -> None:
         import llama_cpp
+        import numpy
         from llama_cpp._logger import set_verbose
 
         self.ll: Any = llama_cpp
+        self.np: Any = numpy
         set_verbose(False)
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
@@ -173,6 +189,7 @@ class LlamaBatchEngine:
         if not self.model:
             raise EngineError(f"llama.cpp could not load {path.name}", code="model_load_failed")
         self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx * len(self.slot_list)
         cparams.n_seq_max = len(self.slot_list)
@@ -269,9 +286,10 @@ class LlamaBatchEngine:
         slot = pick_slot(self.slot_list, tokens)
         if slot is None:
             raise EngineError("no free slot", code="no_free_slot")
+        sampler = self._sampler(req)
         cached = self._reuse(slot, tokens)
         budget = min(req.max_tokens - req.prefix_tokens, self.n_ctx - len(tokens))
-        stream = Stream(key, slot, tokens[cached:], self._sampler(req), TextOut(stops), budget)
+        stream = Stream(key, slot, tokens[cached:], sampler, TextOut(stops), budget, logprobs=req.logprobs)
         slot.stream = stream
         self.streams[key] = stream
         if budget <= 0:
@@ -291,6 +309,11 @@ class LlamaBatchEngine:
     def _sampler(self, req: GenRequest) -> Any:
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        try:
+            self._constraints(chain, req)
+        except BaseException:
+            ll.llama_sampler_free(chain)
+            raise
         if req.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
             return chain
@@ -300,6 +323,53 @@ class LlamaBatchEngine:
                   ll.llama_sampler_init_dist(seed)):
             ll.llama_sampler_chain_add(chain, s)
         return chain
+
+    def _constraints(self, chain: Any, req: GenRequest) -> None:
+        """What the request asked for beyond temperature and top_p, first in its chain; a continued
+        stream's penalties and grammar first see the text already sent."""
+        ll = self.ll
+        bias = {t: b for t, b in req.logit_bias.items() if 0 <= t < self.n_vocab}
+        if bias:
+            arr = (ll.llama_logit_bias * len(bias))()
+            for i, (tok, b) in enumerate(bias.items()):
+                arr[i].token, arr[i].bias = tok, b
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+        if req.presence_penalty or req.frequency_penalty:
+            window = max(1, req.max_tokens)  # every generated token counts, as OpenAI's penalties do
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.n_vocab, window, 1.0, req.frequency_penalty, req.presence_penalty))
+        grammar = None
+        if req.json_schema is not None:
+            grammar = self._grammar(req.json_schema)
+            ll.llama_sampler_chain_add(chain, grammar)
+        if req.prefix and (grammar is not None or req.presence_penalty or req.frequency_penalty):
+            self._accept_prefix(chain, grammar, self.tokenize(req.prefix, add_special=False))
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        try:
+            text = structured.grammar(schema)
+        except structured.SchemaError as exc:
+            raise InvalidRequest(f"response_format: {exc}", code="invalid_request") from None
+        smpl = self.ll.llama_sampler_init_grammar(self.vocab, text.encode(), b"root")
+        if not smpl:
+            raise InvalidRequest("response_format: llama.cpp could not parse the schema's grammar",
+                                 code="invalid_request")
+        return smpl
+
+    def _accept_prefix(self, chain: Any, grammar: Any, tokens: list[int]) -> None:
+        """Feed the text already sent through the chain. llama.cpp's grammar aborts the process on a
+        token it does not allow, so each is first offered to the grammar alone."""
+        ll = self.ll
+        one = (ll.llama_token_data * 1)()
+        cand = ll.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        for tok in tokens:
+            if grammar is not None:
+                one[0].id, one[0].logit, one[0].p = tok, 0.0, 0.0
+                cand.size = 1
+                ll.llama_sampler_apply(grammar, ctypes.byref(cand))
+                if math.isinf(one[0].logit):
+                    raise EngineError("the JSON sent so far cannot be continued", code="engine_error")
+            ll.llama_sampler_accept(chain, tok)
 
     def drop(self, key: str) -> None:
         """End a stream now (cancelled, fenced, handed back); what its slot decoded stays cached."""
@@ -379,15 +449,45 @@ class LlamaBatchEngine:
     def _sample(self, s: Stream, row: int) -> Output:
         tok = int(self.ll.llama_sampler_sample(s.sampler, self.ctx, row))
         if self.ll.llama_vocab_is_eog(self.vocab, tok):
-            return self._end(s, "stop", s.text.flush())
+            return self._with_logprobs(s, self._end(s, "stop", s.text.flush()))
         s.generated += 1
+        if s.logprobs is not None:
+            s.held.append(self._logprob(row, tok, s.logprobs))
         text, stopped = s.text.push(self._piece(tok))
         if stopped:
-            return self._end(s, "stop", text)
+            return self._with_logprobs(s, self._end(s, "stop", text))
         if s.generated >= s.budget:
-            return self._end(s, "length", text + s.text.flush())
+            return self._with_logprobs(s, self._end(s, "length", text + s.text.flush()))
         s.next_token = tok
-        return Output(s.key, text)
+        return self._with_logprobs(s, Output(s.key, text))
+
+    @staticmethod
+    def _with_logprobs(s: Stream, out: Output) -> Output:
+        """Text carries the logprobs of every token behind it; those of text held back wait for it (and
+        the tokens of a stop sequence, which is never sent, go with it)."""
+        if s.logprobs is not None and out.text:
+            out.logprobs, s.held = s.held, []
+        return out
+
+    def _logprob(self, row: int, tok: int, top: int) -> LogProb:
+        """The sampled token's log probability under the model (log-softmax of its raw logits row), with
+        the `top` likeliest tokens."""
+        np = self.np
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        norm = peak + math.log(float(np.exp(logits - peak).sum()))
+        entry = self._lp_entry(tok, float(logits[tok]) - norm)
+        alts: list[LogProb] = []
+        if top:
+            idx = np.argpartition(logits, -top)[-top:]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            alts = [self._lp_entry(int(i), float(logits[i]) - norm) for i in idx]
+        entry["top_logprobs"] = alts
+        return entry
+
+    def _lp_entry(self, tok: int, logprob: float) -> LogProb:
+        piece = self._piece(tok)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": min(0.0, logprob), "bytes": list(piece)}
 
     def _failed(self, rc: int) -> list[Output]:
         """A failed decode: every stream in it ends with a retryable error; their slots forget their cache."""

@@ -11,15 +11,16 @@ appended to the formatted prompt so the answer goes on where it stopped.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from tokenfan.shared import defaults
+from tokenfan.shared import defaults, structured
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, TokenfanError
 from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 FAKE_STEP_S = 0.05
 
 Piece = tuple[str, str | None]
+# One token's log probability in OpenAI's shape: token, logprob, bytes, top_logprobs (the alternatives).
+LogProb = dict[str, Any]
+# Characters per token of the fake engine's JSON answers.
+FAKE_JSON_PIECE = 4
 
 
 @dataclass
@@ -41,6 +46,11 @@ class GenRequest:
     seed: int | None = None
     prefix: str = ""
     prefix_tokens: int = 0
+    json_schema: dict[str, Any] | None = None  # grammar-constrained JSON
+    logprobs: int | None = None  # alternatives per token; None: no logprobs at all
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -51,6 +61,7 @@ class Output:
     text: str
     finish: str | None = None
     error: TokenfanError | None = None
+    logprobs: list[LogProb] | None = None  # the tokens behind `text`, when asked for
 
 
 @dataclass(slots=True)
@@ -131,6 +142,28 @@ def fake_tokens(messages: list[dict[str, str]], n: int) -> list[str]:
     return toks[:n]
 
 
+def fake_json_tokens(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[str]:
+    """The fake engine's JSON answer, in pieces: `{"answer": <the last user message>}` for any object,
+    else a small value valid for the schema (shared/structured.py's `example`)."""
+    if schema == structured.JSON_OBJECT:
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        value: Any = {"answer": last}
+    else:
+        value = structured.example(schema)
+    text = json.dumps(value)
+    return [text[i:i + FAKE_JSON_PIECE] for i in range(0, len(text), FAKE_JSON_PIECE)]
+
+
+def fake_logprobs(token: str, i: int, top: int) -> LogProb:
+    """The fake engine's log probabilities of its i-th token: made up, deterministic, each <= 0, the
+    alternatives in descending order with the chosen token first."""
+    lp = -0.25 * (i % 4)
+    alts = [token, *(" " + w for w in FILLER if " " + w != token)][:top]
+    return {"token": token, "logprob": lp, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp - j, "bytes": list(t.encode())}
+                             for j, t in enumerate(alts)]}
+
+
 @dataclass(eq=False)
 class _FakeStream:
     toks: list[str]
@@ -138,6 +171,7 @@ class _FakeStream:
     next: int  # index of the next token
     start: float
     produced: int = 0
+    logprobs: int | None = None
 
 
 class FakeEngine:
@@ -183,8 +217,12 @@ class FakeEngine:
         n = self.prompt_tokens(req)
         total = min(req.max_tokens, self.length)
         reason = "length" if req.max_tokens <= self.length else "stop"
-        self.streams[key] = _FakeStream(fake_tokens(req.messages, total), reason, req.prefix_tokens,
-                                        time.monotonic() + self.prefill_s)
+        toks = fake_tokens(req.messages, total)
+        if req.json_schema is not None:  # a JSON answer ends when its value is whole, unless cut short
+            whole = fake_json_tokens(req.messages, req.json_schema)
+            toks, reason = whole[:total], "stop" if len(whole) <= total else "length"
+        self.streams[key] = _FakeStream(toks, reason, req.prefix_tokens, time.monotonic() + self.prefill_s,
+                                        logprobs=req.logprobs)
         return Admission(n, 0)
 
     def _due(self, s: _FakeStream) -> float:
@@ -213,10 +251,11 @@ class FakeEngine:
             return Output(key, "", None, EngineError("the fake engine failed as configured"))
         s.next += 1
         s.produced += 1
+        lps = None if s.logprobs is None else [fake_logprobs(s.toks[i], i, s.logprobs)]
         if s.next == len(s.toks):
             del self.streams[key]
-            return Output(key, s.toks[i], s.reason)
-        return Output(key, s.toks[i])
+            return Output(key, s.toks[i], s.reason, logprobs=lps)
+        return Output(key, s.toks[i], logprobs=lps)
 
     def drop(self, key: str) -> None:
         self.streams.pop(key, None)

@@ -212,7 +212,9 @@ class StreamJob:
         req = GenRequest(
             messages=[m.model_dump() for m in self.p.messages], max_tokens=self.p.max_tokens,
             temperature=self.p.temperature, top_p=self.p.top_p, stop=self.p.stop, seed=self.p.seed,
-            prefix=prefix, prefix_tokens=prefix_tokens,
+            prefix=prefix, prefix_tokens=prefix_tokens, json_schema=self.p.json_schema, logprobs=self.p.logprobs,
+            presence_penalty=self.p.presence_penalty, frequency_penalty=self.p.frequency_penalty,
+            logit_bias={int(k): v for k, v in self.p.logit_bias.items()},
         )
         self.generated = prefix_tokens
         admission = self.r.engine.admit(self.sid, req)
@@ -235,10 +237,11 @@ class StreamJob:
         if ticket:
             self.r.bus.mark_served(self.p.model, ticket)
 
-    def token_event(self, text: str) -> None:
+    def token_event(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """One token event; `logprobs` (the tokens behind the text, OpenAI's shape) only when asked for."""
         if not self.first_token_at:
             self.first_token_at = time.time()
-        self.emit(events.TOKEN, {"text": text})
+        self.emit(events.TOKEN, {"text": text} if logprobs is None else {"text": text, "logprobs": logprobs})
         self.generated += 1
 
     def between(self) -> JobOutcome | None:

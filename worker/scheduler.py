@@ -220,8 +220,8 @@ class Scheduler:
             a = self.active.get(out.key)
             if a is None:
                 continue
-            if out.text:
-                a.stream.token_event(out.text)
+            if out.text or out.logprobs:
+                a.stream.token_event(out.text, out.logprobs)
             if out.error is not None:
                 err = out.error
                 a.stream.guard(a.stream.fail, err.code, err.message, err.retryable)
