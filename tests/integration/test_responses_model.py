@@ -1,0 +1,23 @@
+"""The Responses API on the real model: SmolLM2-135M through llama-cpp-python in a real worker."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.procs import Cluster
+
+pytestmark = pytest.mark.model
+
+
+def test_real_model_answers_a_plain_response_with_text(cluster: Cluster) -> None:
+    api = cluster.api()
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    resp = client.responses.create(input="Write one sentence about the sea.", instructions="Answer in English.",
+                                   max_output_tokens=24, temperature=0)
+    assert resp.status in ("completed", "incomplete") and resp.error is None
+    text = resp.output_text
+    assert len(text.strip()) >= 10 and any(c.isalpha() for c in text)
+    assert resp.usage is not None and resp.usage.input_tokens > 5 and 0 < resp.usage.output_tokens <= 24
+    assert client.responses.retrieve(resp.id).output_text == text
