@@ -221,14 +221,14 @@ def test_compose_dockerfiles_exist(services: dict[str, dict[str, Any]]) -> None:
 def test_only_the_proxy_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
     published = {name for name, svc in services.items() if svc.get("ports")}
     assert published == {"proxy"}
-    assert services["proxy"]["image"].startswith("nginx:1.27")
+    assert interpolate(services["proxy"]["image"]).startswith("nginx:1.27")
     assert [interpolate(str(p)) for p in services["proxy"]["ports"]] == ["8000:80"]
     assert "HTTP_PORT" in str(services["proxy"]["ports"][0])
 
 
 def test_compose_redis(services: dict[str, dict[str, Any]]) -> None:
     redis = services["redis"]
-    assert redis["image"] == "redis:7-alpine"
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
     cmd = redis["command"] if isinstance(redis["command"], list) else shlex.split(redis["command"])
     assert cmd[0] == "redis-server"
     pairs = dict(zip(cmd[1::2], cmd[2::2], strict=False))
@@ -248,7 +248,8 @@ def test_compose_tokenfan_env(services: dict[str, dict[str, Any]]) -> None:
         assert not unknown, f"{name} sets variables tokenfan does not read: {unknown}"
     api = env_of(services["api"])
     assert api["TOKENFAN_HOST"] == "0.0.0.0"
-    assert interpolate(api["TOKENFAN_MODELS"] or "") == "smollm2"
+    assert interpolate(api["TOKENFAN_MODEL"] or "") == "smollm2"
+    assert interpolate(api["TOKENFAN_MODELS"] or "") == "", "empty: the API serves TOKENFAN_MODEL"
 
 
 def test_compose_api_replicas(services: dict[str, dict[str, Any]]) -> None:
@@ -506,7 +507,7 @@ def test_compose_renders_the_nginx_template(services: dict[str, dict[str, Any]])
             if "resolve" in flags.split():
                 # `server ... resolve` needs a resolver, and open-source nginx 1.27.3 or newer.
                 assert env["NGINX_RESOLVER"].startswith("resolver "), "resolve with no resolver"
-                tag = re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.(\d+))?-alpine", proxy["image"])
+                tag = re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.(\d+))?-alpine", interpolate(proxy["image"]))
                 assert tag and tuple(int(x or 99) for x in tag.groups()) >= (1, 27, 3), proxy["image"]
 
 
