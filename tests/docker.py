@@ -1,0 +1,390 @@
+"""Docker for the compose tests: a daemon, the images built offline, and compose on a project of the test's own.
+
+- The daemon: the machine's, when one answers (DOCKER_HOST or the default socket); otherwise, as root,
+  a `dockerd` of the suite's own (`--iptables=false --ip-forward=false --storage-driver=vfs`, its own
+  exec root, socket and pid file), stopped when the tests end. Its data root lives in the cache, so
+  images and build layers outlive the run: only a cold cache pays for the builds.
+- No registry is needed. The base images are debootstrapped from the Debian mirror apt uses and
+  imported (Debian 12 with Python for tokenfan, Redis and Prometheus; Debian unstable for nginx, whose
+  `server ... resolve` needs nginx 1.27.3 or newer). Python packages come from a wheelhouse made on
+  this machine by a Python of the image's own version (environment markers such as
+  `python_full_version < "3.11.3"` must read the same), pinned to the versions installed here, with
+  llama-cpp-python as its sdist: the worker image compiles llama.cpp itself. Builds run with
+  `--network host` (apt inside a build reaches the mirror; pip is never asked to).
+- Everything lasting sits under the cache folder ($XDG_CACHE_HOME or ~/.cache, then tokenfan-test):
+  the base image tarballs, the wheelhouse, the daemon's data root, the build context.
+
+`python3 -m tests.docker prepare` builds everything once (scripts/test runs it before pytest, so no
+test's timeout has to hold a cold build); the tests call the same code and find it done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.procs import LOG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDINS = Path(__file__).resolve().parent / "compose"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenfan-test"
+MIRROR = "http://deb.debian.org/debian"
+TAG = "compose-test"
+# (image, Debian suite, packages beyond minbase)
+BASES = {
+    "python": ("tokenfan-test/base:bookworm", "bookworm", "python3,python3-venv,python3-pip,ca-certificates"),
+    "sid": ("tokenfan-test/base:sid", "sid", "ca-certificates"),
+}
+# Stand-ins for the registry images compose.yaml names: (compose variable, image, Dockerfile, base).
+STANDIN_IMAGES = [
+    ("REDIS_IMAGE", "tokenfan-test/redis:local", "Dockerfile.redis", "python"),
+    ("NGINX_IMAGE", "tokenfan-test/nginx:local", "Dockerfile.nginx", "sid"),
+    ("PROMETHEUS_IMAGE", "tokenfan-test/prometheus:local", "Dockerfile.prometheus", "python"),
+]
+IMAGES = {"api": f"tokenfan-api:{TAG}", "worker": f"tokenfan-worker:{TAG}"}
+# What the product's images COPY (the Dockerfiles' context, as .dockerignore leaves it).
+CONTEXT = ["pyproject.toml", "README.md", ".dockerignore", "shared", "api", "worker"]
+BUILD_TIMEOUT_S = 3600
+
+
+class Unavailable(Exception):
+    """Docker cannot run here; the message is the one line a skip shows."""
+
+
+def log(msg: str) -> None:
+    print(f"tests.docker: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Docker:
+    """A daemon that answers, and the CLI pointed at it."""
+
+    env: dict[str, str]
+    own: subprocess.Popen[bytes] | None = None
+    exec_root: Path | None = None
+    lock: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([docker_cli(), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {out.returncode}: {out.stderr}")
+        return out
+
+    def import_tar(self, tarball: Path, image: str) -> None:
+        with tarball.open("rb") as fh:
+            out = subprocess.run([docker_cli(), "import", "-", image], env=self.env, stdin=fh,
+                                 capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise AssertionError(f"docker import {tarball} failed: {out.stderr}")
+
+    def has_image(self, image: str) -> bool:
+        return self.run("image", "inspect", image, check=False).returncode == 0
+
+    def inspect(self, *names: str) -> list[dict[str, object]]:
+        found: list[dict[str, object]] = json.loads(self.run("inspect", *names).stdout)
+        return found
+
+    def stop(self) -> None:
+        if self.own is not None and self.own.poll() is None:
+            self.own.send_signal(signal.SIGTERM)
+            try:
+                self.own.wait(60)
+            except subprocess.TimeoutExpired:
+                self.own.kill()
+                self.own.wait(10)
+        if self.exec_root is not None:
+            shutil.rmtree(self.exec_root, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def docker_cli() -> str:
+    found = shutil.which("docker")
+    if found is None:
+        raise Unavailable("no `docker` command: install Debian's docker.io")
+    return found
+
+
+def _answers(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run([docker_cli(), "version"], env=env, capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _base_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+
+
+def connect() -> Docker:
+    """The machine's daemon if one answers, else one of our own; Unavailable says why neither."""
+    env = _base_env()
+    docker_cli()
+    for host in filter(None, [os.environ.get("DOCKER_HOST"), "unix:///var/run/docker.sock"]):
+        if host.startswith("unix://") and not Path(host[7:]).exists():
+            continue
+        if _answers({**env, "DOCKER_HOST": host}):
+            return Docker({**env, "DOCKER_HOST": host})
+    return start_daemon(env)
+
+
+def start_daemon(env: dict[str, str]) -> Docker:
+    dockerd = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/usr/bin")
+    if dockerd is None:
+        raise Unavailable("no Docker daemon answers and `dockerd` is not installed (Debian's docker.io)")
+    if os.geteuid() != 0:
+        raise Unavailable("no Docker daemon answers and dockerd needs root to start")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = os.open(CACHE / "docker.lock", os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise Unavailable(f"another test run's dockerd holds {CACHE / 'docker'}") from None
+    # The exec root holds unix sockets: a short path under /tmp, not the cache.
+    exec_root = Path(tempfile.mkdtemp(prefix="tfd-", dir="/tmp"))
+    sock = exec_root / "docker.sock"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / "dockerd.log"
+    argv = [dockerd, "--iptables=false", "--ip-forward=false", "--storage-driver=vfs", "--bridge=none",
+            "--data-root", str(CACHE / "docker"), "--exec-root", str(exec_root), "-H", f"unix://{sock}",
+            "--pidfile", str(exec_root / "docker.pid")]
+    with log_path.open("wb") as fh:
+        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    docker = Docker({**env, "DOCKER_HOST": f"unix://{sock}"}, own=popen, exec_root=exec_root, lock=lock)
+    deadline = time.monotonic() + 60
+    while not (sock.exists() and _answers(docker.env)):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            docker.stop()
+            lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            raise Unavailable(f"dockerd did not start: {lines[-1] if lines else 'no output'}")
+        time.sleep(0.2)
+    return docker
+
+
+@contextlib.contextmanager
+def daemon() -> Iterator[Docker]:
+    docker = connect()
+    try:
+        yield docker
+    finally:
+        docker.stop()
+
+
+# --------------------------------------------------------------------------- base images
+
+
+def base_image(docker: Docker, which: str) -> str:
+    image, suite, include = BASES[which]
+    if docker.has_image(image):
+        return image
+    tarball = CACHE / f"base-{suite}.tar"
+    if not tarball.exists():
+        debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
+        if debootstrap is None:
+            raise Unavailable("no local base image and no `debootstrap` to make one (Debian's debootstrap)")
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"rootfs-{suite}-", dir=CACHE) as tmp:
+            rootfs = Path(tmp) / "rootfs"
+            out = subprocess.run([debootstrap, "--variant=minbase", f"--include={include}", suite, str(rootfs),
+                                  MIRROR], capture_output=True, text=True, timeout=1800)
+            if out.returncode != 0:
+                raise AssertionError(f"debootstrap {suite} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+            # apt's downloads and lists: every image runs apt-get update before it installs anything.
+            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+                for p in (rootfs / junk).glob("*"):
+                    if p.is_file():
+                        p.unlink()
+            partial = tarball.with_suffix(".part")
+            subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True, timeout=600)
+            partial.rename(tarball)
+        docker.timings[f"debootstrap {suite}"] = time.monotonic() - t0
+    docker.import_tar(tarball, image)
+    return image
+
+
+# --------------------------------------------------------------------------- wheelhouse
+
+
+def image_python(docker: Docker, image: str) -> str:
+    out = docker.run("run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c",
+                     "import platform; print(platform.python_version())")
+    return out.stdout.strip()
+
+
+def python_of_version(version: str) -> str:
+    """An interpreter on this machine of exactly `version`: it makes the wheelhouse."""
+    major_minor = ".".join(version.split(".")[:2])
+    seen: set[str] = set()
+    for d in [str(Path(sys.executable).parent), *os.environ.get("PATH", "").split(os.pathsep)]:
+        for name in ("python3", f"python{major_minor}"):
+            path = Path(d) / name
+            if not path.is_file() or str(path.resolve()) in seen:
+                continue
+            seen.add(str(path.resolve()))
+            out = subprocess.run([str(path), "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.stdout.strip() == version and subprocess.run(
+                    [str(path), "-m", "pip", "--version"], capture_output=True, timeout=30).returncode == 0:
+                return str(path)
+    raise Unavailable(f"no Python {version} with pip on this machine to make the images' wheelhouse with")
+
+
+def requirements(*extras: str) -> list[str]:
+    out = subprocess.run([sys.executable, str(ROOT / "ops/docker/requirements.py"), "--pyproject",
+                          str(ROOT / "pyproject.toml"), *extras], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def installed_pins() -> list[str]:
+    """The versions this suite runs with, as constraints: the images hold what the tests test."""
+    pins: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and name.lower() != "tokenfan":
+            pins.setdefault(name.lower(), f"{name}=={dist.version}")
+    return sorted(pins.values())
+
+
+def build_requires() -> list[str]:
+    import tomllib
+
+    reqs: list[str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    # llama-cpp-python's own (its sdist's pyproject.toml); the pin is the floor it names.
+    return [*reqs, "scikit-build-core[pyproject]>=0.9.2"]
+
+
+def wheelhouse(docker: Docker, base: str) -> Path:
+    version = image_python(docker, base)
+    runtime = requirements("api", "worker")
+    pins = installed_pins()
+    key = hashlib.sha256("\n".join([version, *runtime, *pins, *build_requires()]).encode()).hexdigest()[:16]
+    house = CACHE / "wheels" / key
+    if (house / ".complete").exists():
+        return house
+    t0 = time.monotonic()
+    python = python_of_version(version)
+    shutil.rmtree(house, ignore_errors=True)
+    house.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="wheelhouse-") as tmp:
+        reqs, cons = Path(tmp, "requirements.txt"), Path(tmp, "constraints.txt")
+        reqs.write_text("\n".join(runtime) + "\n")
+        cons.write_text("\n".join(pins) + "\n")
+        pip = [python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "-d", str(house)]
+        for argv in ([*pip, "--no-binary", "llama-cpp-python", "-c", str(cons), "-r", str(reqs)],
+                     [*pip, *build_requires()]):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+            if out.returncode != 0:
+                raise AssertionError(f"{' '.join(argv)}:\n{out.stderr[-3000:]}")
+    sdists = [p for p in house.iterdir() if p.name.endswith((".tar.gz", ".zip"))]
+    others = [p for p in sdists if not p.name.lower().startswith("llama_cpp_python")]
+    if others:  # an API image has no compiler: every other package goes in as a wheel
+        out = subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(house),
+                              *map(str, others)], capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for p in others:
+            p.unlink()
+    (house / ".complete").write_text(version + "\n")
+    docker.timings["wheelhouse"] = time.monotonic() - t0
+    return house
+
+
+# --------------------------------------------------------------------------- images
+
+
+def build_context(house: Path) -> Path:
+    """The files the product's Dockerfiles COPY, with the wheelhouse in ops/docker/wheels/ (hard links)."""
+    ctx = CACHE / "context"
+    shutil.rmtree(ctx, ignore_errors=True)
+    ctx.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in CONTEXT:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, ctx / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, ctx / name)
+    (ctx / "ops/docker").mkdir(parents=True)
+    for src in ROOT.joinpath("ops").glob("*.py"):
+        shutil.copy2(src, ctx / "ops" / src.name)
+    for src in ROOT.joinpath("ops/docker").iterdir():
+        if src.is_file():
+            shutil.copy2(src, ctx / "ops/docker" / src.name)
+    wheels = ctx / "ops/docker/wheels"
+    wheels.mkdir()
+    for whl in house.iterdir():
+        if not whl.name.startswith("."):
+            os.link(whl, wheels / whl.name)
+    return ctx
+
+
+def build(docker: Docker, image: str, context: Path, dockerfile: Path, args: dict[str, str]) -> None:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"build-{image.replace('/', '_').replace(':', '_')}.log"
+    argv = ["build", "--network", "host", "-f", str(dockerfile), "-t", image]
+    for k, v in args.items():
+        argv += ["--build-arg", f"{k}={v}"]
+    t0 = time.monotonic()
+    out = docker.run(*argv, str(context), timeout=BUILD_TIMEOUT_S, check=False)
+    log_path.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise AssertionError(f"building {image} failed; see {log_path}:\n{(out.stdout + out.stderr)[-3000:]}")
+    docker.timings[f"build {image}"] = time.monotonic() - t0
+
+
+def prepare(docker: Docker) -> dict[str, str]:
+    """Every image the compose test runs, built (from the layer cache where nothing changed);
+    returns compose.yaml's image variables for them."""
+    bases = {which: base_image(docker, which) for which in BASES}
+    house = wheelhouse(docker, bases["python"])
+    ctx = build_context(house)
+    pip = {"PYTHON_IMAGE": bases["python"], "PIP_NO_INDEX": "1"}
+    build(docker, IMAGES["api"], ctx, ctx / "ops/docker/Dockerfile.api", pip)
+    build(docker, IMAGES["worker"], ctx, ctx / "ops/docker/Dockerfile.worker", pip)
+    variables = {"TOKENFAN_TAG": TAG}
+    for var, image, dockerfile, base in STANDIN_IMAGES:
+        build(docker, image, STANDINS, STANDINS / dockerfile, {"BASE_IMAGE": bases[base]})
+        variables[var] = image
+    return variables
+
+
+def image_size_mb(docker: Docker, image: str) -> float:
+    return int(docker.run("image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["prepare"]:
+        print("usage: python3 -m tests.docker prepare", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    try:
+        with daemon() as docker:
+            prepare(docker)
+            for what, seconds in docker.timings.items():
+                log(f"{what}: {seconds:.0f} s")
+            for image in [*IMAGES.values(), *(i for _, i, _, _ in STANDIN_IMAGES)]:
+                log(f"{image}: {image_size_mb(docker, image):.0f} MB")
+    except Unavailable as exc:
+        log(f"skipped: {exc}")
+        return 0
+    log(f"images ready in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
