@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 import redis
 
 from tests.procs import Cluster, parse_sse, stream_status, wait_for
+from tokenfan.api.responses import record_key
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.state import StreamStatus
@@ -87,6 +89,10 @@ def test_streamed_events_names_order_and_numbers(cluster: Cluster) -> None:
     got = client.responses.retrieve(rid)
     assert got.status == "completed" and got.output_text == text and got.output[0].id == item_id
     assert got.usage is not None and got.usage.total_tokens == final.usage.total_tokens
+    # the SDK's own accumulating helper takes the events as they are
+    with client.responses.stream(model="smollm2", input="helper", max_output_tokens=20) as helper:
+        final = helper.get_final_response()
+    assert final.status == "completed" and final.output_text == _expected("helper", n)
 
 
 def test_sse_ids_are_sequence_numbers_and_last_event_id_resumes(cluster: Cluster) -> None:
@@ -136,6 +142,22 @@ def test_resume_at_many_points_across_two_apis_exactly_once(cluster: Cluster) ->
         rest = list(clients[1].responses.retrieve(rid, stream=True, starting_after=cut))
         assert [e.to_dict() for e in rest] == [e.to_dict() for e in full[cut + 1:]], cut
     assert [e.to_dict() for e in clients[1].responses.retrieve(rid, stream=True)] == [e.to_dict() for e in full]
+
+
+def test_worker_takeover_keeps_the_numbers_and_the_text(cluster: Cluster) -> None:
+    cluster.env.update({"TOKENFAN_LEASE_TTL_S": "1.5", "TOKENFAN_KEEPER_INTERVAL_S": "0.25"})
+    api = cluster.api()
+    first = cluster.worker(TOKENFAN_FAKE_RATE="20")
+    client = _client(api)
+    made = client.responses.create(input="survive the crash", background=True, max_output_tokens=30)
+    wait_for(lambda: len(client.responses.retrieve(made.id).output_text.split()) >= 5, what="five tokens")
+    first.signal(signal.SIGKILL)
+    cluster.worker(TOKENFAN_FAKE_RATE="50")
+    evs = list(client.responses.retrieve(made.id, stream=True))
+    assert [e.sequence_number for e in evs] == list(range(len(evs)))
+    # the takeover's meta is one more response.in_progress, between deltas
+    assert [e.type for e in evs].count("response.in_progress") == 3 and evs[-1].type == "response.incomplete"
+    assert _deltas(evs) == _expected("survive the crash", 30) == evs[-1].response.output_text
 
 
 def test_background_runs_unwatched_listed_on_the_ops_page(cluster: Cluster, r: redis.Redis) -> None:
@@ -211,6 +233,18 @@ def test_delete_forgets_the_response(cluster: Cluster, r: redis.Redis) -> None:
         client.responses.retrieve(running.id)
     wait_for(lambda: stream_status(r, _sid(running.id)) is StreamStatus.FINISHED, timeout=10,
              what="the deleted response to stop")
+
+
+def test_kept_for_the_log_ttl(cluster: Cluster, r: redis.Redis) -> None:
+    api = cluster.api(TOKENFAN_LOG_TTL_S="1")
+    cluster.worker(TOKENFAN_LOG_TTL_S="1")
+    client = _client(api)
+    done = client.responses.create(input="short lived", max_output_tokens=3)
+    assert client.responses.retrieve(done.id).status == "incomplete"  # a read brings the record's TTL down
+    assert 0 < r.pttl(record_key(_sid(done.id))) <= 1000
+    url = f"{api.url}/v1/responses/{done.id}"
+    wait_for(lambda: httpx.get(url, timeout=5).status_code == 404, timeout=5, what="the response to expire")
+    assert not r.exists(record_key(_sid(done.id)), keys.log(_sid(done.id)))
 
 
 def test_responses_belong_to_the_key_that_made_them(cluster: Cluster, r: redis.Redis) -> None:
