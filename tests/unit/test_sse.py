@@ -90,10 +90,13 @@ def test_api_events_ping_and_done() -> None:
     assert r.json() == {"type": "reconnect", "reason": "server_shutdown", "last_event_id": 7}
 
 
-def test_the_send_override_overrides_the_librarys_method() -> None:
-    # If sse-starlette renames it, ours would silently stop applying (every write timed again).
+def test_the_stream_override_overrides_the_librarys_methods() -> None:
+    # If sse-starlette renames them, ours would silently stop applying (every write timed again),
+    # or the pings would no longer be timed by the method the library's `_ping` calls.
+    assert "_stream_response" in vars(EventSourceResponse)
+    assert "_stream_response" in vars(sse.SSEResponse)
     assert "_send_with_timeout" in vars(EventSourceResponse)
-    assert "_send_with_timeout" in vars(sse.SSEResponse)
+    assert "_send_with_timeout" not in vars(sse.SSEResponse)
 
 
 # --- the response, driven as uvicorn would, with a client that stops reading -------------------
