@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
 from tokenfan.api.edge import Edge
-from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion, openai_error
+from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion_of, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
@@ -385,20 +385,22 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
 
 async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:
     """`"stream": false`: gather the events into one chat.completion."""
-    parts: list[str] = []
-    logprobs: list[Any] | None = None
+    parts: dict[int, list[str]] = {0: []}  # per choice
+    logprobs: dict[int, list[Any]] = {}
     try:
         async with asyncio.timeout(edge.settings.request_timeout_s):
             async for batch in follower.batches():
                 for e in batch or ():
                     if e.type == events.TOKEN:
-                        parts.append(e.data.get("text", ""))
+                        index = int(e.data.get("index", 0))
+                        parts.setdefault(index, []).append(e.data.get("text", ""))
                         if "logprobs" in e.data:
-                            logprobs = [] if logprobs is None else logprobs
-                            logprobs.extend(e.data["logprobs"])
+                            logprobs.setdefault(index, []).extend(e.data["logprobs"])
                     elif e.type == events.DONE:
-                        body = completion(follower.sid, model, created, "".join(parts), e, logprobs)
-                        return JSONResponse(body)
+                        for c in e.data.get("choices") or []:  # a choice that said nothing is one too
+                            parts.setdefault(int(c.get("index", 0)), [])
+                        texts = {i: "".join(p) for i, p in parts.items()}
+                        return JSONResponse(completion_of(follower.sid, model, created, texts, e, logprobs))
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:

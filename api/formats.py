@@ -28,6 +28,8 @@ class OpenAIWriter:
 
     def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
         self.include_usage = include_usage
+        self.started = {0}  # choices whose role chunk went out (the first's with `meta`)
+        self.ended: set[int] = set()  # choices whose finish chunk went out (n > 1)
         self.head = orjson.dumps(
             {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
         )[:-1] + b',"choices":['
@@ -35,9 +37,9 @@ class OpenAIWriter:
             {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
         )[:-1]
 
-    def _choice(self, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
+    def _choice(self, delta: dict[str, Any], finish: str | None, logprobs: Any = None, index: int = 0) -> bytes:
         lp = None if logprobs is None else {"content": logprobs, "refusal": None}
-        choice = orjson.dumps({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
+        choice = orjson.dumps({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
         return self.head + choice + b"]}"
 
     def write(self, batch: list[Event]) -> bytes:
@@ -45,8 +47,7 @@ class OpenAIWriter:
 
     def one(self, e: Event) -> bytes:
         if e.type == events.TOKEN:
-            delta = {"content": e.data.get("text", "")}
-            return sse.data_frame(self._choice(delta, None, e.data.get("logprobs")), e.seq)
+            return self._token(e)
         if e.type == events.META and not e.data.get("resumed"):
             return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
         if e.type == events.DONE:
@@ -55,8 +56,27 @@ class OpenAIWriter:
             return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
         return b""
 
+    def _token(self, e: Event) -> bytes:
+        """A piece of choice `index` (0 unless n > 1); a choice's own end (n > 1) is a token with no text
+        and its finish reason."""
+        index = int(e.data.get("index", 0))
+        out = b""
+        if index not in self.started:  # a later choice's first chunk says its role, as the first's did
+            self.started.add(index)
+            out = sse.data_frame(self._choice({"role": "assistant", "content": ""}, None, index=index), e.seq)
+        if "finish_reason" in e.data:
+            self.ended.add(index)
+            return out + sse.data_frame(self._choice({}, str(e.data["finish_reason"]), index=index), e.seq)
+        delta = {"content": e.data.get("text", "")}
+        return out + sse.data_frame(self._choice(delta, None, e.data.get("logprobs"), index), e.seq)
+
     def _done(self, e: Event) -> bytes:
-        out = sse.data_frame(self._choice({}, e.data.get("finish_reason", "stop")), e.seq)
+        choices = e.data.get("choices")
+        if isinstance(choices, list):  # n > 1: the choices that did not end before the stream did
+            out = b"".join(sse.data_frame(self._choice({}, c.get("finish_reason"), index=c.get("index", 0)), e.seq)
+                           for c in choices if c.get("index") not in self.ended)
+        else:
+            out = sse.data_frame(self._choice({}, e.data.get("finish_reason", "stop")), e.seq)
         if self.include_usage:
             usage = self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}"
             out += sse.data_frame(usage, e.seq)
@@ -72,17 +92,25 @@ def openai_error(code: str | None, message: str, seq: int | None = None) -> byte
 def completion(stream_id: str, model: str, created: int, text: str, done: Event,
                logprobs: list[Any] | None = None) -> dict[str, Any]:
     """The non-streaming answer, OpenAI's chat.completion; `logprobs` every token's, when asked for."""
+    return completion_of(stream_id, model, created, {0: text}, done, {0: logprobs} if logprobs is not None else {})
+
+
+def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str], done: Event,
+                  logprobs: dict[int, list[Any]]) -> dict[str, Any]:
+    """chat.completion with a choice per index of `texts` (n > 1: the `done` event says each one's end)."""
+    ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
+    reason = done.data.get("finish_reason", "stop")
     return {
         "id": stream_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-            "finish_reason": done.data.get("finish_reason", "stop"),
-        }],
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": {"content": logprobs[i], "refusal": None} if i in logprobs else None,
+            "finish_reason": ends.get(i, reason),
+        } for i in sorted(texts)],
         "usage": done.data.get("usage"),
         "tokenfan": {"timings": done.data.get("timings")},
     }

@@ -26,6 +26,8 @@ Role = Literal["system", "user", "assistant", "developer"]
 INT64 = 2**63
 # OpenAI's caps: alternatives per token, and entries of logit_bias (token ids fit llama.cpp's int32).
 MAX_TOP_LOGPROBS: Final = 20
+# Choices per request: each takes a slot of the worker (issue 13's cap).
+MAX_N: Final = 4
 MAX_LOGIT_BIAS: Final = 300
 MAX_TOKEN_ID: Final = 2**31 - 1
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")
@@ -134,7 +136,7 @@ class ChatRequest(BaseModel):
     top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: Int | None = Field(default=None, ge=-INT64, lt=INT64)
-    n: Int = Field(default=1, ge=1, le=1)
+    n: Int = Field(default=1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
     logprobs: Bool | None = None
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -205,7 +207,7 @@ class JobMessage(BaseModel):
 
 # Sampling fields a job carries only when they differ from these defaults (`dump`), so a job that uses
 # none of them is the same JSON an older worker reads (it forbids fields it does not know).
-OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
+OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "n")
 
 
 class JobPayload(BaseModel):
@@ -226,6 +228,7 @@ class JobPayload(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (decimal string) -> bias
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices, each its own slot
     disclosure: str = ""
     enqueued_at: float
     attempt: int = 0
@@ -248,6 +251,7 @@ class JobPayload(BaseModel):
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logit_bias=dict(req.logit_bias or {}),
+            n=req.n,
             disclosure=settings.disclosure,
             enqueued_at=now,
         )

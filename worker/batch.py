@@ -63,7 +63,7 @@ from typing import Any
 
 from tokenfan.shared import structured
 from tokenfan.shared.errors import ContextLengthExceeded, EngineError, InvalidRequest
-from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats
+from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats, choice_key
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ class Stream:
     next_token: int = -1  # sampled, not yet decoded
     logprobs: int | None = None  # alternatives per token; None: none computed
     held: list[LogProb] = field(default_factory=list)  # logprobs of tokens whose text is held back
+    owner: str = ""  # the stream this is a choice of
+    index: int = 0
+    forks: list[Stream] = field(default_factory=list)  # choices waiting for this one's prompt, to copy it
 
 
 def pick_slot(slots: Sequence[Slot], prompt: Sequence[int]) -> Slot | None:
@@ -279,9 +282,22 @@ class LlamaBatchEngine:
         return len(self.streams)
 
     def admit(self, key: str, req: GenRequest) -> Admission:
-        """Give the stream a free slot (the caller checked `free()`); its prompt is fed from the next step."""
-        if key in self.streams:
+        """Give the stream a free slot per choice (the caller checked `free()`); its prompt is fed from the
+        next step. The choices of a fresh request with n > 1 share the prompt: it is decoded once, in the
+        first one's slot, and copied into the others' (`llama_memory_seq_cp`) when it is whole."""
+        if any(s.owner == key for s in self.streams.values()):
             raise EngineError(f"stream {key} is already being generated")
+        if self.free() < req.slots_needed():
+            raise EngineError("no free slot", code="no_free_slot")
+        if req.choices is not None:
+            adms = [self._admit_one(key, i, req.choice(i, text, done))[1] for i, text, done in req.choices]
+            return Admission(adms[0].prompt_tokens, sum(a.cached_tokens for a in adms))
+        first, adm = self._admit_one(key, 0, req)
+        for i in range(1, req.n):
+            self._fork(first, i, req.choice(i, req.prefix, req.prefix_tokens))
+        return adm
+
+    def _admit_one(self, owner: str, index: int, req: GenRequest) -> tuple[Stream, Admission]:
         tokens, stops = self._prompt(req)
         slot = pick_slot(self.slot_list, tokens)
         if slot is None:
@@ -289,12 +305,38 @@ class LlamaBatchEngine:
         sampler = self._sampler(req)
         cached = self._reuse(slot, tokens)
         budget = min(req.max_tokens - req.prefix_tokens, self.n_ctx - len(tokens))
-        stream = Stream(key, slot, tokens[cached:], sampler, TextOut(stops), budget, logprobs=req.logprobs)
+        stream = Stream(choice_key(owner, index), slot, tokens[cached:], sampler, TextOut(stops), budget,
+                        logprobs=req.logprobs, owner=owner, index=index)
         slot.stream = stream
-        self.streams[key] = stream
+        self.streams[stream.key] = stream
         if budget <= 0:
             self._ready.append(self._end(stream, "length", ""))
-        return Admission(len(tokens), cached)
+        return stream, Admission(len(tokens), cached)
+
+    def _fork(self, first: Stream, index: int, req: GenRequest) -> None:
+        """A choice that waits for `first`'s prompt: nothing of its own to decode until then."""
+        slot = pick_slot(self.slot_list, first.slot.tokens)
+        if slot is None:
+            raise EngineError("no free slot", code="no_free_slot")
+        stops = first.text.stops
+        stream = Stream(choice_key(first.owner, index), slot, [], self._sampler(req), TextOut(stops), first.budget,
+                        logprobs=req.logprobs, owner=first.owner, index=index)
+        slot.stream = stream
+        self.streams[stream.key] = stream
+        if first.budget <= 0:
+            self._ready.append(self._end(stream, "length", ""))
+        else:
+            first.forks.append(stream)
+
+    def _copy_prompt(self, first: Stream, fork: Stream, row: int) -> Output:
+        """`first`'s prompt is decoded: the fork's slot gets a copy of its KV cells, and samples its
+        first token from the same logits row."""
+        ll = self.ll
+        ll.llama_memory_seq_rm(self.mem, fork.slot.seq, -1, -1)
+        ll.llama_memory_seq_cp(self.mem, first.slot.seq, fork.slot.seq, -1, -1)
+        fork.slot.tokens = list(first.slot.tokens)
+        self.reused_tokens += len(first.slot.tokens)
+        return self._sample(fork, row)
 
     def _reuse(self, slot: Slot, tokens: list[int]) -> int:
         """Keep the slot's cached prefix of this prompt (at least one token is left to decode, for its logits)."""
@@ -372,9 +414,9 @@ class LlamaBatchEngine:
             ll.llama_sampler_accept(chain, tok)
 
     def drop(self, key: str) -> None:
-        """End a stream now (cancelled, fenced, handed back); what its slot decoded stays cached."""
-        stream = self.streams.get(key)
-        if stream is not None:
+        """End a stream now (cancelled, fenced, handed back), every choice of it; what their slots decoded
+        stays cached."""
+        for stream in [s for s in self.streams.values() if s.owner == key]:
             self._end(stream, "cancelled", "")
 
     def _end(self, stream: Stream, reason: str, text: str) -> Output:
@@ -383,7 +425,7 @@ class LlamaBatchEngine:
         stream.slot.stream = None
         stream.slot.used = time.monotonic()
         self.streams.pop(stream.key, None)
-        return Output(stream.key, text, reason)
+        return Output(stream.owner, text, reason, index=stream.index)
 
     # --- the step ------------------------------------------------------------
 
@@ -399,7 +441,10 @@ class LlamaBatchEngine:
         if rc != 0:
             outs += self._failed(rc)
         else:
-            outs += [self._sample(s, i) for s, i in rows]
+            for s, row in rows:
+                forks, s.forks = s.forks, []
+                outs.append(self._sample(s, row))
+                outs += [self._copy_prompt(s, f, row) for f in forks if f.sampler is not None]
         stats.seconds = time.perf_counter() - t0
         self.last = stats
         self.prefilled_tokens += stats.prefill
@@ -459,7 +504,7 @@ class LlamaBatchEngine:
         if s.generated >= s.budget:
             return self._with_logprobs(s, self._end(s, "length", text + s.text.flush()))
         s.next_token = tok
-        return self._with_logprobs(s, Output(s.key, text))
+        return self._with_logprobs(s, Output(s.owner, text, index=s.index))
 
     @staticmethod
     def _with_logprobs(s: Stream, out: Output) -> Output:
@@ -493,7 +538,8 @@ class LlamaBatchEngine:
         """A failed decode: every stream in it ends with a retryable error; their slots forget their cache."""
         log.error("Batch engine: llama_decode returned %d for %d tokens", rc, self.batch.n_tokens)
         outs = []
-        for s in self._touched:
+        forks = [f for t in self._touched for f in t.forks if f.sampler is not None]
+        for s in self._touched + forks:
             self.ll.llama_memory_seq_rm(self.mem, s.slot.seq, -1, -1)
             s.slot.tokens.clear()
             out = self._end(s, "error", "")

@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +51,17 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1  # choices, each its own slot; a fresh request's share the prompt's KV cache
+    # A takeover of n > 1: (index, text sent, tokens sent) of each choice still unfinished, each continued alone.
+    choices: list[tuple[int, str, int]] | None = None
+
+    def slots_needed(self) -> int:
+        return self.n if self.choices is None else len(self.choices)
+
+    def choice(self, index: int, prefix: str, prefix_tokens: int) -> GenRequest:
+        """Choice `index` as a request of its own (its own seed, so that sampled choices differ)."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, prefix=prefix, prefix_tokens=prefix_tokens, seed=seed, n=1, choices=None)
 
 
 @dataclass(slots=True)
@@ -62,6 +73,7 @@ class Output:
     finish: str | None = None
     error: TokenfanError | None = None
     logprobs: list[LogProb] | None = None  # the tokens behind `text`, when asked for
+    index: int = 0  # the choice (n > 1)
 
 
 @dataclass(slots=True)
@@ -164,6 +176,11 @@ def fake_logprobs(token: str, i: int, top: int) -> LogProb:
                              for j, t in enumerate(alts)]}
 
 
+def choice_key(key: str, index: int) -> str:
+    """An engine's own key of one choice of a stream: the stream's for the first."""
+    return key if index == 0 else f"{key}#{index}"
+
+
 @dataclass(eq=False)
 class _FakeStream:
     toks: list[str]
@@ -172,6 +189,8 @@ class _FakeStream:
     start: float
     produced: int = 0
     logprobs: int | None = None
+    owner: str = ""
+    index: int = 0
 
 
 class FakeEngine:
@@ -212,7 +231,7 @@ class FakeEngine:
         return n
 
     def admit(self, key: str, req: GenRequest) -> Admission:
-        if not self.free():
+        if self.free() < req.slots_needed():
             raise EngineError("no free slot", code="no_free_slot")
         n = self.prompt_tokens(req)
         total = min(req.max_tokens, self.length)
@@ -221,8 +240,10 @@ class FakeEngine:
         if req.json_schema is not None:  # a JSON answer ends when its value is whole, unless cut short
             whole = fake_json_tokens(req.messages, req.json_schema)
             toks, reason = whole[:total], "stop" if len(whole) <= total else "length"
-        self.streams[key] = _FakeStream(toks, reason, req.prefix_tokens, time.monotonic() + self.prefill_s,
-                                        logprobs=req.logprobs)
+        choices = req.choices if req.choices is not None else [(i, "", req.prefix_tokens) for i in range(req.n)]
+        for index, _, done in choices:  # every choice of the fake gives the same text
+            self.streams[choice_key(key, index)] = _FakeStream(toks, reason, done, time.monotonic() + self.prefill_s,
+                                                               logprobs=req.logprobs, owner=key, index=index)
         return Admission(n, 0)
 
     def _due(self, s: _FakeStream) -> float:
@@ -245,20 +266,21 @@ class FakeEngine:
         i = s.next
         if i >= len(s.toks):
             del self.streams[key]
-            return Output(key, "", s.reason)
+            return Output(s.owner, "", s.reason, index=s.index)
         if self.fail_after is not None and i >= self.fail_after:
             del self.streams[key]
-            return Output(key, "", None, EngineError("the fake engine failed as configured"))
+            return Output(s.owner, "", None, EngineError("the fake engine failed as configured"), index=s.index)
         s.next += 1
         s.produced += 1
         lps = None if s.logprobs is None else [fake_logprobs(s.toks[i], i, s.logprobs)]
         if s.next == len(s.toks):
             del self.streams[key]
-            return Output(key, s.toks[i], s.reason, logprobs=lps)
-        return Output(key, s.toks[i], logprobs=lps)
+            return Output(s.owner, s.toks[i], s.reason, logprobs=lps, index=s.index)
+        return Output(s.owner, s.toks[i], logprobs=lps, index=s.index)
 
     def drop(self, key: str) -> None:
-        self.streams.pop(key, None)
+        for k in [k for k, s in self.streams.items() if s.owner == key]:
+            del self.streams[k]
 
     def close(self) -> None:
         self.streams.clear()

@@ -43,7 +43,7 @@ from rq.timeouts import JobTimeoutException
 
 from tokenfan.shared import events, keys
 from tokenfan.shared.bus import SyncBus
-from tokenfan.shared.errors import ContextLengthExceeded, TokenfanError
+from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
@@ -111,6 +111,9 @@ class StreamJob:
         self.first_token_at = 0.0
         self.generated = 0
         self.prompt_tokens = 0
+        self.req = GenRequest([], 1)
+        self.waiting = False  # for free slots, one per choice
+        self.choice_ends: dict[int, str] = {}  # the finish reason of each choice that ended (n > 1)
 
     @property
     def seq(self) -> int:
@@ -197,8 +200,9 @@ class StreamJob:
             self.outcome, self.error = JobOutcome.ERROR, (code, message)
 
     def start(self) -> JobOutcome | None:
-        """Announce the stream and give it a slot; None while it runs."""
-        prefix, prefix_tokens, created = self._history()
+        """Announce the stream and give it its slots (when they are free: else at a later `between`);
+        None while it runs."""
+        sent, created = self._history()
         resumed = self.seq > 0
         self.emit(events.META, {
             "stream_id": self.sid, "model": self.p.model, "worker": self.r.name,
@@ -209,27 +213,56 @@ class StreamJob:
         if self.watch.cancel:
             self.finish("cancelled")
             return None
-        req = GenRequest(
+        if self.p.n > self.r.engine.slots:
+            raise InvalidRequest(f"n is {self.p.n}, more than the {self.r.engine.slots} slots of the worker",
+                                 code="invalid_request", param="n")
+        self.req = GenRequest(
             messages=[m.model_dump() for m in self.p.messages], max_tokens=self.p.max_tokens,
             temperature=self.p.temperature, top_p=self.p.top_p, stop=self.p.stop, seed=self.p.seed,
-            prefix=prefix, prefix_tokens=prefix_tokens, json_schema=self.p.json_schema, logprobs=self.p.logprobs,
+            json_schema=self.p.json_schema, logprobs=self.p.logprobs, n=self.p.n,
             presence_penalty=self.p.presence_penalty, frequency_penalty=self.p.frequency_penalty,
             logit_bias={int(k): v for k, v in self.p.logit_bias.items()},
         )
-        self.generated = prefix_tokens
-        admission = self.r.engine.admit(self.sid, req)
-        self.prompt_tokens = admission.prompt_tokens
-        self.r.metrics.cached_tokens.inc(admission.cached_tokens)
+        first = sent.get(0, [])
+        if self.p.n == 1:
+            self.req.prefix, self.req.prefix_tokens = "".join(first), len(first)
+        elif self.base:  # a takeover: each unfinished choice goes on from its own text
+            self.req.choices = [(i, "".join(sent.get(i, [])), len(sent.get(i, [])))
+                                for i in range(self.p.n) if i not in self.choice_ends]
+            if not self.req.choices:
+                self.finish(self.choice_ends.get(0, "stop"))
+                return None
+        self.generated = sum(len(t) for t in sent.values())
+        self._admit()
         return None
 
-    def _history(self) -> tuple[str, int, float]:
-        """Text already sent (a takeover continues it) and the stream's creation time."""
+    def _admit(self) -> None:
+        """Into the engine once it has a slot for every choice: until then the stream waits (`waiting`)
+        and the scheduler claims no other job, so that the slots free up for it."""
+        self.waiting = self.r.engine.free() < self.req.slots_needed()
+        if self.waiting:
+            return
+        admission = self.r.engine.admit(self.sid, self.req)
+        self.prompt_tokens = admission.prompt_tokens
+        self.r.metrics.cached_tokens.inc(admission.cached_tokens)
+
+    def _history(self) -> tuple[dict[int, list[str]], float]:
+        """Text already sent per choice (a takeover continues it), the choices that ended, and the
+        stream's creation time."""
         if self.base == 0:
-            return "", 0, self.p.enqueued_at
+            return {}, self.p.enqueued_at
         done = self.r.bus.read_log(self.sid)
-        texts = [e.data.get("text", "") for e in done if e.type == events.TOKEN]
+        sent: dict[int, list[str]] = {}
+        for e in done:
+            if e.type != events.TOKEN:
+                continue
+            index = int(e.data.get("index", 0))
+            if "finish_reason" in e.data:
+                self.choice_ends[index] = str(e.data["finish_reason"])
+            else:
+                sent.setdefault(index, []).append(e.data.get("text", ""))
         created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
-        return "".join(texts), len(texts), created
+        return sent, created
 
     def mark_served(self) -> None:
         """The queue's served mark, for the positions of the streams still waiting (best effort)."""
@@ -237,12 +270,31 @@ class StreamJob:
         if ticket:
             self.r.bus.mark_served(self.p.model, ticket)
 
-    def token_event(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
-        """One token event; `logprobs` (the tokens behind the text, OpenAI's shape) only when asked for."""
+    def token_event(self, text: str, logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> None:
+        """One token event; `logprobs` (the tokens behind the text, OpenAI's shape) only when asked for,
+        `index` (the choice) only when there are several."""
         if not self.first_token_at:
             self.first_token_at = time.time()
-        self.emit(events.TOKEN, {"text": text} if logprobs is None else {"text": text, "logprobs": logprobs})
+        data: dict[str, Any] = {"text": text}
+        if self.p.n > 1:
+            data["index"] = index
+        if logprobs is not None:
+            data["logprobs"] = logprobs
+        self.emit(events.TOKEN, data)
         self.generated += 1
+
+    def choice_done(self, index: int, reason: str) -> None:
+        """One choice ended; the stream ends with its last. With several choices each end is a token
+        event with no text and its `finish_reason`, so a takeover does not go on with it."""
+        if self.p.n == 1:
+            self.finish(reason)
+            return
+        if self.outcome is not None or index in self.choice_ends:
+            return
+        self.choice_ends[index] = reason
+        self.emit(events.TOKEN, {"text": "", "index": index, "finish_reason": reason})
+        if len(self.choice_ends) == self.p.n:
+            self.finish(self.choice_ends.get(0, reason))
 
     def between(self) -> JobOutcome | None:
         """Between two steps: what the keeper saw, the shutdown grace, the time limit."""
@@ -253,6 +305,8 @@ class StreamJob:
         if self.watch.cancel:
             self.finish("cancelled")
             return None
+        if self.waiting:
+            self._admit()
         shutdown_at = self.r.shutdown_at
         if shutdown_at and time.time() - shutdown_at > self.r.settings.shutdown_grace_s:
             return self.hand_back()
@@ -289,6 +343,9 @@ class StreamJob:
             },
             "timings": self._timings(now, gen_s, self.generated),
         }
+        if self.p.n > 1:
+            data["choices"] = [{"index": i, "finish_reason": self.choice_ends.get(i, reason)}
+                               for i in range(self.p.n)]
         if reason == "cancelled":
             data["cancel_reason"] = self._cancel_reason()
         self.emit(events.DONE, data)

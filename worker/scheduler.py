@@ -126,11 +126,15 @@ class Scheduler:
     # --- jobs in -------------------------------------------------------------
 
     def _claim(self) -> None:
-        while self.r.engine.free() > 0 and not self.r.shutdown_at:
+        while self.r.engine.free() > 0 and not self.r.shutdown_at and not self._waiting():
             got = self._dequeue(None if self.active else IDLE_DEQUEUE_S)
             if got is None:
                 return
             self._start(*got)
+
+    def _waiting(self) -> bool:
+        """A stream of several choices waits for its slots: no other job may take them first."""
+        return any(a.stream.waiting for a in self.active.values())
 
     def _dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
         now = time.monotonic()
@@ -221,12 +225,12 @@ class Scheduler:
             if a is None:
                 continue
             if out.text or out.logprobs:
-                a.stream.token_event(out.text, out.logprobs)
+                a.stream.token_event(out.text, out.logprobs, out.index)
             if out.error is not None:
                 err = out.error
                 a.stream.guard(a.stream.fail, err.code, err.message, err.retryable)
             elif out.finish:
-                a.stream.guard(a.stream.finish, out.finish)
+                a.stream.guard(a.stream.choice_done, out.index, out.finish)
         self._publish()
         for a in [a for a in self.active.values() if a.stream.settled]:
             self._close(a, a.stream.outcome)

@@ -140,3 +140,29 @@ def test_llama_cpp_parses_every_grammar_the_api_accepts(engine: LlamaBatchEngine
     smpl = engine._grammar(schema)
     assert smpl
     engine.ll.llama_sampler_free(smpl)
+
+
+def test_n_greedy_choices_share_the_prompt_and_each_is_the_answer_alone(engine: LlamaBatchEngine) -> None:
+    """The prompt is decoded once and its KV cells copied into the other choices' slots: were the copy
+    wrong, their greedy answers would differ from the one computed alone."""
+    alone = text(run(engine, {"a": ask("Write one sentence about the sea.", 24, temperature=0)})["a"])
+    before = engine.prefilled_tokens
+    outs = run(engine, {"n": ask("Write one sentence about the sea.", 24, temperature=0, n=3)})["n"]
+    by = {i: "".join(o.text for o in outs if o.index == i) for i in range(3)}
+    assert by == {0: alone, 1: alone, 2: alone}
+    assert {o.index for o in outs if o.finish} == {0, 1, 2}
+    prompt = engine.prompt_tokens(ask("Write one sentence about the sea."))
+    assert engine.prefilled_tokens - before <= prompt  # the prompt once, not three times
+
+
+def test_n_sampled_choices_differ_and_the_slots_free_at_the_end(engine: LlamaBatchEngine) -> None:
+    outs = run(engine, {"s": ask("Give a point.", 64, temperature=1.0, seed=9, n=3, json_schema=POINT)})["s"]
+    by = {i: "".join(o.text for o in outs if o.index == i) for i in range(3)}
+    ends = {o.index: o.finish for o in outs if o.finish}
+    assert set(ends) == {0, 1, 2}
+    for i, t in by.items():
+        if ends[i] == "stop":  # a sampled integer may run on to max_tokens
+            jsonschema.validate(json.loads(t), POINT)
+    assert "stop" in ends.values(), by
+    assert len(set(by.values())) > 1, by
+    assert engine.free() == engine.slots

@@ -103,3 +103,35 @@ def test_bad_sampling_input_is_a_400_in_openais_shape_and_no_job(cluster: Cluste
     if '"schema":' in json.dumps(extra):
         assert "schema." in err["message"], err  # the message names the part of the schema
     assert queue(r, "smollm2").count == 0 and not r.zcard(keys.active())
+
+
+def test_n_choices_each_with_its_index_streamed_and_not(cluster: Cluster) -> None:
+    api = cluster.api()
+    cluster.worker(TOKENFAN_SLOTS="4")
+    c = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    content = "several answers"
+    full = chat(c, content, max_tokens=5, n=3, logprobs=True)
+    assert [ch.index for ch in full.choices] == [0, 1, 2]
+    for ch in full.choices:
+        assert ch.message.content == expected_text(content, 5) and ch.finish_reason == "length"
+        assert ch.logprobs is not None and len(ch.logprobs.content or []) == 5
+    assert full.usage is not None and full.usage.completion_tokens == 15
+    chunks = list(chat(c, content, max_tokens=4, n=2, stream=True))
+    texts = {i: "".join(ch.choices[0].delta.content or "" for ch in chunks
+                        if ch.choices and ch.choices[0].index == i) for i in (0, 1)}
+    assert texts == {0: expected_text(content, 4), 1: expected_text(content, 4)}
+    roles = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].delta.role]
+    finals = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(roles) == [0, 1] and sorted(finals) == [0, 1]
+    c.close()
+
+
+def test_n_over_the_workers_slots_ends_the_stream_with_a_clear_error(cluster: Cluster) -> None:
+    api = cluster.api()
+    cluster.worker(TOKENFAN_SLOTS="2")
+    c = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as got:
+        chat(c, "too many", max_tokens=3, n=3)
+    assert "slots" in str(got.value)
+    assert chat(c, "fine", max_tokens=3, n=2).choices[1].message.content == expected_text("fine", 3)
+    c.close()

@@ -50,7 +50,7 @@ def _req(**kw: object) -> ChatRequest:
     {"max_tokens": 0},
     {"max_tokens": -3},
     {"temperature": 5},
-    {"n": 2},
+    {"n": 5},
     {"stop": [""]},
 ])
 def test_bad_requests_are_rejected(bad: dict[str, object]) -> None:
