@@ -107,6 +107,10 @@ class Docker:
                 self.own.kill()
                 self.own.wait(10)
         if self.exec_root is not None:
+            # dockerd leaves its default network namespace mounted in the exec root.
+            mounts = Path("/proc/mounts").read_text().split("\n")
+            for point in [m.split()[1] for m in mounts if m and m.split()[1].startswith(f"{self.exec_root}/")]:
+                subprocess.run(["umount", point], capture_output=True, timeout=30)
             shutil.rmtree(self.exec_root, ignore_errors=True)
         if self.lock is not None:
             os.close(self.lock)
