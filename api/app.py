@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
 from tokenfan.api.edge import Edge
-from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion_of, openai_error
+from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, completion_of, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
@@ -387,20 +387,19 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
     """`"stream": false`: gather the events into one chat.completion."""
     parts: dict[int, list[str]] = {0: []}  # per choice
     logprobs: dict[int, list[Any]] = {}
+    calls: dict[int, Calls] = {}
     try:
         async with asyncio.timeout(edge.settings.request_timeout_s):
             async for batch in follower.batches():
                 for e in batch or ():
                     if e.type == events.TOKEN:
-                        index = int(e.data.get("index", 0))
-                        parts.setdefault(index, []).append(e.data.get("text", ""))
-                        if "logprobs" in e.data:
-                            logprobs.setdefault(index, []).extend(e.data["logprobs"])
+                        _gather(e, parts, logprobs, calls)
                     elif e.type == events.DONE:
                         for c in e.data.get("choices") or []:  # a choice that said nothing is one too
                             parts.setdefault(int(c.get("index", 0)), [])
                         texts = {i: "".join(p) for i, p in parts.items()}
-                        return JSONResponse(completion_of(follower.sid, model, created, texts, e, logprobs))
+                        return JSONResponse(completion_of(follower.sid, model, created, texts, e, logprobs,
+                                                          calls))
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:
@@ -410,6 +409,17 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
         if not follower.finished:
             await follower.leave()
     raise Unavailable("the stream ended without an answer", code="stream_lost")
+
+
+def _gather(e: events.Event, parts: dict[int, list[str]], logprobs: dict[int, list[Any]],
+            calls: dict[int, Calls]) -> None:
+    """One token event into its choice's text, logprobs and calls."""
+    index = int(e.data.get("index", 0))
+    parts.setdefault(index, []).append(e.data.get("text", ""))
+    if "tool_call" in e.data:
+        calls.setdefault(index, Calls()).add(e.data["tool_call"])
+    if "logprobs" in e.data:
+        logprobs.setdefault(index, []).extend(e.data["logprobs"])
 
 
 def _error_event_response(e: events.Event) -> JSONResponse:

@@ -67,6 +67,9 @@ class OpenAIWriter:
         if "finish_reason" in e.data:
             self.ended.add(index)
             return out + sse.data_frame(self._choice({}, str(e.data["finish_reason"]), index=index), e.seq)
+        call = e.data.get("tool_call")
+        if isinstance(call, dict):
+            return out + sse.data_frame(self._choice({"tool_calls": [tool_call_delta(call)]}, None, index=index), e.seq)
         delta = {"content": e.data.get("text", "")}
         return out + sse.data_frame(self._choice(delta, None, e.data.get("logprobs"), index), e.seq)
 
@@ -83,6 +86,34 @@ class OpenAIWriter:
         return out + sse.DONE
 
 
+def tool_call_delta(call: dict[str, Any]) -> dict[str, Any]:
+    """One piece of a call as OpenAI streams it: index, and id, type and name in the call's first piece."""
+    out: dict[str, Any] = {"index": call.get("index", 0)}
+    if "id" in call:
+        out |= {"id": call["id"], "type": "function",
+                "function": {"name": call.get("name", ""), "arguments": call.get("arguments", "")}}
+    else:
+        out["function"] = {"arguments": call.get("arguments", "")}
+    return out
+
+
+class Calls:
+    """The calls of one choice, gathered from its events (a non-streamed answer)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, call: dict[str, Any]) -> None:
+        k = int(call.get("index", 0))
+        entry = self.calls.setdefault(k, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if "id" in call:
+            entry["id"], entry["function"]["name"] = call["id"], call.get("name", "")
+        entry["function"]["arguments"] += call.get("arguments", "")
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.calls[k] for k in sorted(self.calls)]
+
+
 def openai_error(code: str | None, message: str, seq: int | None = None) -> bytes:
     """How an OpenAI-format stream ends in error: an `error` object (OpenAI clients raise it), then [DONE]."""
     err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
@@ -96,10 +127,12 @@ def completion(stream_id: str, model: str, created: int, text: str, done: Event,
 
 
 def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str], done: Event,
-                  logprobs: dict[int, list[Any]]) -> dict[str, Any]:
-    """chat.completion with a choice per index of `texts` (n > 1: the `done` event says each one's end)."""
+                  logprobs: dict[int, list[Any]], calls: dict[int, Calls] | None = None) -> dict[str, Any]:
+    """chat.completion with a choice per index of `texts` (n > 1: the `done` event says each one's end);
+    a choice that made calls has `tool_calls` (and `content` null when it wrote no text)."""
     ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
     reason = done.data.get("finish_reason", "stop")
+    calls = calls or {}
     return {
         "id": stream_id,
         "object": "chat.completion",
@@ -107,10 +140,16 @@ def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str
         "model": model,
         "choices": [{
             "index": i,
-            "message": {"role": "assistant", "content": texts[i]},
+            "message": _message(texts[i], calls.get(i)),
             "logprobs": {"content": logprobs[i], "refusal": None} if i in logprobs else None,
             "finish_reason": ends.get(i, reason),
         } for i in sorted(texts)],
         "usage": done.data.get("usage"),
         "tokenfan": {"timings": done.data.get("timings")},
     }
+
+
+def _message(text: str, calls: Calls | None) -> dict[str, Any]:
+    if calls is None or not calls.calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls.list()}

@@ -18,10 +18,11 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from tokenfan.shared import structured
+from tokenfan.shared import tools as toolcalls
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.settings import ApiSettings
 
-Role = Literal["system", "user", "assistant", "developer"]
+Role = Literal["system", "user", "assistant", "developer", "tool"]
 # What Redis, RQ's JSON and orjson can carry: a seed is stored as a signed 64-bit integer.
 INT64 = 2**63
 # OpenAI's caps: alternatives per token, and entries of logit_bias (token ids fit llama.cpp's int32).
@@ -56,16 +57,69 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, Field(pattern=toolcalls.NAME_PATTERN)]
+    arguments: Text
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation, as OpenAI's answer carried it."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Annotated[Text, Field(min_length=1, max_length=128)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Role
-    content: Text | list[TextPart]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=toolcalls.MAX_CALLS * 4)] | None = None
+    tool_call_id: Annotated[Text, Field(min_length=1, max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, Field(pattern=toolcalls.NAME_PATTERN)]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -144,6 +198,9 @@ class ChatRequest(BaseModel):
     frequency_penalty: Number = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: Annotated[dict[str, Number] | None, AfterValidator(_logit_bias)] = None
     user: Text | None = None
+    tools: Annotated[list[Tool], Field(max_length=toolcalls.MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool = True
     cancel_on_disconnect: Bool = False
 
     @field_validator("stop")
@@ -167,6 +224,39 @@ class ChatRequest(BaseModel):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatRequest:
+        """Tool names unique, every parameters schema convertible, a named tool_choice one of the tools."""
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice: only allowed when tools are given")
+        if not self.tools:
+            return self
+        names = [t.function.name for t in self.tools]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"tools: the function name {dup!r} is given twice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: {self.tool_choice.function.name[:64]!r} is not one of the tools' "
+                             "functions")
+        try:
+            toolcalls.check(self.tool_specs())
+        except structured.SchemaError as exc:
+            raise ValueError(f"tools.{exc}" if exc.where else f"tools: {exc}") from None
+        return self
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        return [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in self.tools or []]
+
+    def job_tools(self) -> tuple[list[dict[str, Any]], Literal["auto", "required"]]:
+        """The tools the job offers the model and how ("auto" or "required"): none for tool_choice
+        "none"; a named function is "required" with that function alone."""
+        choice = self.tool_choice or "auto"
+        if not self.tools or choice == "none":
+            return [], "auto"
+        if isinstance(choice, NamedToolChoice):
+            return [s for s in self.tool_specs() if s["name"] == choice.function.name], "required"
+        return self.tool_specs(), "required" if choice == "required" else "auto"
 
     def wanted_logprobs(self) -> int | None:
         """Alternatives per token when logprobs are asked for (0: the chosen token's only); None when not."""
@@ -200,14 +290,29 @@ def check_caps(req: ChatRequest, settings: ApiSettings) -> None:
         raise InvalidRequest(f"at most {settings.max_stop} stop sequences", code="too_many_stop", param="stop")
 
 
+class JobToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: str
+
+
 class JobMessage(BaseModel):
     role: Role
     content: str
+    tool_calls: list[JobToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @classmethod
+    def of(cls, m: Message) -> JobMessage:
+        calls = None if not m.tool_calls else [
+            JobToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls]
+        return cls(role=m.role, content=m.text(), tool_calls=calls, tool_call_id=m.tool_call_id)
 
 
 # Sampling fields a job carries only when they differ from these defaults (`dump`), so a job that uses
 # none of them is the same JSON an older worker reads (it forbids fields it does not know).
-OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "n")
+OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "n",
+                             "tools", "tool_choice", "max_calls")
 
 
 class JobPayload(BaseModel):
@@ -229,6 +334,9 @@ class JobPayload(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (decimal string) -> bias
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices, each its own slot
+    tools: list[dict[str, Any]] = Field(default_factory=list)  # {name, description, parameters} (shared/tools.py)
+    tool_choice: Literal["auto", "required"] = "auto"
+    max_calls: Annotated[int, Field(ge=1, le=toolcalls.MAX_CALLS)] = toolcalls.MAX_CALLS
     disclosure: str = ""
     enqueued_at: float
     attempt: int = 0
@@ -237,10 +345,11 @@ class JobPayload(BaseModel):
     def from_request(
         cls, req: ChatRequest, *, stream_id: str, model: str, settings: ApiSettings, now: float
     ) -> JobPayload:
+        offered, choice = req.job_tools()  # choice: "auto" or "required"
         return cls(
             stream_id=stream_id,
             model=model,
-            messages=[JobMessage(role=m.role, content=m.text()) for m in req.messages],
+            messages=[JobMessage.of(m) for m in req.messages],
             max_tokens=req.wanted_tokens(settings),
             temperature=req.temperature,
             top_p=req.top_p,
@@ -252,12 +361,19 @@ class JobPayload(BaseModel):
             frequency_penalty=req.frequency_penalty,
             logit_bias=dict(req.logit_bias or {}),
             n=req.n,
+            tools=offered,
+            tool_choice=choice,
+            max_calls=toolcalls.MAX_CALLS if req.parallel_tool_calls else 1,
             disclosure=settings.disclosure,
             enqueued_at=now,
         )
 
     def dump(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
+        for m in out["messages"]:  # a message's tool fields only where it has them
+            for name in ("tool_calls", "tool_call_id"):
+                if m[name] is None:
+                    del m[name]
         for name in OPTIONAL_SAMPLING:
             if out[name] == JobPayload.model_fields[name].get_default(call_default_factory=True):
                 del out[name]

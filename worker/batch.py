@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenfan.shared import structured
+from tokenfan.shared import structured, tools
 from tokenfan.shared.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats, choice_key
 
@@ -145,6 +145,8 @@ class Stream:
     owner: str = ""  # the stream this is a choice of
     index: int = 0
     forks: list[Stream] = field(default_factory=list)  # choices waiting for this one's prompt, to copy it
+    tool_sampler: Any = None  # tool_choice "auto": the chain of calls, if the first token starts one
+    decide_raw: bool = False  # ... and the first token is chosen on the raw logits (a JSON answer's chain)
 
 
 def pick_slot(slots: Sequence[Slot], prompt: Sequence[int]) -> Slot | None:
@@ -216,6 +218,7 @@ class LlamaBatchEngine:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self._meta("tokenizer.chat_template") or CHATML
+        self._knows_tools = tools.template_knows_tools(template)
         eos = self._piece(self.ll.llama_vocab_eos(self.vocab), special=True).decode("utf-8", "ignore")
         bos = self._piece(self.ll.llama_vocab_bos(self.vocab), special=True).decode("utf-8", "ignore")
         return Jinja2ChatFormatter(template, eos, bos)
@@ -259,7 +262,8 @@ class LlamaBatchEngine:
         return buf.raw[:n]
 
     def _prompt(self, req: GenRequest) -> tuple[list[int], list[str]]:
-        res: Any = self._formatter(messages=req.messages)
+        messages, spec = tools.render(req.messages, req.tools, self._knows_tools)
+        res: Any = self._formatter(messages=messages, tools=spec) if spec else self._formatter(messages=messages)
         tokens = self.tokenize(res.prompt + req.prefix, add_special=not res.added_special)
         stops = [res.stop] if isinstance(res.stop, str) else list(res.stop or [])
         if len(tokens) >= self.n_ctx:
@@ -302,11 +306,12 @@ class LlamaBatchEngine:
         slot = pick_slot(self.slot_list, tokens)
         if slot is None:
             raise EngineError("no free slot", code="no_free_slot")
-        sampler = self._sampler(req)
+        sampler, tool_sampler = self._samplers(req)
         cached = self._reuse(slot, tokens)
         budget = min(req.max_tokens - req.prefix_tokens, self.n_ctx - len(tokens))
         stream = Stream(choice_key(owner, index), slot, tokens[cached:], sampler, TextOut(stops), budget,
-                        logprobs=req.logprobs, owner=owner, index=index)
+                        logprobs=req.logprobs, owner=owner, index=index, tool_sampler=tool_sampler,
+                        decide_raw=tool_sampler is not None and req.json_schema is not None)
         slot.stream = stream
         self.streams[stream.key] = stream
         if budget <= 0:
@@ -319,8 +324,10 @@ class LlamaBatchEngine:
         if slot is None:
             raise EngineError("no free slot", code="no_free_slot")
         stops = first.text.stops
-        stream = Stream(choice_key(first.owner, index), slot, [], self._sampler(req), TextOut(stops), first.budget,
-                        logprobs=req.logprobs, owner=first.owner, index=index)
+        sampler, tool_sampler = self._samplers(req)
+        stream = Stream(choice_key(first.owner, index), slot, [], sampler, TextOut(stops), first.budget,
+                        logprobs=req.logprobs, owner=first.owner, index=index, tool_sampler=tool_sampler,
+                        decide_raw=first.decide_raw)
         slot.stream = stream
         self.streams[stream.key] = stream
         if first.budget <= 0:
@@ -348,11 +355,29 @@ class LlamaBatchEngine:
         self.reused_tokens += keep
         return keep
 
-    def _sampler(self, req: GenRequest) -> Any:
+    def _samplers(self, req: GenRequest) -> tuple[Any, Any]:
+        """The stream's chain, and with tool_choice "auto" the chain of calls its first token may switch to.
+        A call is under the tools' grammar from its first token: with "required", and in a continuation
+        of text that began one; a continuation of text is text."""
+        if not req.tools:
+            return self._sampler(req), None
+        calls = tools.grammar(req.tools, req.max_calls)
+        if req.tool_choice == "required" or req.prefix.startswith(tools.OPEN):
+            return self._sampler(req, calls), None
+        if req.prefix:
+            return self._sampler(req), None
+        plain = self._sampler(req)
+        try:
+            return plain, self._sampler(req, calls)
+        except BaseException:
+            self.ll.llama_sampler_free(plain)
+            raise
+
+    def _sampler(self, req: GenRequest, grammar: str | None = None) -> Any:
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         try:
-            self._constraints(chain, req)
+            self._constraints(chain, req, grammar)
         except BaseException:
             ll.llama_sampler_free(chain)
             raise
@@ -366,7 +391,7 @@ class LlamaBatchEngine:
             ll.llama_sampler_chain_add(chain, s)
         return chain
 
-    def _constraints(self, chain: Any, req: GenRequest) -> None:
+    def _constraints(self, chain: Any, req: GenRequest, tool_grammar: str | None) -> None:
         """What the request asked for beyond temperature and top_p, first in its chain; a continued
         stream's penalties and grammar first see the text already sent."""
         ll = self.ll
@@ -381,7 +406,10 @@ class LlamaBatchEngine:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
                 self.n_vocab, window, 1.0, req.frequency_penalty, req.presence_penalty))
         grammar = None
-        if req.json_schema is not None:
+        if tool_grammar is not None:
+            grammar = self._grammar_of(tool_grammar, "tools")
+            ll.llama_sampler_chain_add(chain, grammar)
+        elif req.json_schema is not None:
             grammar = self._grammar(req.json_schema)
             ll.llama_sampler_chain_add(chain, grammar)
         if req.prefix and (grammar is not None or req.presence_penalty or req.frequency_penalty):
@@ -392,10 +420,13 @@ class LlamaBatchEngine:
             text = structured.grammar(schema)
         except structured.SchemaError as exc:
             raise InvalidRequest(f"response_format: {exc}", code="invalid_request") from None
+        return self._grammar_of(text, "response_format")
+
+    def _grammar_of(self, text: str, param: str) -> Any:
         smpl = self.ll.llama_sampler_init_grammar(self.vocab, text.encode(), b"root")
         if not smpl:
-            raise InvalidRequest("response_format: llama.cpp could not parse the schema's grammar",
-                                 code="invalid_request")
+            raise InvalidRequest(f"{param}: llama.cpp could not parse the grammar", code="invalid_request",
+                                 param=param)
         return smpl
 
     def _accept_prefix(self, chain: Any, grammar: Any, tokens: list[int]) -> None:
@@ -421,7 +452,9 @@ class LlamaBatchEngine:
 
     def _end(self, stream: Stream, reason: str, text: str) -> Output:
         self.ll.llama_sampler_free(stream.sampler)
-        stream.sampler = None
+        if stream.tool_sampler is not None:
+            self.ll.llama_sampler_free(stream.tool_sampler)
+        stream.sampler = stream.tool_sampler = None
         stream.slot.stream = None
         stream.slot.used = time.monotonic()
         self.streams.pop(stream.key, None)
@@ -491,8 +524,33 @@ class LlamaBatchEngine:
         s.slot.tokens.append(token)
         return i
 
+    def _decide(self, s: Stream, row: int) -> int:
+        """tool_choice "auto", the first token: one that starts with `<` begins a call, and the call's chain
+        (its grammar) takes over from here, sampling the token again; any other is text, under the plain
+        chain alone. A JSON answer's chain could never start with `<`, so then the model's likeliest token
+        (raw logits) decides."""
+        ll = self.ll
+        plain, calls = s.sampler, s.tool_sampler
+        s.tool_sampler = None
+        if s.decide_raw:
+            logits = self.np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+            call = self._piece(int(logits.argmax())).lstrip(b" ").startswith(b"<")
+        else:
+            tok = int(ll.llama_sampler_sample(plain, self.ctx, row))
+            call = self._piece(tok).startswith(b"<")
+            if not call:
+                ll.llama_sampler_free(calls)
+                return tok
+        keep, drop = (calls, plain) if call else (plain, calls)
+        ll.llama_sampler_free(drop)
+        s.sampler = keep
+        return int(ll.llama_sampler_sample(keep, self.ctx, row))
+
     def _sample(self, s: Stream, row: int) -> Output:
-        tok = int(self.ll.llama_sampler_sample(s.sampler, self.ctx, row))
+        if s.tool_sampler is not None:
+            tok = self._decide(s, row)
+        else:
+            tok = int(self.ll.llama_sampler_sample(s.sampler, self.ctx, row))
         if self.ll.llama_vocab_is_eog(self.vocab, tok):
             return self._with_logprobs(s, self._end(s, "stop", s.text.flush()))
         s.generated += 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tokenfan.shared import defaults, structured
+from tokenfan.shared import tools as toolcalls
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, TokenfanError
 from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 
@@ -38,7 +39,7 @@ FAKE_JSON_PIECE = 4
 
 @dataclass
 class GenRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     max_tokens: int
     temperature: float = 0.7
     top_p: float = 1.0
@@ -52,6 +53,9 @@ class GenRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     n: int = 1  # choices, each its own slot; a fresh request's share the prompt's KV cache
+    tools: list[dict[str, Any]] = field(default_factory=list)  # {name, description, parameters}
+    tool_choice: str = "auto"  # or "required": the answer is calls only (shared/tools.py)
+    max_calls: int = toolcalls.MAX_CALLS
     # A takeover of n > 1: (index, text sent, tokens sent) of each choice still unfinished, each continued alone.
     choices: list[tuple[int, str, int]] | None = None
 
@@ -138,12 +142,12 @@ FILLER = (
 ).split()
 
 
-def fake_tokens(messages: list[dict[str, str]], n: int) -> list[str]:
-    """What the fake engine answers: the last user message echoed, then filler words.
+def fake_tokens(messages: list[dict[str, Any]], n: int) -> list[str]:
+    """What the fake engine answers: the last user (or tool) message echoed, then filler words.
 
     Deterministic, so tests compute the exact expected text themselves.
     """
-    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    last = next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), "")
     words = last.split()
     toks = [w if i == 0 else " " + w for i, w in enumerate(words)]
     seed = zlib.crc32(last.encode())
@@ -154,7 +158,7 @@ def fake_tokens(messages: list[dict[str, str]], n: int) -> list[str]:
     return toks[:n]
 
 
-def fake_json_tokens(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[str]:
+def fake_json_tokens(messages: list[dict[str, Any]], schema: dict[str, Any]) -> list[str]:
     """The fake engine's JSON answer, in pieces: `{"answer": <the last user message>}` for any object,
     else a small value valid for the schema (shared/structured.py's `example`)."""
     if schema == structured.JSON_OBJECT:
@@ -163,6 +167,20 @@ def fake_json_tokens(messages: list[dict[str, str]], schema: dict[str, Any]) -> 
     else:
         value = structured.example(schema)
     text = json.dumps(value)
+    return [text[i:i + FAKE_JSON_PIECE] for i in range(0, len(text), FAKE_JSON_PIECE)]
+
+
+def fake_tool_tokens(messages: list[dict[str, Any]], req_tools: list[dict[str, Any]],
+                     required: bool) -> list[str] | None:
+    """The fake engine's call, in pieces, when it makes one: with tool_choice "required", or "auto" when the
+    last message is the user's and names a tool. The arguments are `structured.example` of its parameters;
+    the first tool named (or the first tool) is called."""
+    last = messages[-1] if messages else {"role": "user", "content": ""}
+    named = [t for t in req_tools if last["role"] == "user" and t["name"] in last["content"]]
+    if not (required or named):
+        return None
+    tool = (named or req_tools)[0]
+    text = toolcalls.block(tool["name"], json.dumps(structured.example(toolcalls.parameters(tool))))
     return [text[i:i + FAKE_JSON_PIECE] for i in range(0, len(text), FAKE_JSON_PIECE)]
 
 
@@ -237,9 +255,11 @@ class FakeEngine:
         total = min(req.max_tokens, self.length)
         reason = "length" if req.max_tokens <= self.length else "stop"
         toks = fake_tokens(req.messages, total)
-        if req.json_schema is not None:  # a JSON answer ends when its value is whole, unless cut short
-            whole = fake_json_tokens(req.messages, req.json_schema)
-            toks, reason = whole[:total], "stop" if len(whole) <= total else "length"
+        call = fake_tool_tokens(req.messages, req.tools, req.tool_choice == "required") if req.tools else None
+        if call is None and req.json_schema is not None:  # a JSON answer ends when its value is whole
+            call = fake_json_tokens(req.messages, req.json_schema)
+        if call is not None:  # unless cut short
+            toks, reason = call[:total], "stop" if len(call) <= total else "length"
         choices = req.choices if req.choices is not None else [(i, "", req.prefix_tokens) for i in range(req.n)]
         for index, _, done in choices:  # every choice of the fake gives the same text
             self.streams[choice_key(key, index)] = _FakeStream(toks, reason, done, time.monotonic() + self.prefill_s,

@@ -41,7 +41,7 @@ import redis
 from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
-from tokenfan.shared import events, keys
+from tokenfan.shared import events, keys, tools
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
 from tokenfan.shared.reaper import hand_over, record_error
@@ -114,6 +114,8 @@ class StreamJob:
         self.req = GenRequest([], 1)
         self.waiting = False  # for free slots, one per choice
         self.choice_ends: dict[int, str] = {}  # the finish reason of each choice that ended (n > 1)
+        self.parsers: dict[int, tools.CallParser] = {}  # per choice, when the request offers tools
+        self.raw_held: dict[int, str] = {}  # raw text of a choice's calls not yet in an event
 
     @property
     def seq(self) -> int:
@@ -222,7 +224,12 @@ class StreamJob:
             json_schema=self.p.json_schema, logprobs=self.p.logprobs, n=self.p.n,
             presence_penalty=self.p.presence_penalty, frequency_penalty=self.p.frequency_penalty,
             logit_bias={int(k): v for k, v in self.p.logit_bias.items()},
+            tools=self.p.tools, tool_choice=self.p.tool_choice, max_calls=self.p.max_calls,
         )
+        if self.p.tools:  # a takeover's parsers first read the text already sent, silently
+            for i in range(self.p.n):
+                self.parsers[i] = tools.CallParser(auto=self.p.tool_choice == "auto")
+                self.parsers[i].feed("".join(sent.get(i, [])))
         first = sent.get(0, [])
         if self.p.n == 1:
             self.req.prefix, self.req.prefix_tokens = "".join(first), len(first)
@@ -247,8 +254,8 @@ class StreamJob:
         self.r.metrics.cached_tokens.inc(admission.cached_tokens)
 
     def _history(self) -> tuple[dict[int, list[str]], float]:
-        """Text already sent per choice (a takeover continues it), the choices that ended, and the
-        stream's creation time."""
+        """Text already sent per choice, as the model wrote it (a takeover continues it), the choices that
+        ended, and the stream's creation time."""
         if self.base == 0:
             return {}, self.p.enqueued_at
         done = self.r.bus.read_log(self.sid)
@@ -260,7 +267,7 @@ class StreamJob:
             if "finish_reason" in e.data:
                 self.choice_ends[index] = str(e.data["finish_reason"])
             else:
-                sent.setdefault(index, []).append(e.data.get("text", ""))
+                sent.setdefault(index, []).append(e.data.get("raw", e.data.get("text", "")))
         created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
         return sent, created
 
@@ -275,6 +282,11 @@ class StreamJob:
         `index` (the choice) only when there are several."""
         if not self.first_token_at:
             self.first_token_at = time.time()
+        parser = self.parsers.get(index)
+        if parser is not None:
+            self._pieces(parser.feed(text), logprobs, index)
+            self.generated += 1
+            return
         data: dict[str, Any] = {"text": text}
         if self.p.n > 1:
             data["index"] = index
@@ -283,9 +295,38 @@ class StreamJob:
         self.emit(events.TOKEN, data)
         self.generated += 1
 
+    def _pieces(self, pieces: list[tools.Piece], logprobs: list[dict[str, Any]] | None, index: int) -> None:
+        """A choice's text and calls as token events: text as any token's (logprobs go with text only), a
+        call's piece with `tool_call` (its index, and its id and name once), each event with the `raw`
+        text behind it where that differs from `text`."""
+        for piece in pieces:
+            raw = self.raw_held.pop(index, "") + piece.raw
+            data: dict[str, Any] = {"text": piece.text}
+            if piece.call is not None and (piece.name is not None or piece.arguments):
+                call: dict[str, Any] = {"index": piece.call}
+                if piece.name is not None:
+                    call |= {"id": tools.call_id(self.sid, index, piece.call), "name": piece.name}
+                data["tool_call"] = call | {"arguments": piece.arguments}
+            elif not piece.text:
+                self.raw_held[index] = raw  # literal text of the block: it goes with the next event
+                continue
+            if raw != piece.text:
+                data["raw"] = raw
+            if self.p.n > 1:
+                data["index"] = index
+            if logprobs is not None and piece.text:
+                data["logprobs"], logprobs = logprobs, None
+            self.emit(events.TOKEN, data)
+
     def choice_done(self, index: int, reason: str) -> None:
         """One choice ended; the stream ends with its last. With several choices each end is a token
-        event with no text and its `finish_reason`, so a takeover does not go on with it."""
+        event with no text and its `finish_reason`, so a takeover does not go on with it. An answer
+        that made calls and stopped ends with `tool_calls`."""
+        parser = self.parsers.get(index)
+        if parser is not None and self.outcome is None and index not in self.choice_ends:
+            self._pieces(parser.finish(), None, index)
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
         if self.p.n == 1:
             self.finish(reason)
             return

@@ -41,3 +41,59 @@ def test_real_model_json_schema_and_logprobs_through_the_openai_sdk(cluster: Clu
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert all(a.logprob <= 0 for a in t.top_logprobs)
     client.close()
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time now"}}]
+
+
+def test_real_model_tool_calls_streamed_valid_then_auto_and_the_tool_result(cluster: Cluster) -> None:
+    """The model's call under the tools' grammar: a tool of the request, arguments valid for its schema,
+    streamed as delta.tool_calls, one call and the end when parallel_tool_calls is false (this small model,
+    left to it, calls the same tool again and again); with "auto" the answer is either a whole call or text; the conversation
+    goes on with the tool's result."""
+    api = cluster.api()
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="1024", TOKENFAN_SLOTS="2")
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=ask, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+        parallel_tool_calls=False, max_tokens=80, temperature=0, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["tool_calls"], [d.model_dump() for d in deltas]
+    calls: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+        if d.function is not None:
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    assert len(calls) == 1 and all(c["name"] in ("get_weather", "get_time") for c in calls.values())
+    for c in calls.values():
+        if c["name"] == "get_weather":
+            jsonschema.validate(json.loads(c["arguments"]), WEATHER)
+        else:
+            assert json.loads(c["arguments"]) == {}
+
+    auto = client.chat.completions.create(model="smollm2", messages=ask, tools=TOOLS,  # type: ignore[arg-type]
+                                          max_tokens=60, temperature=0)
+    msg = auto.choices[0].message
+    if msg.tool_calls:
+        assert auto.choices[0].finish_reason == "tool_calls"
+        for call in msg.tool_calls:
+            assert call.function.name in ("get_weather", "get_time")
+            json.loads(call.function.arguments)
+    else:
+        assert msg.content and auto.choices[0].finish_reason in ("stop", "length")
+
+    follow = [*ask, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'}]
+    after = client.chat.completions.create(model="smollm2", messages=follow, tools=TOOLS,  # type: ignore[arg-type]
+                                           tool_choice="none", max_tokens=40, temperature=0)
+    assert after.choices[0].message.content and not after.choices[0].message.tool_calls
+    client.close()
