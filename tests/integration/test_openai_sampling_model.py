@@ -54,8 +54,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 def test_real_model_tool_calls_streamed_valid_then_auto_and_the_tool_result(cluster: Cluster) -> None:
     """The model's call under the tools' grammar: a tool of the request, arguments valid for its schema,
     streamed as delta.tool_calls, one call and the end when parallel_tool_calls is false (this small model,
-    left to it, calls the same tool again and again); with "auto" the answer is either a whole call or text; the conversation
-    goes on with the tool's result."""
+    left to it, calls the same tool again and again); with "auto" the answer is either a whole call or
+    text; the conversation goes on with the tool's result."""
     api = cluster.api()
     cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="1024", TOKENFAN_SLOTS="2")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
