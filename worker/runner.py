@@ -89,6 +89,18 @@ class Runner:
             record_error(self.bus, sid, "invalid_job", msg)
 
 
+def _add_sent(sent: list[str], data: dict[str, Any]) -> None:
+    """One token event into a choice's sent text, one entry per engine token: an event of a tool call
+    may stand for several tokens (`tokens`; literal text the parser held back) or none (a second piece
+    of the same token)."""
+    raw = str(data.get("raw", data.get("text", "")))
+    count = int(data.get("tokens", 1))
+    if count == 0 and sent:
+        sent[-1] += raw
+    else:
+        sent += [raw, *[""] * (count - 1)]
+
+
 def _error(seq: int, code: str, message: str, retryable: bool) -> events.Event:
     return events.Event(seq, events.ERROR, {"code": code, "message": message, "retryable": retryable})
 
@@ -116,6 +128,7 @@ class StreamJob:
         self.choice_ends: dict[int, str] = {}  # the finish reason of each choice that ended (n > 1)
         self.parsers: dict[int, tools.CallParser] = {}  # per choice, when the request offers tools
         self.raw_held: dict[int, str] = {}  # raw text of a choice's calls not yet in an event
+        self.tokens_held: dict[int, int] = {}  # ... and the engine's tokens behind it
 
     @property
     def seq(self) -> int:
@@ -267,7 +280,7 @@ class StreamJob:
             if "finish_reason" in e.data:
                 self.choice_ends[index] = str(e.data["finish_reason"])
             else:
-                sent.setdefault(index, []).append(e.data.get("raw", e.data.get("text", "")))
+                _add_sent(sent.setdefault(index, []), e.data)
         created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
         return sent, created
 
@@ -295,10 +308,12 @@ class StreamJob:
         self.emit(events.TOKEN, data)
         self.generated += 1
 
-    def _pieces(self, pieces: list[tools.Piece], logprobs: list[dict[str, Any]] | None, index: int) -> None:
+    def _pieces(self, pieces: list[tools.Piece], logprobs: list[dict[str, Any]] | None, index: int,
+                token: bool = True) -> None:
         """A choice's text and calls as token events: text as any token's (logprobs go with text only), a
         call's piece with `tool_call` (its index, and its id and name once), each event with the `raw`
         text behind it where that differs from `text`."""
+        tokens = self.tokens_held.pop(index, 0) + token  # what the first event stands for (`tokens` when not 1)
         for piece in pieces:
             raw = self.raw_held.pop(index, "") + piece.raw
             data: dict[str, Any] = {"text": piece.text}
@@ -312,11 +327,16 @@ class StreamJob:
                 continue
             if raw != piece.text:
                 data["raw"] = raw
+            if tokens != 1:
+                data["tokens"] = tokens
+            tokens = 0
             if self.p.n > 1:
                 data["index"] = index
             if logprobs is not None and piece.text:
                 data["logprobs"], logprobs = logprobs, None
             self.emit(events.TOKEN, data)
+        if tokens:
+            self.tokens_held[index] = tokens
 
     def choice_done(self, index: int, reason: str) -> None:
         """One choice ended; the stream ends with its last. With several choices each end is a token
@@ -324,7 +344,7 @@ class StreamJob:
         that made calls and stopped ends with `tool_calls`."""
         parser = self.parsers.get(index)
         if parser is not None and self.outcome is None and index not in self.choice_ends:
-            self._pieces(parser.finish(), None, index)
+            self._pieces(parser.finish(), None, index, token=False)
             if parser.calls and reason == "stop":
                 reason = "tool_calls"
         if self.p.n == 1:

@@ -6,6 +6,7 @@ text form a model does (shared/tools.py), so the worker's parser reads it as it 
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,3 +141,35 @@ def test_a_tool_message_without_its_call_id_is_a_400(cluster: Cluster) -> None:
     resp = httpx.post(f"{api.url}/v1/chat/completions", timeout=10, json={
         "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]})
     assert resp.status_code == 400 and "tool_call_id" in resp.json()["error"]["message"]
+
+
+def test_a_call_cut_by_a_killed_worker_goes_on_in_another_exactly_once(cluster: Cluster) -> None:
+    """SIGKILL the worker in the middle of a call's arguments: the next worker continues the same text
+    (the events' `raw`) under the same grammar, so the client gets one call, whole, with one id."""
+    cluster.env.update({"TOKENFAN_LEASE_TTL_S": "1.5", "TOKENFAN_KEEPER_INTERVAL_S": "0.25"})
+    api = cluster.api()
+    first = cluster.worker(TOKENFAN_FAKE_RATE="20")
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 64, "tools": TOOLS,
+            "tool_choice": "required"}
+    sid = httpx.post(f"{api.url}/v1/streams", json=body, timeout=10).json()["id"]
+    seen: list[dict[str, Any]] = []
+    with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
+        for e in sse_events(resp):
+            if e.event == "token":
+                seen.append(json.loads(e.data))
+            if len(seen) >= 4:  # the name and some of the arguments
+                break
+    first.signal(signal.SIGKILL)
+    cluster.worker(TOKENFAN_FAKE_RATE="50")
+    with httpx.stream("GET", f"{api.url}/v1/streams/{sid}?format=openai", timeout=30) as resp:
+        chunks = [json.loads(e.data) for e in sse_events(resp) if e.data != "[DONE]"]
+    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [d["id"] for d in deltas if "id" in d] == [toolcalls.call_id(sid, 0, 0)]
+    assert {d["index"] for d in deltas} == {0}
+    args = "".join(d["function"]["arguments"] for d in deltas)
+    assert json.loads(args) == structured.example(WEATHER)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["tool_calls"]
+    with httpx.stream("GET", f"{api.url}/v1/streams/{sid}", timeout=30) as resp:
+        metas = [json.loads(e.data) for e in sse_events(resp) if e.event == "meta"]
+    assert [m["resumed"] for m in metas] == [False, True]  # the second worker took it over

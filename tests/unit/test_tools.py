@@ -1,0 +1,81 @@
+"""shared/tools.py: the call text's grammar, its parser and the prompt for templates that know no tools."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenfan.shared import structured
+from tokenfan.shared import tools as toolcalls
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS: list[dict[str, Any]] = [{"name": "get_weather", "parameters": WEATHER}, {"name": "ping"}]
+RAW = (toolcalls.block("get_weather", '{"city": "O}s\\"lo{"} ') + "\n" + toolcalls.block("ping", "{}"))
+
+
+def calls_of(pieces: list[toolcalls.Piece]) -> dict[int, dict[str, str]]:
+    out: dict[int, dict[str, str]] = {}
+    for p in pieces:
+        if p.call is not None:
+            c = out.setdefault(p.call, {"name": "", "arguments": ""})
+            c["name"] += p.name or ""
+            c["arguments"] += p.arguments
+    return out
+
+
+def parse(raw: str, cuts: list[int], auto: bool) -> list[toolcalls.Piece]:
+    parser = toolcalls.CallParser(auto=auto)
+    bounds = [0, *sorted(set(cuts)), len(raw)]
+    pieces = [p for a, b in zip(bounds, bounds[1:], strict=False) for p in parser.feed(raw[a:b])]
+    return pieces + parser.finish()
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(RAW) - 1), max_size=30), st.booleans())
+def test_calls_read_the_same_however_the_text_is_split(cuts: list[int], auto: bool) -> None:
+    pieces = parse(RAW, cuts, auto)
+    assert "".join(p.raw for p in pieces) == RAW  # nothing lost, nothing twice
+    assert calls_of(pieces) == {0: {"name": "get_weather", "arguments": '{"city": "O}s\\"lo{"}'},
+                                1: {"name": "ping", "arguments": "{}"}}
+    assert not any(p.text for p in pieces)
+    assert sum(p.name is not None for p in pieces) == 2  # each call's name once
+
+
+@pytest.mark.parametrize("text", ["Hello there", "<b>bold</b>", "<tool", " <tool_call>"])
+def test_auto_text_is_text_even_when_it_starts_like_a_call(text: str) -> None:
+    for cut in range(1, len(text)):
+        pieces = parse(text, [cut], auto=True)
+        assert "".join(p.text for p in pieces) == text and not calls_of(pieces)
+
+
+def test_the_grammar_names_every_tool_and_bounds_the_calls() -> None:
+    g = toolcalls.grammar(TOOLS, 3)
+    assert '\\"name\\": \\"get_weather\\"' in g and '\\"name\\": \\"ping\\"' in g
+    assert 'root ::= tool-block ("\\n" tool-block){0,2}' in g
+    assert "root ::= tool-block\n" in toolcalls.grammar(TOOLS, 1) + "\n"
+
+
+def test_check_names_the_bad_part_of_a_tools_parameters() -> None:
+    bad = [TOOLS[0], {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"type": "string", "maxLength": 10**6}}}}]
+    with pytest.raises(structured.SchemaError) as got:
+        toolcalls.check(bad)
+    assert got.value.where == "1.function.parameters.properties.n.maxLength"
+
+
+def test_render_without_template_support_puts_tools_calls_and_results_in_text() -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    plain, spec = toolcalls.render(msgs, TOOLS, knows_tools=False)
+    assert spec is None and [m["role"] for m in plain] == ["system", "user", "assistant", "user"]
+    assert plain[0]["content"].startswith("Be brief.") and json.dumps(TOOLS[0]) in plain[0]["content"]
+    assert plain[2]["content"] == toolcalls.block("get_weather", '{"city": "Oslo"}')
+    assert plain[3]["content"] == "<tool_response>\nsunny\n</tool_response>"
+    native, spec = toolcalls.render(msgs, TOOLS, knows_tools=True)
+    assert spec == [{"type": "function", "function": t} for t in TOOLS]
+    assert native[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Oslo"}}
