@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -30,7 +31,7 @@ def calls_of(pieces: list[toolcalls.Piece]) -> dict[int, dict[str, str]]:
 def parse(raw: str, cuts: list[int], auto: bool) -> list[toolcalls.Piece]:
     parser = toolcalls.CallParser(auto=auto)
     bounds = [0, *sorted(set(cuts)), len(raw)]
-    pieces = [p for a, b in zip(bounds, bounds[1:], strict=False) for p in parser.feed(raw[a:b])]
+    pieces = [p for a, b in itertools.pairwise(bounds) for p in parser.feed(raw[a:b])]
     return pieces + parser.finish()
 
 
