@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
+from tokenfan.api.completions import CompletionRequest, CompletionWriter, text_completion
 from tokenfan.api.edge import Edge
-from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, completion_of, openai_error
+from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, Writer, completion_of, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
@@ -204,6 +205,22 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
         return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
 
+    @app.post("/v1/completions", response_model=None, responses=CHAT_DOC)
+    async def completions(req: CompletionRequest, request: Request, who: Caller) -> Response:
+        """OpenAI's legacy text route: the prompt as it is, no chat template (api/completions.py)."""
+        t0 = time.time()
+        edge = edge_of(request)
+        chat = req.to_chat()
+        started = await start_stream(edge, chat, who)
+        follower = Follower(edge, started.stream_id, 0, started.state, started.sub)
+        echo = req.text() if req.echo else ""
+        if not req.stream:
+            return await _collect(edge, follower, started.model, started.created, who.owner,
+                                  text_completion(echo, req.logprobs is not None))
+        writer = CompletionWriter(started.stream_id, started.model, started.created, chat.include_usage(),
+                                  echo or None, req.logprobs is not None)
+        return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
+
     @app.post("/v1/streams", status_code=201, responses=_errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
     async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
         edge = edge_of(request)
@@ -304,7 +321,7 @@ def _sse(edge: Edge, body: AsyncIterator[bytes], sid: str) -> sse.SSEResponse:
                            headers={"X-Tokenfan-Stream-Id": sid})
 
 
-async def relay(edge: Edge, follower: Follower, writer: NativeWriter | OpenAIWriter, *, t0: float,
+async def relay(edge: Edge, follower: Follower, writer: Writer, *, t0: float,
                 native: bool) -> AsyncIterator[bytes]:
     """The body of every streaming response: one flushed write per batch of events.
 
@@ -383,8 +400,13 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
     return openai_error(code, message)
 
 
-async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str) -> JSONResponse:
-    """`"stream": false`: gather the events into one chat.completion."""
+Answer = Callable[[str, str, int, dict[int, str], events.Event, dict[int, list[Any]], dict[int, Calls]],
+                  dict[str, Any]]
+
+
+async def _collect(edge: Edge, follower: Follower, model: str, created: int, owner: str,
+                   answer: Answer = completion_of) -> JSONResponse:
+    """`"stream": false`: gather the events into one answer (a chat.completion, or `answer`'s shape)."""
     parts: dict[int, list[str]] = {0: []}  # per choice
     logprobs: dict[int, list[Any]] = {}
     calls: dict[int, Calls] = {}
@@ -398,8 +420,7 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
                         for c in e.data.get("choices") or []:  # a choice that said nothing is one too
                             parts.setdefault(int(c.get("index", 0)), [])
                         texts = {i: "".join(p) for i, p in parts.items()}
-                        return JSONResponse(completion_of(follower.sid, model, created, texts, e, logprobs,
-                                                          calls))
+                        return JSONResponse(answer(follower.sid, model, created, texts, e, logprobs, calls))
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:

@@ -9,13 +9,17 @@ per stream.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from tokenfan.api import sse
 from tokenfan.shared import events
 from tokenfan.shared.events import Event
+
+
+class Writer(Protocol):
+    def write(self, batch: list[Event]) -> bytes: ...
 
 
 class NativeWriter:

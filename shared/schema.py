@@ -15,7 +15,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 from tokenfan.shared import structured
 from tokenfan.shared import tools as toolcalls
@@ -202,6 +211,15 @@ class ChatRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool = True
     cancel_on_disconnect: Bool = False
+    # POST /v1/completions: the one user message is the whole prompt, as it is, with no chat template.
+    _raw_prompt: bool = PrivateAttr(default=False)
+
+    def as_raw_prompt(self) -> ChatRequest:
+        self._raw_prompt = True
+        return self
+
+    def raw_prompt(self) -> str | None:
+        return self.messages[0].text() if self._raw_prompt else None
 
     @field_validator("stop")
     @classmethod
@@ -312,7 +330,7 @@ class JobMessage(BaseModel):
 # Sampling fields a job carries only when they differ from these defaults (`dump`), so a job that uses
 # none of them is the same JSON an older worker reads (it forbids fields it does not know).
 OPTIONAL_SAMPLING: Final = ("json_schema", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "n",
-                             "tools", "tool_choice", "max_calls")
+                             "tools", "tool_choice", "max_calls", "prompt")
 
 
 class JobPayload(BaseModel):
@@ -337,6 +355,7 @@ class JobPayload(BaseModel):
     tools: list[dict[str, Any]] = Field(default_factory=list)  # {name, description, parameters} (shared/tools.py)
     tool_choice: Literal["auto", "required"] = "auto"
     max_calls: Annotated[int, Field(ge=1, le=toolcalls.MAX_CALLS)] = toolcalls.MAX_CALLS
+    prompt: str | None = None  # /v1/completions: the text to go on from, with no chat template
     disclosure: str = ""
     enqueued_at: float
     attempt: int = 0
@@ -364,6 +383,7 @@ class JobPayload(BaseModel):
             tools=offered,
             tool_choice=choice,
             max_calls=toolcalls.MAX_CALLS if req.parallel_tool_calls else 1,
+            prompt=req.raw_prompt(),
             disclosure=settings.disclosure,
             enqueued_at=now,
         )

@@ -262,6 +262,12 @@ class LlamaBatchEngine:
         return buf.raw[:n]
 
     def _prompt(self, req: GenRequest) -> tuple[list[int], list[str]]:
+        if req.prompt is not None:  # a text completion: the prompt as it is, ended by the model's EOS only
+            tokens = self.tokenize(req.prompt + req.prefix, add_special=True)
+            if len(tokens) >= self.n_ctx:
+                raise ContextLengthExceeded(f"the prompt has {len(tokens)} tokens; the model's context is "
+                                            f"{self.n_ctx}")
+            return tokens, list(req.stop)
         messages, spec = tools.render(req.messages, req.tools, self._knows_tools)
         res: Any = self._formatter(messages=messages, tools=spec) if spec else self._formatter(messages=messages)
         tokens = self.tokenize(res.prompt + req.prefix, add_special=not res.added_special)

@@ -56,6 +56,7 @@ class GenRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)  # {name, description, parameters}
     tool_choice: str = "auto"  # or "required": the answer is calls only (shared/tools.py)
     max_calls: int = toolcalls.MAX_CALLS
+    prompt: str | None = None  # the whole prompt as it is (/v1/completions): no chat template
     # A takeover of n > 1: (index, text sent, tokens sent) of each choice still unfinished, each continued alone.
     choices: list[tuple[int, str, int]] | None = None
 

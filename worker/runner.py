@@ -237,7 +237,7 @@ class StreamJob:
             json_schema=self.p.json_schema, logprobs=self.p.logprobs, n=self.p.n,
             presence_penalty=self.p.presence_penalty, frequency_penalty=self.p.frequency_penalty,
             logit_bias={int(k): v for k, v in self.p.logit_bias.items()},
-            tools=self.p.tools, tool_choice=self.p.tool_choice, max_calls=self.p.max_calls,
+            tools=self.p.tools, tool_choice=self.p.tool_choice, max_calls=self.p.max_calls, prompt=self.p.prompt,
         )
         if self.p.tools:  # a takeover's parsers first read the text already sent, silently
             for i in range(self.p.n):

@@ -97,3 +97,22 @@ def test_real_model_tool_calls_streamed_valid_then_auto_and_the_tool_result(clus
                                            tool_choice="none", max_tokens=40, temperature=0)
     assert after.choices[0].message.content and not after.choices[0].message.tool_calls
     client.close()
+
+
+def test_real_model_text_completion_goes_on_from_the_raw_prompt(cluster: Cluster) -> None:
+    """/v1/completions feeds the prompt as it is (no chat template): greedy text is the same streamed and
+    not, and never holds the template's markers."""
+    api = cluster.api()
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "The three primary colors are red,"
+    full = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    text = full.choices[0].text
+    assert text.strip() and "<|im_start|>" not in text and full.choices[0].finish_reason in ("length", "stop")
+    lp = full.choices[0].logprobs
+    assert lp is not None and lp.tokens and "".join(lp.tokens) == text
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs or [])
+    streamed = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    assert full.usage is not None and full.usage.prompt_tokens < 16  # the prompt alone, no template around it
+    client.close()
