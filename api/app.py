@@ -145,6 +145,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
 _TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
 
 
+# ... and, in a list of a tagged union (a message by its role), the tag: `messages.0.user.content`.
+_UNION_TAGS = frozenset({"system", "user", "developer", "assistant", "tool"})
+
+
+def _field_path(loc: Any) -> list[str]:
+    parts = [p for p in loc if p != "body" and not _TYPE_TAG.match(str(p))]
+    return [str(p) for i, p in enumerate(parts)
+            if not (p in _UNION_TAGS and i > 0 and isinstance(parts[i - 1], int))]
+
+
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TokenfanError)
     async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
@@ -155,7 +165,7 @@ def _errors(app: FastAPI) -> None:
         # The deepest error is the most specific: for a union (a string or a list of parts) it is
         # the member that got furthest, not "Input should be a valid string".
         first: dict[str, Any] = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+        loc = _field_path(first.get("loc", ()))
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             return error_response(InvalidRequest("the body is not valid JSON", code="invalid_json"))

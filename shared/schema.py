@@ -31,7 +31,8 @@ from tokenfan.shared import tools as toolcalls
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.settings import ApiSettings
 
-Role = Literal["system", "user", "assistant", "developer", "tool"]
+Role = Literal["system", "user", "assistant", "developer"]
+JobRole = Literal["system", "user", "assistant", "developer", "tool"]
 # What Redis, RQ's JSON and orjson can carry: a seed is stored as a signed 64-bit integer.
 INT64 = 2**63
 # OpenAI's caps: alternatives per token, and entries of logit_bias (token ids fit llama.cpp's int32).
@@ -81,23 +82,9 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class Message(BaseModel):
+class _Content(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Role
     content: Text | list[TextPart] | None = None
-    name: Text | None = None
-    tool_calls: Annotated[list[ToolCall], Field(max_length=toolcalls.MAX_CALLS * 4)] | None = None
-    tool_call_id: Annotated[Text, Field(min_length=1, max_length=128)] | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> Message:
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
-        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -105,6 +92,32 @@ class Message(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class PlainMessage(_Content):
+    role: Literal["system", "user", "developer"]
+    content: Text | list[TextPart]
+    name: Text | None = None
+
+
+class AssistantMessage(_Content):
+    """An earlier answer: its text, its calls, or both (content may be null or left out with calls)."""
+
+    role: Literal["assistant"]
+    name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=toolcalls.MAX_CALLS * 4)] | None = None
+
+
+class ToolMessage(_Content):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: Text | list[TextPart]
+    tool_call_id: Annotated[Text, Field(min_length=1, max_length=128)]
+
+
+# The message's role says its shape (so the OpenAPI schema says it too).
+Message = Annotated[PlainMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class FunctionSpec(BaseModel):
@@ -315,16 +328,17 @@ class JobToolCall(BaseModel):
 
 
 class JobMessage(BaseModel):
-    role: Role
+    role: JobRole
     content: str
     tool_calls: list[JobToolCall] | None = None
     tool_call_id: str | None = None
 
     @classmethod
-    def of(cls, m: Message) -> JobMessage:
-        calls = None if not m.tool_calls else [
+    def of(cls, m: PlainMessage | AssistantMessage | ToolMessage) -> JobMessage:
+        calls = None if not isinstance(m, AssistantMessage) or not m.tool_calls else [
             JobToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls]
-        return cls(role=m.role, content=m.text(), tool_calls=calls, tool_call_id=m.tool_call_id)
+        call_id = m.tool_call_id if isinstance(m, ToolMessage) else None
+        return cls(role=m.role, content=m.text(), tool_calls=calls, tool_call_id=call_id)
 
 
 # Sampling fields a job carries only when they differ from these defaults (`dump`), so a job that uses

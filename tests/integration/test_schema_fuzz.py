@@ -26,7 +26,7 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
         "POST /v1/chat/completions", "POST /v1/streams", "GET /v1/streams/{stream_id}",
         "DELETE /v1/streams/{stream_id}", "GET /v1/models", "GET /readyz", "GET /metrics",
         "POST /v1/responses", "GET /v1/responses/{response_id}", "POST /v1/responses/{response_id}/cancel",
-        "DELETE /v1/responses/{response_id}",
+        "DELETE /v1/responses/{response_id}", "POST /v1/completions",
     }
     seen: set[tuple[str, str, int]] = set()
     calls = sum(_fuzz(op, api.url, seen) for op in operations)
@@ -35,6 +35,7 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
     assert ("POST", "/v1/streams", 201) in seen and ("POST", "/v1/streams", 400) in seen, sorted(seen)
     assert ("POST", "/v1/chat/completions", 200) in seen and ("POST", "/v1/chat/completions", 400) in seen
     assert ("POST", "/v1/responses", 200) in seen and ("POST", "/v1/responses", 400) in seen
+    assert ("POST", "/v1/completions", 200) in seen and ("POST", "/v1/completions", 400) in seen
 
 
 def _fuzz(op: schemathesis.APIOperation, base_url: str, seen: set[tuple[str, str, int]]) -> int:
