@@ -13,8 +13,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenfan.api import sse
-from tokenfan.api.formats import Calls, openai_error
-from tokenfan.shared import events
+from tokenfan.api.formats import Calls, ChunkWriter
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.events import Event
 from tokenfan.shared.schema import MAX_N, Bool, ChatRequest, Int, Number, StreamOptions, Text
@@ -94,7 +93,7 @@ def legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any
             "text_offset": offsets}
 
 
-class CompletionWriter:
+class CompletionWriter(ChunkWriter):
     """text_completion chunks; the stream id is the completion id. `echo` sends the prompt first."""
 
     def __init__(self, stream_id: str, model: str, created: int, include_usage: bool, echo: str | None,
@@ -111,19 +110,8 @@ class CompletionWriter:
         choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         return self.head + b',"choices":[' + orjson.dumps(choice) + b"]}"
 
-    def write(self, batch: list[Event]) -> bytes:
-        return b"".join(self.one(e) for e in batch)
-
-    def one(self, e: Event) -> bytes:
-        if e.type == events.META and not e.data.get("resumed") and self.echo:
-            return sse.data_frame(self._chunk(self.echo, 0, None), e.seq)
-        if e.type == events.TOKEN:
-            return self._token(e)
-        if e.type == events.DONE:
-            return self._done(e)
-        if e.type == events.ERROR:
-            return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
-        return b""
+    def _meta(self, e: Event) -> bytes:
+        return sse.data_frame(self._chunk(self.echo, 0, None), e.seq) if self.echo else b""
 
     def _token(self, e: Event) -> bytes:
         index = int(e.data.get("index", 0))

@@ -27,7 +27,35 @@ class NativeWriter:
         return sse.event_frames(batch)
 
 
-class OpenAIWriter:
+class ChunkWriter:
+    """OpenAI's streamed formats: each event becomes its frames (the subclass says how for meta, token and
+    done), an error event OpenAI's error object, anything else nothing."""
+
+    def write(self, batch: list[Event]) -> bytes:
+        return b"".join(self.one(e) for e in batch)
+
+    def one(self, e: Event) -> bytes:
+        if e.type == events.TOKEN:
+            return self._token(e)
+        if e.type == events.META and not e.data.get("resumed"):
+            return self._meta(e)
+        if e.type == events.DONE:
+            return self._done(e)
+        if e.type == events.ERROR:
+            return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
+        return b""
+
+    def _meta(self, e: Event) -> bytes:
+        return b""
+
+    def _token(self, e: Event) -> bytes:
+        raise NotImplementedError
+
+    def _done(self, e: Event) -> bytes:
+        raise NotImplementedError
+
+
+class OpenAIWriter(ChunkWriter):
     """chat.completion.chunk frames; the stream id is the chunk id."""
 
     def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
@@ -46,19 +74,8 @@ class OpenAIWriter:
         choice = orjson.dumps({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
         return self.head + choice + b"]}"
 
-    def write(self, batch: list[Event]) -> bytes:
-        return b"".join(self.one(e) for e in batch)
-
-    def one(self, e: Event) -> bytes:
-        if e.type == events.TOKEN:
-            return self._token(e)
-        if e.type == events.META and not e.data.get("resumed"):
-            return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
-        if e.type == events.DONE:
-            return self._done(e)
-        if e.type == events.ERROR:
-            return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
-        return b""
+    def _meta(self, e: Event) -> bytes:
+        return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
 
     def _token(self, e: Event) -> bytes:
         """A piece of choice `index` (0 unless n > 1); a choice's own end (n > 1) is a token with no text

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+import pytest
 import redis
 from httpx_sse import EventSource, ServerSentEvent
 
 from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
 from tokenfan.shared import keys
+from tokenfan.shared.jobs import queue
 from tokenfan.shared.redisconn import sync_client
 from tokenfan.shared.state import StreamState, StreamStatus
 from tokenfan.worker.engines import fake_tokens
@@ -215,6 +218,17 @@ def parse_sse(body: bytes | str) -> list[SSE]:
     """The events of a whole SSE body (a response already read, or frames made in a unit test)."""
     raw = body.encode() if isinstance(body, str) else body
     return list(sse_events(httpx.Response(200, headers={"content-type": "text/event-stream"}, content=raw)))
+
+
+def refused(r: redis.Redis, call: Callable[[], Any], model: str = "smollm2") -> dict[str, Any]:
+    """The error body of a request the API refuses with a 400 in OpenAI's shape before any job runs
+    (the queue and the active streams stay empty)."""
+    with pytest.raises(openai.BadRequestError) as got:
+        call()
+    err = got.value.body
+    assert isinstance(err, dict) and err["type"] == "invalid_request_error", err
+    assert queue(r, model).count == 0 and not r.zcard(keys.active())
+    return err
 
 
 def expected_text(content: str, n: int) -> str:
