@@ -251,10 +251,6 @@ class Record(BaseModel):
     user: str | None
 
 
-def record_key(sid: str) -> str:
-    # TODO(lead): belongs in shared/keys.py (and in the publish script's list of keys expired at the end).
-    return f"{keys.stream_tag(sid)}:response"
-
 
 @dataclass(frozen=True, slots=True)
 class View:
@@ -432,7 +428,7 @@ async def save(edge: Edge, view: View) -> None:
     """The record, and for a background response the viewer entry that keeps it running unwatched."""
     ttl = edge.settings.log_active_ttl_s
     pipe = edge.redis.pipeline(transaction=False)
-    pipe.set(record_key(view.sid), view.rec.model_dump_json(), ex=ttl)
+    pipe.set(keys.response(view.sid), view.rec.model_dump_json(), ex=ttl)
     if view.rec.background:
         pipe.zadd(keys.viewers(view.sid), {BACKGROUND_VIEWER: int((time.time() + ttl) * 1000)})
     await pipe.execute()
@@ -449,8 +445,8 @@ async def load(edge: Edge, rid: str, owner: str) -> Loaded:
     if not rid.startswith(RESP_PREFIX) or not sid or len(sid) > MAX_STREAM_ID_CHARS:
         raise _not_found(rid)
     pipe = edge.redis.pipeline(transaction=False)
-    pipe.get(record_key(sid))
-    pipe.pttl(record_key(sid))
+    pipe.get(keys.response(sid))
+    pipe.pttl(keys.response(sid))
     StreamState.queue_summary(pipe, sid)
     pipe.pttl(keys.state(sid))
     raw, rec_ttl, summary, state_ttl = await pipe.execute()
@@ -458,7 +454,7 @@ async def load(edge: Edge, rid: str, owner: str) -> Loaded:
     if raw is None or state is None or state.owner != owner:
         raise _not_found(rid)
     if state.ended and 0 < state_ttl < rec_ttl:  # the record goes when the log goes
-        await edge.redis.pexpire(record_key(sid), state_ttl)
+        await edge.redis.pexpire(keys.response(sid), state_ttl)
     return Loaded(View(sid, Record.model_validate_json(raw)), state)
 
 
@@ -586,7 +582,7 @@ async def delete(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
     if not got.state.ended:
         await cancel_stream(edge, sid, owner, "client")
     pipe = edge.redis.pipeline(transaction=False)
-    pipe.delete(record_key(sid))
+    pipe.delete(keys.response(sid))
     if got.state.ended:  # nobody writes to it any more
         pipe.delete(*keys.stream_keys(sid))
     await pipe.execute()

@@ -63,6 +63,7 @@ if ARGV[6] == '1' then
   redis.call('DEL', KEYS[3])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
   redis.call('EXPIRE', KEYS[6], ARGV[7])
+  redis.call('EXPIRE', KEYS[7], ARGV[7])
 elseif tonumber(ARGV[2]) % $refresh_every == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
@@ -153,6 +154,7 @@ def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> t
         keys.state(stream_id),
         keys.cancel(stream_id),
         keys.viewers(stream_id),
+        keys.response(stream_id),
     ]
     args = [
         owner,

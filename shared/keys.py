@@ -42,6 +42,11 @@ def viewers(stream_id: str) -> str:
     return f"{stream_tag(stream_id)}:viewers"
 
 
+def response(stream_id: str) -> str:
+    """The record of a Responses API response (api/responses.py): what it was asked with."""
+    return f"{stream_tag(stream_id)}:response"
+
+
 def stream_id_of(key: str) -> str:
     """The stream id inside one of its keys (`tf:stream:{ID}:state` -> ID)."""
     return key[key.index("{") + 1:key.rindex("}")]
@@ -49,7 +54,8 @@ def stream_id_of(key: str) -> str:
 
 def stream_keys(stream_id: str) -> list[str]:
     """Every key of one stream (for expiry and clean-up)."""
-    return [log(stream_id), state(stream_id), lease(stream_id), cancel(stream_id), viewers(stream_id)]
+    return [log(stream_id), state(stream_id), lease(stream_id), cancel(stream_id), viewers(stream_id),
+            response(stream_id)]
 
 
 def queue_name(model: str) -> str:

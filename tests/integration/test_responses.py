@@ -12,7 +12,6 @@ import pytest
 import redis
 
 from tests.procs import Cluster, parse_sse, stream_status, wait_for
-from tokenfan.api.responses import record_key
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.state import StreamStatus
@@ -241,10 +240,10 @@ def test_kept_for_the_log_ttl(cluster: Cluster, r: redis.Redis) -> None:
     client = _client(api)
     done = client.responses.create(input="short lived", max_output_tokens=3)
     assert client.responses.retrieve(done.id).status == "incomplete"  # a read brings the record's TTL down
-    assert 0 < r.pttl(record_key(_sid(done.id))) <= 1000
+    assert 0 < r.pttl(keys.response(_sid(done.id))) <= 1000
     url = f"{api.url}/v1/responses/{done.id}"
     wait_for(lambda: httpx.get(url, timeout=5).status_code == 404, timeout=5, what="the response to expire")
-    assert not r.exists(record_key(_sid(done.id)), keys.log(_sid(done.id)))
+    assert not r.exists(keys.response(_sid(done.id)), keys.log(_sid(done.id)))
 
 
 def test_responses_belong_to_the_key_that_made_them(cluster: Cluster, r: redis.Redis) -> None:
