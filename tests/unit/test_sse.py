@@ -4,6 +4,7 @@ And the benchmark's client parses what the API writes as httpx-sse does, however
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.types import Message
 
 from tests.procs import parse_sse
@@ -92,11 +94,16 @@ def test_api_events_ping_and_done() -> None:
 
 def test_the_stream_override_overrides_the_librarys_methods() -> None:
     # If sse-starlette renames them, ours would silently stop applying (every write timed again),
-    # or the pings would no longer be timed by the method the library's `_ping` calls.
+    # or the pings would no longer be timed by the method the library's `_ping` calls; and the
+    # state our `__call__` keeps for the library's closing logic must be the library's.
     assert "_stream_response" in vars(EventSourceResponse)
     assert "_stream_response" in vars(sse.SSEResponse)
     assert "_send_with_timeout" in vars(EventSourceResponse)
     assert "_send_with_timeout" not in vars(sse.SSEResponse)
+    assert callable(EventSourceResponse._listen_for_exit_signal)
+    probe = EventSourceResponse(iter(()))
+    for flag in ("_response_started", "_response_complete", "_client_disconnected", "_send_interrupted"):
+        assert getattr(probe, flag) is False, flag
 
 
 # --- the response, driven as uvicorn would, with a client that stops reading -------------------
@@ -206,3 +213,66 @@ async def test_a_finished_body_completes_the_response_with_pings_between() -> No
     frames = [b for b in client.bodies if b and b != sse.PING_BYTES]
     assert frames == [sse.data_frame(b"%d" % i, i) for i in (1, 2, 3)]
     assert client.bodies[-1] == b"" and closed == ["closed"]
+
+
+async def test_an_idle_stream_runs_one_task_of_its_own() -> None:
+    # The library runs four a response (the body, pings, disconnect, exit signal); ours runs the body
+    # in one and the rest in the request's own task: what an idle stream costs in memory.
+    closed: list[str] = []
+    never = anyio.Event()
+    clients = [Client(accept=10**9) for _ in range(4)]
+    with anyio.fail_after(HANG_S):
+        async with anyio.create_task_group() as tg:
+            counts = []
+            for group in (clients[:1], clients[1:]):  # the first also starts the process's shutdown watch
+                for c in group:
+                    tg.start_soon(_response(_body(None, closed, wait=never)), _scope(), c.receive, c.send)
+                for c in group:
+                    await c.took(1)
+                counts.append(len(asyncio.all_tasks()))
+            assert counts[1] - counts[0] == 2 * 3  # each: the request's own task and the body's
+            for c in clients:
+                c.gone.set()
+    assert closed == ["closed"] * 4
+
+
+async def test_server_shutdown_sets_the_event_waits_the_grace_and_ends_every_stream() -> None:
+    # One watcher for the process (the library's exit signal), not one a response: a stream that
+    # ends itself within its grace completes; one that does not is cancelled when its grace is out.
+    closed_polite: list[str] = []
+    closed_stubborn: list[str] = []
+    polite_stop, stubborn_stop = anyio.Event(), anyio.Event()
+    never = anyio.Event()
+
+    async def polite() -> AsyncIterator[bytes]:
+        try:
+            yield sse.data_frame(b"1", 1)
+            await polite_stop.wait()
+            yield sse.data_frame(b"bye", 2)
+        finally:
+            closed_polite.append("closed")
+
+    a, b = Client(accept=10**9), Client(accept=10**9)
+    r_polite = sse.SSEResponse(polite(), ping_s=0.05, send_timeout_s=1.0, grace_s=HANG_S, shutdown_event=polite_stop)
+    r_stubborn = sse.SSEResponse(_body(None, closed_stubborn, wait=never), ping_s=0.05, send_timeout_s=1.0,
+                                 grace_s=0.2, shutdown_event=stubborn_stop)
+    try:
+        with anyio.fail_after(HANG_S):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(r_polite, _scope(), a.receive, a.send)
+                tg.start_soon(r_stubborn, _scope(), b.receive, b.send)
+                await a.took(1)
+                await b.took(1)
+                AppStatus.should_exit = True
+            # A stream that starts after the shutdown fired is ended too.
+            late: list[str] = []
+            c = Client(accept=10**9)
+            await sse.SSEResponse(_body(None, late, wait=never), ping_s=0.05, send_timeout_s=1.0)(
+                _scope(), c.receive, c.send)
+    finally:
+        AppStatus.should_exit = False
+    assert polite_stop.is_set() and stubborn_stop.is_set()
+    assert closed_polite == closed_stubborn == late == ["closed"]
+    assert sse.data_frame(b"bye", 2) in a.bodies and a.bodies[-1] == b""
+    # The stubborn one was cut short: still ended with the closing empty body, as the library does.
+    assert b.bodies[-1] == b"" and c.bodies[-1] == b""
