@@ -12,6 +12,9 @@ Scenarios (docs/benchmarks.md says how each is measured and why):
 7. `chaos`    a soak: `--streams` clients for `--duration` seconds (50, 10 minutes) over 2 API processes
               and 3 workers while workers, API processes and Redis are killed and restarted; streams
               hung and tokens lost or doubled (must be 0), time to recover per fault. Runs only when named.
+8. `versus`   this checkout's API against another commit's (`--against DIR`, a checkout of it), in
+              alternating pairs: relay p50/p99 and CPU per event at 100 streams, events/s flat out,
+              memory per idle stream; each figure's change. Runs only when named.
 
 Every scenario starts its own Redis and processes and stops them at its
 end; progress goes to stderr; the figures go to a JSON file, Markdown
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenfan.bench.batch import Plan
 
-SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos")
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos", "versus")
 # What a run with no scenario named runs: the soak takes ten minutes and measures no speed.
 DEFAULT_SCENARIOS = SCENARIOS[:6]
 ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
@@ -144,6 +147,9 @@ def add_parser(sub: Any) -> None:
     chaos.add_argument("--seed", type=int, default=1, help="chaos: seed of the faults and the clients (default 1)")
     chaos.add_argument("--faults", help="chaos: comma-separated kinds of fault (default: all of "
                        "worker-kill, worker-term, api-kill, api-term, redis-restart)")
+    vs = p.add_argument_group("versus")
+    vs.add_argument("--against", type=Path, help="versus: a checkout of the commit to compare with (its root)")
+    vs.add_argument("--pairs", type=int, help="versus: alternating pairs of runs (default 3; --quick 1)")
 
 
 def default_threads() -> int:
@@ -173,7 +179,7 @@ def command_of(args: argparse.Namespace) -> list[str]:
         out += ["--threads", str(args.threads)]
     if args.no_pin:
         out.append("--no-pin")
-    for flag in ("duration", "streams", "faults"):
+    for flag in ("duration", "streams", "faults", "against", "pairs"):
         if getattr(args, flag) is not None:
             out += [f"--{flag}", str(getattr(args, flag))]
     if args.seed != 1:
@@ -186,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenfan.bench.procs import BenchError, Layout, Stack, progress
 
     names = scenarios_of(args.scenario)
+    if "versus" in names and args.against is None:
+        raise SystemExit("tokenfan bench: versus needs --against DIR, a checkout of the commit to compare with")
     sizes = QUICK if args.quick else FULL
     layout = Layout() if args.no_pin else Layout.detect()
     command = report.command_line(command_of(args))
@@ -290,9 +298,15 @@ def _chaos(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]
     return soak(stack, default_plan(args.duration, args.streams, args.seed, args.faults, args.quick))
 
 
+def _versus(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.bench.versus import plan, versus
+
+    return versus(stack, args.against, plan(args.quick, args.pairs))
+
+
 RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
     "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server, "batch": _batch,
-    "chaos": _chaos,
+    "chaos": _chaos, "versus": _versus,
 }
 
 

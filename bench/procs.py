@@ -246,10 +246,18 @@ class Stack:
         if child in self.children:
             self.children.remove(child)
 
-    def api(self, pinned: bool = False, extra: dict[str, str] | None = None) -> Child:
+    def api(self, pinned: bool = False, extra: dict[str, str] | None = None, pythonpath: Path | None = None) -> Child:
+        """An API process; with `pythonpath`, another checkout's (`bench versus`), started through the CLI
+        entry point every commit has (`tokenfan.ops.cli:main`) with that checkout first on the path."""
         port = free_port()
-        child = self.spawn("api", ["-m", "tokenfan.ops", "api", "--port", str(port), "--log-level", "WARNING"],
-                           child_env(self.redis_url, extra))
+        args = ["api", "--port", str(port), "--log-level", "WARNING"]
+        env = child_env(self.redis_url, extra)
+        if pythonpath is None:
+            argv = ["-m", "tokenfan.ops", *args]
+        else:
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+            argv = ["-c", "import sys; from tokenfan.ops.cli import main; sys.exit(main())", *args]
+        child = self.spawn("api", argv, env)
         child.port = port
         if pinned:
             pin(child.pid, self.layout.api)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from tokenfan.bench.procs import BenchError, Child, LineChild, Stack, cpu_seconds, progress, rss_bytes
@@ -189,7 +190,7 @@ def capacity(stack: Stack, streams: int, offered: list[float], seconds: float,
     stack.stop(api)
     idle = _idle_ladder(stack, idle_levels, hold_s)
     if burst_at:
-        idle.append(_idle_level(stack, burst_at, BURST_HOLD_S, "burst"))
+        idle.append(idle_level(stack, burst_at, BURST_HOLD_S, "burst"))
     return {"throughput": steps, "idle": idle, "targets": _capacity_targets(steps, idle)}
 
 
@@ -227,14 +228,14 @@ def _idle_ladder(stack: Stack, levels: list[int], hold_s: float) -> list[dict[st
     """Up the ladder until the API no longer accepts the connections (a failed proof does not stop it)."""
     rows = []
     for n in levels:
-        row = _idle_level(stack, n, hold_s, "staggered")
+        row = idle_level(stack, n, hold_s, "staggered")
         rows.append(row)
         if row["connected"] < CONNECTED_ENOUGH * n:
             break
     return rows
 
 
-def _idle_level(stack: Stack, n: int, hold_s: float, kind: str) -> dict[str, Any]:
+def idle_level(stack: Stack, n: int, hold_s: float, kind: str, pythonpath: Path | None = None) -> dict[str, Any]:
     """N idle streams on a fresh, warmed API process: RSS per stream, then proof that each one is alive.
 
     The proof is one token per stream then `done`: "staggered" spreads the
@@ -242,7 +243,7 @@ def _idle_level(stack: Stack, n: int, hold_s: float, kind: str) -> dict[str, Any
     streams sat idle for longer than a follower's viewer refresh.
     """
     progress(f"idle streams: opening {n} on a fresh API process ({kind} proof)")
-    api = stack.api(pinned=True, extra=API_ENV)
+    api = stack.api(pinned=True, extra=API_ENV, pythonpath=pythonpath)
     warm_up(stack, api)
     plan = RelayPlan(n, 1.0 if kind == "staggered" else 0.0, 1, 1, hold_s)
     row = relay_run(stack, api, plan, measure_rss=True)

@@ -29,6 +29,7 @@ TITLES = {
     "server": "5. Against llama-cpp-python's OpenAI server",
     "batch": "6. Batching: one worker's slots against llama.cpp's llama-server",
     "chaos": "7. Chaos soak: workers, API processes and Redis killed under load",
+    "versus": "8. This API against another commit's, side by side",
 }
 
 
@@ -279,6 +280,12 @@ def _batch_table(r: dict[str, Any]) -> list[str]:
     return batch_table(r)
 
 
+def _versus_table(r: dict[str, Any]) -> list[str]:
+    from tokenfan.bench.versus import versus_table
+
+    return versus_table(r)
+
+
 def _chaos_table(r: dict[str, Any]) -> list[str]:
     from tokenfan.bench.chaos import chaos_table
 
@@ -286,7 +293,8 @@ def _chaos_table(r: dict[str, Any]) -> list[str]:
 
 
 TABLES = {"relay": _relay_table, "capacity": _capacity_table, "ttft": _ttft_table, "e2e": _e2e_table,
-          "server": _server_table, "batch": _batch_table, "chaos": _chaos_table}
+          "server": _server_table, "batch": _batch_table, "chaos": _chaos_table,
+          "versus": _versus_table}
 
 
 # --- the chart --------------------------------------------------------------

@@ -8,6 +8,7 @@ targets: a smoke run on a busy machine says nothing about performance.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,15 @@ import orjson
 import pytest
 
 from tokenfan.bench import main as bench
+from tokenfan.bench import versus
+from tokenfan.bench.procs import BenchError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path: Path, scenario: str) -> dict[str, Any]:
+def _run(tmp_path: Path, scenario: str, *more: str) -> dict[str, Any]:
     out, js, chart = tmp_path / "benchmarks.md", tmp_path / "results.json", tmp_path / "latency.png"
-    code = bench.main([scenario, "--quick", "--out", str(out), "--json", str(js), "--chart", str(chart)])
+    code = bench.main([scenario, "--quick", "--out", str(out), "--json", str(js), "--chart", str(chart), *more])
     assert code == 0
     doc = orjson.loads(js.read_bytes())
     entry = doc["scenarios"][scenario]
@@ -90,3 +95,23 @@ def test_against_llama_cpp_server_smoke(tmp_path: Path) -> None:
         assert row["failed"] == 0 and row["tokens"] > 0
         if row["side"] == "tokenfan":  # tokenfan queues, it never cuts a stream short
             assert row["completed"] == row["requests"]
+
+
+def test_versus_another_checkout_smoke(tmp_path: Path) -> None:
+    # The other commit is a copy of this one's tiers: its API must run from the copy, not the install.
+    other = tmp_path / "other"
+    for tier in ("shared", "api", "worker", "ops"):
+        shutil.copytree(ROOT / tier, other / tier, ignore=shutil.ignore_patterns("__pycache__"))
+    result = _run(tmp_path, "versus", "--against", str(other))
+    assert result["against"] == str(other.resolve()) and result["pairs"] == 1
+    for side in ("baseline", "this"):
+        (run,) = result["runs"][side]
+        assert run["relay_p50_ms"] > 0 and run["flat_out_per_s"] > 0 and run["idle_kb_per_stream"] is not None
+    assert [f["key"] for f in result["figures"]] == [k for k, *_ in versus.FIGURES]
+    assert len(result["targets"]) == len(versus.FIGURES)
+
+
+def test_versus_refuses_a_folder_that_is_no_checkout(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="is it a checkout"):
+        versus.check_checkout(tmp_path, tmp_path / "scratch")
+
