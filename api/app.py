@@ -145,14 +145,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
 _TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
 
 
-# ... and, in a list of a tagged union (a message by its role), the tag: `messages.0.user.content`.
-_UNION_TAGS = frozenset({"system", "user", "developer", "assistant", "tool"})
+# ... and, in a list of a tagged union, the tag it chose, right after the item's index: the message's
+# role in `messages.0.user.content`. By position, whatever the tag's value.
+_TAGGED_LISTS = frozenset({"messages"})
 
 
 def _field_path(loc: Any) -> list[str]:
     parts = [p for p in loc if p != "body" and not _TYPE_TAG.match(str(p))]
-    return [str(p) for i, p in enumerate(parts)
-            if not (p in _UNION_TAGS and i > 0 and isinstance(parts[i - 1], int))]
+    tag = 2 if len(parts) > 2 and parts[0] in _TAGGED_LISTS and isinstance(parts[1], int) else -1
+    return [str(p) for i, p in enumerate(parts) if i != tag]
 
 
 def _errors(app: FastAPI) -> None:
