@@ -50,7 +50,7 @@ from tokenfan.shared.errors import (
     from_code,
 )
 from tokenfan.shared.redisconn import redacted
-from tokenfan.shared.schema import ChatRequest
+from tokenfan.shared.schema import ChatRequest, ParamError
 from tokenfan.shared.settings import ApiSettings
 from tokenfan.shared.state import StreamState, StreamStatus
 
@@ -170,8 +170,14 @@ def _errors(app: FastAPI) -> None:
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             return error_response(InvalidRequest("the body is not valid JSON", code="invalid_json"))
-        param = ".".join(loc) or None
-        text = f"{param}: {msg}" if param else msg
+        cause = first.get("ctx", {}).get("error")
+        param: str | None
+        if isinstance(cause, ParamError):  # a check of the whole request, about one field: named by it
+            param = ".".join([*loc, cause.param])
+            text = f"{'.'.join(loc)}.{msg}" if loc else msg
+        else:
+            param = ".".join(loc) or None
+            text = f"{param}: {msg}" if param else msg
         return error_response(InvalidRequest(text, code="invalid_value", param=param))
 
     @app.exception_handler(redis.RedisError)

@@ -62,6 +62,16 @@ Int = Annotated[int, Strict()]
 Number = Annotated[float, Strict()]
 
 
+
+class ParamError(ValueError):
+    """A check of the whole request whose error is about one field: pydantic gives such an error no
+    location, so it carries its own (the API's error `param`). Its message starts with the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: Text
@@ -94,7 +104,20 @@ class _Content(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class PlainMessage(_Content):
+class _NoCalls(BaseModel):
+    """Only the assistant's messages carry `tool_calls`: on another role it is refused, not dropped."""
+
+    tool_calls: None = Field(default=None, description="only on the assistant's messages")
+
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _only_the_assistants(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("only an assistant message carries tool_calls")
+        return None
+
+
+class PlainMessage(_NoCalls, _Content):
     role: Literal["system", "user", "developer"]
     content: Text | list[TextPart]
     name: Text | None = None
@@ -108,7 +131,7 @@ class AssistantMessage(_Content):
     tool_calls: Annotated[list[ToolCall], Field(max_length=toolcalls.MAX_CALLS * 4)] | None = None
 
 
-class ToolMessage(_Content):
+class ToolMessage(_NoCalls, _Content):
     """A tool's result, answering the call `tool_call_id`."""
 
     role: Literal["tool"]
@@ -253,27 +276,28 @@ class ChatRequest(BaseModel):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise ParamError("top_logprobs", "requires logprobs to be true")
         return self
 
     @model_validator(mode="after")
     def _tools(self) -> ChatRequest:
         """Tool names unique, every parameters schema convertible, a named tool_choice one of the tools."""
         if self.tool_choice is not None and not self.tools:
-            raise ValueError("tool_choice: only allowed when tools are given")
+            raise ParamError("tool_choice", "only allowed when tools are given")
         if not self.tools:
             return self
         names = [t.function.name for t in self.tools]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
-            raise ValueError(f"tools: the function name {dup!r} is given twice")
+            raise ParamError("tools", f"the function name {dup!r} is given twice")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: {self.tool_choice.function.name[:64]!r} is not one of the tools' "
+            raise ParamError("tool_choice", f"{self.tool_choice.function.name[:64]!r} is not one of the tools' "
                              "functions")
         try:
             toolcalls.check(self.tool_specs())
         except structured.SchemaError as exc:
-            raise ValueError(f"tools.{exc}" if exc.where else f"tools: {exc}") from None
+            where = f"tools.{exc.where}" if exc.where else "tools"
+            raise ParamError(where, str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)) from None
         return self
 
     def tool_specs(self) -> list[dict[str, Any]]:

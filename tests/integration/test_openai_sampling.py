@@ -60,6 +60,10 @@ def test_logprobs_ride_on_every_chunk_and_on_the_final_message(client: openai.Op
     assert [lp.model_dump() for lp in full.choices[0].logprobs.content or []] == want
     plain = chat(client, content, max_tokens=6)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == expected_text(content, 6)
+    # the cap: 20 alternatives a token, each of them there
+    most = chat(client, content, max_tokens=3, logprobs=True, top_logprobs=20)
+    assert most.choices[0].logprobs is not None
+    assert [len(lp.top_logprobs) for lp in most.choices[0].logprobs.content or []] == [20, 20, 20]
 
 
 def test_penalties_logit_bias_seed_stop_and_user_are_accepted(client: openai.OpenAI) -> None:
@@ -70,7 +74,7 @@ def test_penalties_logit_bias_seed_stop_and_user_are_accepted(client: openai.Ope
 
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"top_logprobs": 3}, ""),
+    ({"top_logprobs": 3}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import redis
 
 from tests.procs import Cluster, parse_sse, stream_status, wait_for
 from tokenfan.shared import apikeys, keys
-from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.state import StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
@@ -239,8 +240,9 @@ def test_kept_for_the_log_ttl(cluster: Cluster, r: redis.Redis) -> None:
     cluster.worker(TOKENFAN_LOG_TTL_S="1")
     client = _client(api)
     done = client.responses.create(input="short lived", max_output_tokens=3)
-    assert client.responses.retrieve(done.id).status == "incomplete"  # a read brings the record's TTL down
+    # The terminal publish expired the record with the log, before anybody read it again.
     assert 0 < r.pttl(keys.response(_sid(done.id))) <= 1000
+    assert client.responses.retrieve(done.id).status == "incomplete"
     url = f"{api.url}/v1/responses/{done.id}"
     wait_for(lambda: httpx.get(url, timeout=5).status_code == 404, timeout=5, what="the response to expire")
     assert not r.exists(keys.response(_sid(done.id)), keys.log(_sid(done.id)))
@@ -297,8 +299,9 @@ def test_bad_input_is_a_4xx_in_openai_shape_and_runs_nothing(cluster: Cluster, r
     assert r.llen(keys.queue_list("smollm2")) == 0
     # a schema: refused while structured output is missing, and a broken one always
     bad_schema = {"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "bogus"}}}}
-    err = httpx.post(f"{api.url}/v1/responses", json=bad_schema, timeout=10).json()["error"]
-    assert err["param"].startswith("text.format"), err
+    resp = httpx.post(f"{api.url}/v1/responses", json=bad_schema, timeout=10)
+    err = resp.json()["error"]
+    assert resp.status_code == 400 and err["param"].startswith("text.format"), err
     for rid in ("resp_nope", "nope", "resp_" + "a" * 100, "resp_"):
         for method, path in (("GET", f"/v1/responses/{rid}"), ("POST", f"/v1/responses/{rid}/cancel"),
                              ("DELETE", f"/v1/responses/{rid}")):
@@ -340,10 +343,67 @@ def test_text_format(cluster: Cluster) -> None:
     assert plain.text.format.type == "text" and plain.temperature == 0.2 and plain.top_p == 0.9
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     fmt = {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}}
-    if "response_format" not in ChatRequest.model_fields:
-        with pytest.raises(openai.BadRequestError) as exc:
-            client.responses.create(input="structured", text=fmt)
-        assert exc.value.param == "text.format"
-        return
     shaped = client.responses.create(input="structured", max_output_tokens=3, text=fmt)
     assert shaped.text is not None and shaped.text.format is not None and shaped.text.format.type == "json_schema"
+
+
+def test_a_failed_response_ends_with_error_then_response_failed(cluster: Cluster) -> None:
+    api = cluster.api()
+    cluster.worker(TOKENFAN_FAKE_FAIL_AFTER="3", TOKENFAN_FAKE_RATE="40")
+    client = _client(api)
+    evs = list(client.responses.create(input="this one fails", stream=True, max_output_tokens=20))
+    types = [e.type for e in evs]
+    assert types == [*OPENING, *["response.output_text.delta"] * 3, "error", "response.failed"], types
+    assert [e.sequence_number for e in evs] == list(range(len(evs)))
+    assert evs[-2].code and evs[-2].message
+    failed = evs[-1].response
+    assert failed.status == "failed" and failed.error is not None and failed.error.code
+    # stored as failed, and read again the same from any point, exactly once
+    rid = failed.id
+    got = client.responses.retrieve(rid)
+    assert got.status == "failed" and got.error is not None and got.error.code == failed.error.code
+    for after in (0, 5, len(evs) - 3):
+        again = list(client.responses.retrieve(rid, stream=True, starting_after=after))
+        assert [(e.type, e.sequence_number) for e in again] == [(e.type, e.sequence_number) for e in evs[after + 1:]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_format_answers_are_json_that_matches(cluster: Cluster, stream: bool) -> None:
+    api = cluster.api()
+    cluster.worker()
+    client = _client(api)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "minLength": 2},
+                                               "age": {"type": "integer", "minimum": 3}},
+              "required": ["name", "age"], "additionalProperties": False}
+    for fmt, check in (({"type": "json_schema", "name": "person", "schema": schema, "strict": True}, schema),
+                       ({"type": "json_object"}, {"type": "object"})):
+        if stream:
+            evs = list(client.responses.create(input="json please", text={"format": fmt}, max_output_tokens=64,
+                                               stream=True))
+            assert evs[-1].type == "response.completed", [e.type for e in evs]
+            assert len([e for e in evs if e.type == "response.output_text.delta"]) > 1  # streamed, piece by piece
+            text = _deltas(evs)
+        else:
+            done = client.responses.create(input="json please", text={"format": fmt}, max_output_tokens=64)
+            assert done.status == "completed" and done.text is not None and done.text.format is not None
+            assert done.text.format.type == fmt["type"]
+            text = done.output_text
+        jsonschema.validate(json.loads(text), check)
+
+
+def test_store_false_answers_and_keeps_nothing(cluster: Cluster, r: redis.Redis) -> None:
+    api = cluster.api()
+    cluster.worker()
+    client = _client(api)
+    done = client.responses.create(input="forget me", store=False, max_output_tokens=3)
+    assert done.status == "incomplete" and done.output_text == _expected("forget me", 3) and done.store is False
+    assert not r.exists(keys.response(_sid(done.id)))
+    for call in (lambda: client.responses.retrieve(done.id), lambda: client.responses.cancel(done.id),
+                 lambda: client.responses.delete(done.id),
+                 lambda: list(client.responses.retrieve(done.id, stream=True))):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    evs = list(client.responses.create(input="forget me too", store=False, max_output_tokens=3, stream=True))
+    assert evs[-1].type == "response.incomplete" and _deltas(evs) == _expected("forget me too", 3)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(evs[0].response.id)
