@@ -30,6 +30,7 @@ from tokenfan.shared.defaults import (
     OPS_FEED_INTERVAL_S,
     OPS_HISTORY_S,
     OPS_MAX_STREAMS,
+    OPS_SAMPLE_CHUNK,
     OPS_TTFT_WINDOW_S,
 )
 from tokenfan.shared.state import Field as F
@@ -159,11 +160,13 @@ class History:
         r, now = edge.redis, time.time()
         active = [sid.decode() for sid in await r.zrange(keys.active(), 0, OPS_MAX_STREAMS - 1)]
         sids = list(dict.fromkeys([*active, *self._tokens]))
-        pipe = r.pipeline(transaction=False)
-        for sid in sids:
-            pipe.hmget(keys.state(sid), [F.STATUS, F.MODEL, F.CREATED])
-            pipe.xlen(keys.log(sid))
-        replies = await pipe.execute() if sids else []
+        replies: list[Any] = []
+        for at in range(0, len(sids), OPS_SAMPLE_CHUNK):  # see OPS_SAMPLE_CHUNK: the relay waits on each
+            pipe = r.pipeline(transaction=False)
+            for sid in sids[at:at + OPS_SAMPLE_CHUNK]:
+                pipe.hmget(keys.state(sid), [F.STATUS, F.MODEL, F.CREATED])
+                pipe.xlen(keys.log(sid))
+            replies += await pipe.execute()
         counts = {"running": 0, "queued": 0}
         rates: dict[str, float] = {}
         seen: dict[str, int] = {}
@@ -197,10 +200,13 @@ class History:
         """Streams whose first tokens arrived since the last sample: their time to first token."""
         if not firsts or not self.primed:
             return
-        pipe = r.pipeline(transaction=False)
-        for sid, _ in firsts:
-            pipe.xrange(keys.log(sid), count=4)
-        for (_, created), raw in zip(firsts, await pipe.execute(), strict=True):
+        raws: list[Any] = []
+        for at in range(0, len(firsts), OPS_SAMPLE_CHUNK):
+            pipe = r.pipeline(transaction=False)
+            for sid, _ in firsts[at:at + OPS_SAMPLE_CHUNK]:
+                pipe.xrange(keys.log(sid), count=4)
+            raws += await pipe.execute()
+        for (_, created), raw in zip(firsts, raws, strict=True):
             first = next((e for e in _entries(raw) if e.type == events.TOKEN), None)
             if first is not None:
                 self._ttft.append((first.ts, max(0.0, first.ts - created)))

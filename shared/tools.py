@@ -207,8 +207,9 @@ class CallParser:
             before = self.calls
             kind = self._char(c)
             if kind == "text":  # only where no grammar holds the model: text after its calls
+                # what looked like the next block's start (a newline, `<tool`) is text after all
                 run.raw += raw[i:]
-                run.text = raw[i:]
+                run.text = self._lit[:self._seen] + raw[i:]
                 self.state = "text"
                 break
             if self.calls != before:  # a new call starts with this character: the run so far is the last's

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
+import json
 import logging
 import math
 import time
@@ -367,7 +369,7 @@ class LlamaBatchEngine:
         of text that began one; a continuation of text is text."""
         if not req.tools:
             return self._sampler(req), None
-        calls = tools.grammar(req.tools, req.max_calls)
+        calls = _tools_grammar(json.dumps(req.tools, sort_keys=True), req.max_calls)
         if req.tool_choice == "required" or req.prefix.startswith(tools.OPEN):
             return self._sampler(req, calls), None
         if req.prefix:
@@ -423,7 +425,7 @@ class LlamaBatchEngine:
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         try:
-            text = structured.grammar(schema)
+            text = _schema_grammar(json.dumps(schema, sort_keys=True))
         except structured.SchemaError as exc:
             raise InvalidRequest(f"response_format: {exc}", code="invalid_request") from None
         return self._grammar_of(text, "response_format")
@@ -610,3 +612,18 @@ class LlamaBatchEngine:
             out.finish, out.error = None, EngineError(f"llama.cpp failed to decode (code {rc})")
             outs.append(out)
         return outs
+
+
+# A request's grammar text, once: its n choices (and a continuation's) each get a sampler of their own,
+# but converting the schema is the same work each time. Keyed by the schema's canonical JSON.
+GRAMMAR_CACHE = 64
+
+
+@functools.lru_cache(maxsize=GRAMMAR_CACHE)
+def _tools_grammar(tools_json: str, max_calls: int) -> str:
+    return tools.grammar(json.loads(tools_json), max_calls)
+
+
+@functools.lru_cache(maxsize=GRAMMAR_CACHE)
+def _schema_grammar(schema_json: str) -> str:
+    return structured.grammar(json.loads(schema_json))

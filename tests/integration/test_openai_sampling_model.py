@@ -1,5 +1,5 @@
 """The sampling parameters through the whole path on the real model, the official `openai` SDK as the
-client: a streamed answer that is JSON matching its schema, and log probabilities on every chunk."""
+client: a streamed answer that is JSON matching its schema, log probabilities on every chunk, and n=2."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def test_real_model_json_schema_and_logprobs_through_the_openai_sdk(cluster: Clu
     for t in lps.content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert all(a.logprob <= 0 for a in t.top_logprobs)
+
+    # n=2 on the model: two choices from one prompt (greedy: the same answer twice), streamed and not
+    messages = [{"role": "user", "content": "Name a colour."}]
+    two = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    answers = [c.message.content or "" for c in two.choices]
+    assert answers[0].strip() and answers[0] == answers[1], answers
+    streamed: dict[int, str] = {0: "", 1: ""}
+    ends: dict[int, str] = {}
+    for c in client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0,
+                                            n=2, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                ends[ch.index] = ch.finish_reason
+    assert streamed == {0: answers[0], 1: answers[1]} and set(ends) == {0, 1}
     client.close()
 
 

@@ -52,6 +52,18 @@ def test_auto_text_is_text_even_when_it_starts_like_a_call(text: str) -> None:
         assert "".join(p.text for p in pieces) == text and not calls_of(pieces)
 
 
+@pytest.mark.parametrize("after", ["\nDone.", "\n<tool>x", "\n<tool_call>{\"nom", " plain"])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=12))
+def test_text_after_the_calls_keeps_what_looked_like_another_block(after: str, cuts: list[int]) -> None:
+    # Without a grammar the model may write text after its calls; the characters that matched the next
+    # block's start before the text showed are text, not dropped.
+    raw = toolcalls.block("ping", "{}") + after
+    pieces = parse(raw, [c for c in cuts if c < len(raw)], auto=False)
+    assert "".join(p.raw for p in pieces) == raw
+    assert calls_of(pieces) == {0: {"name": "ping", "arguments": "{}"}}
+    assert "".join(p.text for p in pieces) == after
+
+
 def test_the_grammar_names_every_tool_and_bounds_the_calls() -> None:
     g = toolcalls.grammar(TOOLS, 3)
     assert '\\"name\\": \\"get_weather\\"' in g and '\\"name\\": \\"ping\\"' in g
@@ -80,3 +92,54 @@ def test_render_without_template_support_puts_tools_calls_and_results_in_text() 
     native, spec = toolcalls.render(msgs, TOOLS, knows_tools=True)
     assert spec == [{"type": "function", "function": t} for t in TOOLS]
     assert native[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Oslo"}}
+
+
+# The tool parts of a Hermes-form template (Qwen2.5's, cut down): what a model that knows tools was trained on.
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}
+
+{% endif %}# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and tools %}
+{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{% if message.content %}{{ message.content }}
+{% endif %}
+{%- for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}<|im_start|>assistant
+"""
+
+
+def test_a_template_that_knows_tools_gets_the_tools_the_calls_and_the_results_in_its_own_form() -> None:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    assert toolcalls.template_knows_tools(HERMES_TEMPLATE)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    native, spec = toolcalls.render(msgs, TOOLS, knows_tools=True)
+    prompt = Jinja2ChatFormatter(HERMES_TEMPLATE, "<|im_end|>", "")(messages=native, tools=spec).prompt
+    assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>")
+    for tool in spec or []:
+        assert json.dumps(tool, ensure_ascii=False) in prompt  # each tool, as JSON
+    # the earlier call in the template's form: the same call our parser reads (the arguments an object)
+    call = prompt[prompt.index(toolcalls.OPEN):prompt.index("</tool_call>") + len("</tool_call>")]
+    assert json.loads(call.removeprefix(toolcalls.OPEN).removesuffix("</tool_call>")) == {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert "<tool_response>\nsunny\n</tool_response>" in prompt
+    assert prompt.endswith("<|im_start|>assistant") and prompt.count("Be brief.") == 1
