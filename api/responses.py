@@ -32,9 +32,10 @@ live) and writes only what renders above N: the text of the final events
 is the whole log's, whichever replica writes them.
 
 Deliberate departures from the obvious:
-- the record's TTL is the running stream's (`log_active_ttl_s`); the publish
-  script shortens only the stream's own keys at its end, so a read of a
-  finished response brings the record's TTL down to its state's;
+- the record is written with the running stream's TTL (`log_active_ttl_s`)
+  and is one of the stream's keys (`keys.response`): the terminal publish
+  expires it with the log, so a finished response is kept exactly the log's
+  TTL whether anybody reads it again or not;
 - an `error` event this API process makes itself (Redis lost, shutdown, a
   `starting_after` the stream never reached) is not in the log: its
   sequence_number and `id:` are those of the last event sent, so a resume

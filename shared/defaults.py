@@ -158,7 +158,7 @@ ERRORS_SHOWN = 20
 # Streams listed on the ops page at most: the page is a glance, not a database.
 OPS_MAX_STREAMS = 100
 # The ops sampler reads the streams in pipelines of this many: redis-py parses a pipeline's replies in
-# one go, and 100 streams' 200 replies held the event loop about 3 ms a second, every relayed
+# one go, and 100 streams' 200 replies held the event loop about 2 ms a second, every relayed
 # token behind it; 25 at a time is under a millisecond, with the loop free between them.
 OPS_SAMPLE_CHUNK = 25
 # The ops page's live feed sends a snapshot this often.
