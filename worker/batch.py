@@ -369,7 +369,7 @@ class LlamaBatchEngine:
         of text that began one; a continuation of text is text."""
         if not req.tools:
             return self._sampler(req), None
-        calls = _tools_grammar(json.dumps(req.tools, sort_keys=True), req.max_calls)
+        calls = _tools_grammar(json.dumps(req.tools), req.max_calls)
         if req.tool_choice == "required" or req.prefix.startswith(tools.OPEN):
             return self._sampler(req, calls), None
         if req.prefix:
@@ -425,7 +425,7 @@ class LlamaBatchEngine:
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         try:
-            text = _schema_grammar(json.dumps(schema, sort_keys=True))
+            text = _schema_grammar(json.dumps(schema))
         except structured.SchemaError as exc:
             raise InvalidRequest(f"response_format: {exc}", code="invalid_request") from None
         return self._grammar_of(text, "response_format")
@@ -615,7 +615,8 @@ class LlamaBatchEngine:
 
 
 # A request's grammar text, once: its n choices (and a continuation's) each get a sampler of their own,
-# but converting the schema is the same work each time. Keyed by the schema's canonical JSON.
+# but converting the schema is the same work each time. Keyed by its JSON in the order given: the
+# order of an object's properties is the order the grammar writes them in.
 GRAMMAR_CACHE = 64
 
 
