@@ -219,6 +219,15 @@ def sync_client(url: str | None, *, socket_timeout: float | None = SOCKET_TIMEOU
     return redis.Redis.from_url(url, retry=retry, socket_timeout=socket_timeout, **_common())
 
 
+def last_tries(*clients: redis.Redis | RedisCluster) -> None:
+    """From now on, each client tries a command once: no riding out a Redis restart (RETRIES with
+    backoff, about 5 s a command while Redis refuses connections). For a process that is stopping:
+    what it still writes (deregistrations, RQ's bookkeeping) expires on its own if lost, and
+    retrying it would spend the stop's grace, or outlast it, while Redis is down."""
+    for client in clients:
+        client.set_retry(Retry(NoBackoff(), 0))
+
+
 def _no_cluster_sentinel(url: str) -> None:
     if is_sentinel(url):
         raise ConfigError("TOKENFAN_REDIS_CLUSTER: a Sentinel URL names one primary, not a Redis Cluster; "

@@ -17,16 +17,17 @@ import secrets
 import socket
 import time
 
+import redis
 from prometheus_client import start_http_server
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from tokenfan.shared import registry
 from tokenfan.shared.bus import BusConfig, SyncBus
-from tokenfan.shared.defaults import WORKER_METRICS_PORT_SPAN
+from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_METRICS_PORT_SPAN
 from tokenfan.shared.errors import ConfigError
 from tokenfan.shared.jobs import queue
-from tokenfan.shared.redisconn import redacted, sync_client
+from tokenfan.shared.redisconn import last_tries, redacted, sync_client
 from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 from tokenfan.worker.engines import load_engine
 from tokenfan.worker.keeper import Keeper
@@ -122,7 +123,12 @@ def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None)
     finally:
         engine.close()
         keeper.stop()
+        last_tries(bus.redis, bus.queue)  # a keeper tick retrying through a Redis outage would hold up the stop
         keeper.join(KEEPER_JOIN_S)  # its last heartbeat must not land after the deregistration
-        registry.deregister(bus.redis, name, settings.model)
+        try:
+            registry.deregister(bus.redis, name, settings.model)
+        except redis.RedisError as exc:
+            log.warning("Worker %s: could not deregister (%s); it stops counting as live %gs after its last "
+                        "heartbeat", name, exc, WORKER_LIVE_S)
         log.info("Worker %s: stopped", name)
     return 0

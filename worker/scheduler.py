@@ -50,6 +50,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from tokenfan.shared.events import Event
+from tokenfan.shared.redisconn import last_tries
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.state import JobOutcome
 from tokenfan.worker.runner import Fenced, Runner, StreamJob
@@ -108,8 +109,14 @@ class Scheduler:
         finally:
             for a in list(self.active.values()):  # only after a bug: give every stream a chance elsewhere
                 self._close(a, a.stream.guard(a.stream.hand_back) or JobOutcome.HANDED_OVER)
+            # Every stream has ended or gone back: what is left is bookkeeping that expires by itself.
+            last_tries(self.worker.connection)
             self.books.close(BOOKS_JOIN_S)
-            self.worker.register_death()
+            try:
+                self.worker.register_death()
+            except redis.RedisError as exc:
+                log.warning("Worker %s: could not deregister from RQ (%s); RQ's record of it expires on its own",
+                            self.r.name, exc)
 
     def _signals(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
@@ -148,7 +155,8 @@ class Scheduler:
             return None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("Worker %s: cannot reach the queue's Redis: %s", self.r.name, exc)
-            time.sleep(IDLE_DEQUEUE_S)
+            if not self.r.shutdown_at:
+                time.sleep(IDLE_DEQUEUE_S)
             return None
         return got
 

@@ -59,7 +59,8 @@ def redis_cluster() -> Iterator[list[EmbeddedRedis]]:
             n.stop()
 
 
-def test_streams_on_a_redis_cluster(cluster: Cluster, redis_cluster: list[EmbeddedRedis], r: redis.Redis) -> None:
+def test_streams_on_a_redis_cluster(redis_cluster: list[EmbeddedRedis], cluster: Cluster, r: redis.Redis) -> None:
+    # redis_cluster first: it is set up before the cluster and stopped after its processes
     cluster.env.update({
         "TOKENFAN_REDIS_CLUSTER": "true",
         "TOKENFAN_QUEUE_REDIS_URL": cluster.redis_url,

@@ -50,7 +50,8 @@ def tls_redis(tmp_path: Path) -> Iterator[str]:
         proc.wait(10)
 
 
-def test_acl_user_password_and_tls_work_and_no_password_is_logged(cluster: Cluster, tls_redis: str) -> None:
+def test_acl_user_password_and_tls_work_and_no_password_is_logged(tls_redis: str, cluster: Cluster) -> None:
+    # tls_redis first: it is set up before the cluster and stopped after its processes
     with pytest.raises(redis.AuthenticationError):
         redis.Redis.from_url(tls_redis.replace(PASSWORD, "wrong")).ping()
     cluster.redis_url = tls_redis

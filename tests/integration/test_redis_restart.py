@@ -150,6 +150,7 @@ def test_redis_back_empty_every_stream_ends_with_one_retryable_error(cluster: Cl
             seqs = [int(e.id) for e in evs[:-1]]
             assert seqs == list(range(1, len(seqs) + 1))
     finally:
+        cluster.stop_all()  # before their Redis
         server.stop()
 
 
