@@ -12,7 +12,8 @@
   llama-cpp-python as its sdist: the worker image compiles llama.cpp itself. Builds run with
   `--network host` (apt inside a build reaches the mirror; pip is never asked to).
 - Everything lasting sits under the cache folder ($XDG_CACHE_HOME or ~/.cache, then tokenfan-test):
-  the base image tarballs, the wheelhouse, the daemon's data root, the build context.
+  the base image tarballs, the wheelhouse, the daemon's data root, the build context, and
+  built.json: each image's id and a digest of what built it (the same inputs again: no build at all).
 
 `python3 -m tests.docker prepare` builds everything once (scripts/test runs it before pytest, so no
 test's timeout has to hold a cold build); the tests call the same code and find it done.
@@ -337,7 +338,36 @@ def build_context(house: Path) -> Path:
     return ctx
 
 
+def image_id(docker: Docker, image: str) -> str:
+    out = docker.run("image", "inspect", "-f", "{{.Id}}", image, check=False)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _inputs(docker: Docker, context: Path, dockerfile: Path, args: dict[str, str]) -> str:
+    """A digest of everything a build reads: the context's files (a wheel by its name and size: the
+    wheelhouse's files are named by version and are the bulk of it), the Dockerfile, the build
+    arguments and the base images' ids."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        h.update(path.relative_to(context).as_posix().encode() + b"\0")
+        h.update(str(path.stat().st_size).encode() if path.suffix == ".whl" else path.read_bytes())
+    h.update(dockerfile.read_bytes())
+    for key, value in sorted(args.items()):
+        h.update(f"{key}={value}\0{image_id(docker, value) if key.endswith('_IMAGE') else ''}\0".encode())
+    return h.hexdigest()
+
+
 def build(docker: Docker, image: str, context: Path, dockerfile: Path, args: dict[str, str]) -> None:
+    """`docker build`, skipped where this image was built from exactly these inputs and is still
+    there: a build that hits the layer cache still sends its whole context to the daemon (about
+    30 s for the worker's, under vfs)."""
+    stamps_path = CACHE / "built.json"
+    stamps: dict[str, list[str]] = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    inputs = _inputs(docker, context, dockerfile, args)
+    current = image_id(docker, image)
+    if current and stamps.get(image) == [inputs, current]:
+        docker.timings[f"build {image}"] = 0.0
+        return
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"build-{image.replace('/', '_').replace(':', '_')}.log"
     argv = ["build", "--network", "host", "-f", str(dockerfile), "-t", image]
@@ -349,6 +379,8 @@ def build(docker: Docker, image: str, context: Path, dockerfile: Path, args: dic
     if out.returncode != 0:
         raise AssertionError(f"building {image} failed; see {log_path}:\n{(out.stdout + out.stderr)[-3000:]}")
     docker.timings[f"build {image}"] = time.monotonic() - t0
+    stamps[image] = [inputs, image_id(docker, image)]
+    stamps_path.write_text(json.dumps(stamps, indent=1))
 
 
 def prepare(docker: Docker) -> dict[str, str]:
