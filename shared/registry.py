@@ -26,6 +26,8 @@ from tokenfan.shared.defaults import WORKER_LIVE_S, WORKER_RECORD_TTL_S
 
 # SCAN's per-call hint for the models' worker sets: there are a handful of models.
 SCAN_COUNT = 100
+# A starting worker looks this often whether a namesake's heartbeat moves (a second's keeper interval).
+NAMESAKE_POLL_S = 0.2
 
 
 class WorkerState(StrEnum):
@@ -118,6 +120,20 @@ async def live_workers_async(redis: AsyncRedis, model: str) -> list[str]:
     _prune(pipe, model, since)
     pipe.zrangebyscore(keys.workers(model), since, "+inf")
     return [n.decode() for n in (await pipe.execute())[-1]]
+
+
+def live_namesake(redis: Redis, name: str, poll_s: float = NAMESAKE_POLL_S) -> WorkerInfo | None:
+    """The live worker already heartbeating under `name`, or None: a predecessor that stopped
+    without deregistering (SIGKILL, an OOM kill, a container restarted in place) beats no more.
+    A record younger than `WORKER_LIVE_S` is watched until it either beats again (live) or ages
+    past that (dead): at most one liveness window."""
+    first = WorkerInfo.parse(name, redis.hgetall(keys.worker(name)))
+    while first.last_seen and time.time() - first.last_seen < WORKER_LIVE_S:
+        time.sleep(poll_s)
+        now = WorkerInfo.parse(name, redis.hgetall(keys.worker(name)))
+        if now.last_seen != first.last_seen:
+            return now
+    return None
 
 
 async def worker_info(redis: AsyncRedis, name: str) -> WorkerInfo:

@@ -172,8 +172,8 @@ class Cluster:
         wait_for(lambda: _healthy(proc), timeout=30, what=f"API on port {port}\n{proc.log()}")
         return proc
 
-    def worker(self, wait: bool = True, host: Host = LOCAL, **env: str) -> Proc:
-        name = f"w{len(self.procs)}-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    def worker(self, wait: bool = True, host: Host = LOCAL, name: str = "", **env: str) -> Proc:
+        name = name or f"w{len(self.procs)}-{os.getpid()}-{time.monotonic_ns() % 100000}"
         proc = self._spawn("worker", ["--worker-name", name], env, host)
         proc.name = name
         if wait:

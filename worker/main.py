@@ -97,6 +97,23 @@ def check_settings(settings: WorkerSettings) -> None:
                           "longer", param="lease_ttl_s")
 
 
+def clear_predecessor(bus: SyncBus, worker: SimpleWorker) -> None:
+    """Start under a name a dead worker left registered (Kubernetes restarts a container in place
+    under its pod's name): RQ refuses a name whose worker key lives (8 to 30 minutes after a kill),
+    so a predecessor that no longer heartbeats in our registry is marked dead in RQ's; its streams
+    are the reapers' as any dead worker's. A live one under the same name is a configuration mistake."""
+    live = registry.live_namesake(bus.redis, worker.name)
+    if live is not None:
+        raise ConfigError(f"TOKENFAN_WORKER_NAME: a live worker named {worker.name!r} already runs (host "
+                          f"{live.host or '?'}, pid {live.pid}); give each worker its own name",
+                          param="worker_name")
+    prior = SimpleWorker.find_by_key(worker.key, connection=worker.connection, serializer=JSONSerializer)
+    if prior is not None and prior.death_date is None:
+        prior.register_death()
+        log.warning("Worker %s: a worker of this name stopped without deregistering (killed?); cleared its RQ "
+                    "registration", worker.name)
+
+
 def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> int:
     check_settings(settings)
     name = worker_name(settings)
@@ -114,10 +131,11 @@ def run_worker(settings: WorkerSettings, fake: FakeEngineSettings | None = None)
     keeper = Keeper(bus, settings, name, metrics)
     keeper.metrics_port = metrics_port
     runner = Runner(settings, engine, bus, keeper, metrics, name)
-    keeper.beat()
-    keeper.start()
     q = queue(rq_redis, settings.model)
     worker = SimpleWorker([q], connection=rq_redis, serializer=JSONSerializer, name=name)
+    clear_predecessor(bus, worker)
+    keeper.beat()
+    keeper.start()
     try:
         Scheduler(runner, worker, q).run()
     finally:
