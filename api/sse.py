@@ -42,6 +42,9 @@ Deliberate departures from the obvious:
   response at shutdown with the library's `shutdown_event` and grace. The
   pings are still timed by its `_send_with_timeout`, and a stream the shutdown
   cut short still gets the closing empty body, as the library ends it.
+- a ping is a comment line with no blank line after it (`: ping\n`), not a
+  comment event: see `PING_BYTES` (issue 26: a blank line after an `id:`
+  is an empty event to the OpenAI SDK's parser).
 - pings go every `heartbeat_s` seconds whatever else was sent (the
   library's timer), not after `heartbeat_s` of silence: one comment per
   stream per interval costs nothing, and the timer is what times sends.
@@ -70,7 +73,6 @@ import orjson
 from anyio.abc import TaskGroup
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette._utils import collapse_excgroups
-from sse_starlette.event import ensure_bytes
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
@@ -82,7 +84,15 @@ log = logging.getLogger(__name__)
 # LF, not the library's CRLF: every SSE parser accepts both, and LF is a byte less per line.
 SEP = "\n"
 PING = ServerSentEvent(comment="ping", sep=SEP)
-PING_BYTES = PING.encode()
+# The keep-alive is the library's comment line without the blank line that would end an event
+# (`: ping\n`, not `: ping\n\n`): once an `id:` was seen, openai-python's SSEDecoder and httpx-sse
+# (florimondmanca/httpx-sse#35) dispatch a blank line as an event with empty data, which the SDK
+# parses as JSON (JSONDecodeError at the first ping, 15 s into any stream; issue 26). A comment
+# line with no blank line folds into the next event's block, where every parser (the spec's,
+# EventSource's, openai-python's, openai-node's, httpx-sse's) skips it: no parser dispatches
+# anything for it, and the bytes still reach proxies every interval. Frames are whole ASGI
+# messages, so a ping always lands between two events, never inside one.
+PING_BYTES = PING.encode().removesuffix(SEP.encode())
 
 # `id: {seq}` `event: {type}` `data: {one line of JSON}`: ServerSentEvent(data, id=, event=).encode()
 # for data without a line break (every newline of a frame is one of these four).
@@ -195,13 +205,12 @@ class SSEResponse(EventSourceResponse):
                         await self.client_close_handler_callable(message)
                     return
                 continue
-            ping = ensure_bytes(self.ping_message_factory() if self.ping_message_factory else PING, self.sep)
             async with self._send_lock:
                 if self.active:
                     # A timeout here raises out of the task group, which cancels `_stream_response`
                     # where it waits for the body's next chunk: the body's `finally` runs.
                     await self._send_with_timeout(
-                        send, {"type": "http.response.body", "body": ping, "more_body": True})
+                        send, {"type": "http.response.body", "body": PING_BYTES, "more_body": True})
 
     async def _stream_then_end(self, send: Send) -> None:
         await self._stream_response(send)

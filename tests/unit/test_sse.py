@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import httpx
 import orjson
 import pytest
+from httpx_sse import EventSource
 from hypothesis import given
 from hypothesis import strategies as st
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -82,8 +84,19 @@ def test_the_bench_parser_reads_the_same_events_however_the_bytes_are_split(text
     assert len(got) == len(texts) + 1
 
 
+def test_a_ping_between_events_is_no_event_to_any_parser() -> None:
+    # Issue 26: `: ping\n\n` after an `id:` made httpx-sse and openai-python's decoder dispatch an empty
+    # event (the SDK then failed on its JSON). Read with no filter: every event has data, none is lost.
+    batch = [Event(i + 1, events.TOKEN, {"text": str(i)}, ts=1.0) for i in range(3)]
+    raw = (sse.PING_BYTES + sse.event_frames(batch[:1]) + sse.PING_BYTES + sse.PING_BYTES
+           + sse.event_frames(batch[1:]) + sse.PING_BYTES + sse.DONE + sse.PING_BYTES)
+    resp = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
+    got = list(EventSource(resp).iter_sse())
+    assert [(e.id, e.data) for e in got] == [*((str(e.seq), e.encode().decode()) for e in batch), ("3", "[DONE]")]
+
+
 def test_api_events_ping_and_done() -> None:
-    assert sse.PING_BYTES == b": ping\n\n"
+    assert sse.PING_BYTES == b": ping\n"  # no blank line: no parser dispatches an event for it
     assert sse.DONE == b"data: [DONE]\n\n"
     (q,) = parse_sse(sse.api_event(events.QUEUED, 4, {"position": 2}))
     assert (q.id, q.event, q.json()) == ("4", "queued", {"type": "queued", "position": 2})
