@@ -14,7 +14,8 @@ once. The log event at `seq` s renders as:
 
 - `meta` at seq 1: `response.created` (0), `response.in_progress` (1),
   `response.output_item.added` (2), `response.content_part.added` (3);
-- `disclosure`, or a takeover's `meta` (s >= 2): `response.in_progress` (s+2);
+- `disclosure`, or a takeover's `meta` (s >= 2): `keepalive` (s+2), the event OpenAI
+  itself sends mid-stream (openai-node's `ResponseKeepAliveEvent`: no response in it);
 - `token`: `response.output_text.delta` (s+2);
 - `done` (s >= 2): `response.output_text.done` (s+2), `response.content_part.done`
   (s+3), `response.output_item.done` (s+4), then `response.completed`, or
@@ -24,14 +25,20 @@ once. The log event at `seq` s renders as:
   queued): `response.created` (0), then `response.incomplete` (1), or `error`
   (1) and `response.failed` (2).
 
-Every stream of the default shape so numbers its events 0, 1, 2, … with
-no gap; a stream with no disclosure too. The SSE `id:` of each event is its
+Every stream so numbers its events 0, 1, 2, … with no gap. The SSE `id:` of each event is its
 sequence_number, so `Last-Event-ID` resumes like `starting_after`.
 A read resumed after N follows the stream from its start (the log, then
 live) and writes only what renders above N: the text of the final events
 is the whole log's, whichever replica writes them.
 
 Deliberate departures from the obvious:
+- the disclosure and a takeover are `keepalive` events, not one more
+  `response.in_progress`: OpenAI sends `in_progress` only before the output
+  items, and the SDKs' accumulators (openai-node's `responses.stream()`)
+  take its `response` as the new snapshot, so one with `output: []` after
+  `response.output_item.added` dropped the message ("missing output at
+  index 0", issue 26). Not sending them at all would leave a gap in the
+  numbers, which is how a client sees a lost or repeated event;
 - the record is written with the running stream's TTL (`log_active_ttl_s`)
   and is one of the stream's keys (`keys.response`): the terminal publish
   expires it with the log, so a finished response is kept exactly the log's
@@ -85,6 +92,8 @@ CANCEL_WAIT_S = 5.0
 METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY = 64
 METADATA_MAX_VALUE = 512
+# What a disclosure or a takeover renders as: OpenAI's own mid-stream event that carries no snapshot.
+KEEPALIVE = "keepalive"
 # Events after the log event at seq s start at sequence_number s + this (the table above).
 SN_OFFSET = 2
 # The most sequence numbers one log event renders to past its first (a `done`).
@@ -360,8 +369,8 @@ class Renderer:
             text = str(e.data.get("text", ""))
             self.parts.append(text)
             return [self._in_item("response.output_text.delta", sn, delta=text, logprobs=[])]
-        if e.type in (events.META, events.DISCLOSURE):
-            return [self._life("response.in_progress", sn, "in_progress")]
+        if e.type in (events.META, events.DISCLOSURE):  # the module's docstring says why not in_progress
+            return [{"type": KEEPALIVE, "sequence_number": sn}]
         if e.type == events.DONE:
             return self._done(e, sn)
         if e.type == events.ERROR:

@@ -13,6 +13,7 @@ import openai
 import pytest
 import redis
 
+from tests import nodesdk
 from tests.procs import Cluster, parse_sse, stream_status, wait_for
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.state import StreamStatus
@@ -20,7 +21,7 @@ from tokenfan.worker.engines import fake_tokens
 
 ENDS = ("response.completed", "response.incomplete", "response.failed")
 OPENING = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-           "response.in_progress"]  # the last one: the log's disclosure
+           "keepalive"]  # the last one: the log's disclosure
 CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
@@ -155,9 +156,25 @@ def test_worker_takeover_keeps_the_numbers_and_the_text(cluster: Cluster) -> Non
     cluster.worker(TOKENFAN_FAKE_RATE="50")
     evs = list(client.responses.retrieve(made.id, stream=True))
     assert [e.sequence_number for e in evs] == list(range(len(evs)))
-    # the takeover's meta is one more response.in_progress, between deltas
-    assert [e.type for e in evs].count("response.in_progress") == 3 and evs[-1].type == "response.incomplete"
+    # the takeover's meta is one more keepalive, between deltas; in_progress only before the output items
+    types = [e.type for e in evs]
+    assert types.count("keepalive") == 2 and types.index("keepalive", 5) > types.index("response.output_text.delta")
+    assert types.count("response.in_progress") == 1 and types.index("response.in_progress") == 1
+    assert evs[-1].type == "response.incomplete"
     assert _deltas(evs) == _expected("survive the crash", 30) == evs[-1].response.output_text
+    # the Node SDK's accumulator rebuilds it across the takeover
+    node = nodesdk.run("sdk_streams.cjs", api.url, made.id, "0", "retrieve_stream")["retrieve_stream"]
+    assert node["types"] == types and node["text"] == node["output_text"] == _expected("survive the crash", 30)
+
+
+def test_node_sdk_responses_stream_rebuilds_every_response(cluster: Cluster) -> None:
+    api = cluster.api()
+    cluster.worker()
+    got = nodesdk.run("sdk_streams.cjs", api.url, "the node helper", "6", "responses_stream,responses")
+    helper, raw = got["responses_stream"], got["responses"]
+    assert helper["types"][:5] == OPENING and helper["status"] == "incomplete"
+    assert helper["text"] == helper["output_text"] == _expected("the node helper", 6) == raw["text"]
+    assert raw["numbers"] == list(range(len(raw["numbers"])))
 
 
 def test_background_runs_unwatched_listed_on_the_ops_page(cluster: Cluster, r: redis.Redis) -> None:

@@ -49,6 +49,17 @@ const ROUTES = {
     const final = await stream.finalResponse();
     return { text, types, output_text: final.output_text, status: final.status, id: final.id };
   },
+
+  // The same helper on a stored response, read from its start (PROMPT is the response's id).
+  async retrieve_stream(client, id) {
+    let text = "";
+    const types = [];
+    const stream = client.responses.stream({ response_id: id });
+    stream.on("event", (e) => { types.push(e.type); });
+    stream.on("response.output_text.delta", (e) => { text += e.delta; });
+    const final = await stream.finalResponse();
+    return { text, types, output_text: final.output_text, status: final.status, id: final.id };
+  },
 };
 
 async function main() {
