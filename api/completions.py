@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Final
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from tokenfan.api import sse
 from tokenfan.api.formats import Calls, ChunkWriter
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.shared.events import Event
-from tokenfan.shared.schema import MAX_N, Bool, ChatRequest, Int, Number, StreamOptions, Text
+from tokenfan.shared.schema import MAX_N, Bool, ChatRequest, Int, Number, OpenAIRequest, StreamOptions, Text
 
 # OpenAI's own: the default length of a text completion, and its cap on `logprobs`.
 DEFAULT_MAX_TOKENS: Final = 16
@@ -25,8 +25,7 @@ MAX_LEGACY_LOGPROBS: Final = 5
 _PARAMS: Final = {"messages": "prompt", "top_logprobs": "logprobs"}
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CompletionRequest(OpenAIRequest):
     model: Text | None = None
     prompt: Text | Annotated[list[Text], Field(min_length=1)]
     max_tokens: Int | None = Field(default=DEFAULT_MAX_TOKENS, gt=0)

@@ -77,7 +77,7 @@ from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
 from tokenfan.shared.errors import InvalidRequest, NotFound, Timeout, TokenfanError
 from tokenfan.shared.events import Event
-from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, Role, Text
+from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, OpenAIRequest, Role, Text
 from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponsesRequest(OpenAIRequest):
     model: Text | None = None
     input: Text | Annotated[list[InputMessage], Field(min_length=1)]
     instructions: Text | None = None

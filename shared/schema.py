@@ -63,6 +63,37 @@ Number = Annotated[float, Strict()]
 
 
 
+def _nullable_in_schema(schema: dict[str, Any]) -> None:
+    """The OpenAPI schema says what `OpenAIRequest` takes: null for every parameter."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in schema.get("required", ()) or _takes_null(prop):
+            continue
+        extra = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        schema["properties"][name] = {"anyOf": [dict(prop), {"type": "null"}], **extra}
+
+
+def _takes_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(p.get("type") == "null" for p in prop.get("anyOf", ()))
+
+
+class OpenAIRequest(BaseModel):
+    """A request body of an OpenAI route: an explicit null on a parameter is the parameter not given.
+
+    OpenAI's schema makes its optional parameters nullable (`temperature`, `n`, `stream`, `store`, ...)
+    and the SDKs send null for a None; a null here takes the parameter's default, as leaving it out does.
+    A required parameter given as null is still missing (a 400 naming it)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_nullable_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
+        return {k: v for k, v in data.items() if v is not None or k not in known}
+
+
 class ParamError(ValueError):
     """A check of the whole request whose error is about one field: pydantic gives such an error no
     location, so it carries its own (the API's error `param`). Its message starts with the field."""
@@ -223,8 +254,7 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
     return v
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatRequest(OpenAIRequest):
     model: Text | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     stream: Bool = False
