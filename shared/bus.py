@@ -20,6 +20,7 @@ after such a restart, when nobody else has taken the stream on.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from string import Template
@@ -209,6 +210,7 @@ class SyncBus:
         self._server: str | None = None  # what back_since() saw last: the run_id, when it came back, the
         self._back_at = float("-inf")  # last failure
         self._unreachable_at = float("-inf")
+        self._answered_at: float | None = None  # when a reaper's look (back_since, stalled) last had an answer
 
     def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
@@ -251,16 +253,31 @@ class SyncBus:
             args += [seen.status.value, seen.attempt]
         return _acquired(self._acquire(keys=ks, args=args))
 
-    def back_since(self) -> float:
+    def back_since(self, stall_s: float = math.inf) -> float:
         """How long Redis has answered this process without a break: seconds since its run_id changed
-        (a restart, a failover) or since a `mark_unreachable` call was followed by an answer."""
+        (a restart, a failover), since a `mark_unreachable` call was followed by an answer, or since an
+        answer that came more than `stall_s` after the one before (Redis paused: SIGSTOP, a frozen VM;
+        the clients' retries make a pause look like one slow answer, no error)."""
         server = self.server_id()
         now = time.monotonic()
+        stalled = self._answered_at is not None and now - self._answered_at > stall_s
+        self._answered_at = now
         if self._server is None:  # the first look: nothing to compare with yet
             self._server = server
-        elif server != self._server or self._unreachable_at > self._back_at:
+        elif server != self._server or self._unreachable_at > self._back_at or stalled:
             self._server, self._back_at = server, now
         return now - self._back_at
+
+    def stalled(self, stall_s: float) -> bool:
+        """Whether more than `stall_s` went by since the last look's answer (Redis paused meanwhile, or
+        this process did); a stall counts as Redis coming back at the next `back_since`, and every
+        check until then says so too (the pass stops)."""
+        now = time.monotonic()
+        if self._answered_at is not None and now - self._answered_at > stall_s:
+            self.mark_unreachable()
+            return True
+        self._answered_at = now
+        return False
 
     def mark_unreachable(self) -> None:
         self._unreachable_at = time.monotonic()

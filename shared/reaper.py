@@ -45,7 +45,7 @@ def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     """One pass (and a sweep, when it is this process's turn); returns how many streams it took
     over or ended."""
     try:
-        if bus.back_since() < settings.lease_ttl_s:
+        if bus.back_since(stall_limit(settings)) < settings.lease_ttl_s:
             return 0  # Redis just came back: no lease could be renewed meanwhile, and their workers go first
         sweep(bus, settings, reaper)
         now_ms = int(time.time() * 1000)
@@ -54,6 +54,13 @@ def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
     except redis.RedisError:
         bus.mark_unreachable()
         raise
+
+
+def stall_limit(settings: CommonSettings) -> float:
+    """The longest silence of Redis (as this reaper hears it) in which no lease renewed every keeper
+    interval can lapse; a longer one may have kept live workers from renewing, so reapers wait a lease
+    TTL after it, as after a restart. Floored at two intervals: the gap between two passes is one."""
+    return max(settings.lease_ttl_s - 2 * settings.keeper_interval_s, 2 * settings.keeper_interval_s)
 
 
 def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> bool:
@@ -66,6 +73,8 @@ def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> b
     bus.redis.zadd(keys.LEASES, {sid: now_ms + int(settings.lease_ttl_s * 1000)}, nx=True)
     if state is not None and state.status is StreamStatus.QUEUED and (bus.redis.zscore(keys.LEASES, sid) or 0) > now_ms:
         return False  # handed over a moment ago (its deadline is ahead): not ours to end yet
+    if bus.stalled(stall_limit(settings)):
+        return False  # Redis paused in this pass: its leases may have lapsed under live workers
     result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s, seen=state)
     if result is AcquireResult.TAKEN:
         return False
