@@ -157,6 +157,9 @@ class WorkerSettings(CommonSettings):
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1,
                          description="CPU threads for llama.cpp (default: every CPU)")
     n_gpu_layers: int = Field(default=0, description="layers offloaded to the GPU (-1: all)")
+    cpu_repack: Literal["auto", "on", "off"] = Field(
+        default="auto", description="llama.cpp's CPU weight repacking and AMX buffers (auto: off only where the "
+        "CPU has AMX and llama.cpp's AMX kernels would crash, llama.cpp#20824)")
     n_ctx: int = Field(default=d.N_CTX, description="context size in tokens")
     slots: int = Field(default=d.SLOTS, description="streams one worker decodes at once")
     worker_name: str | None = Field(default=None, description="a unique worker name (default: host.pid.random)")
@@ -174,3 +177,5 @@ class FakeEngineSettings(BaseSettings):
     tokens: int = Field(default=d.FAKE_TOKENS, description="answer length in tokens")
     fail_after: int | None = Field(default=None, description="raise an engine error after this many tokens")
     prefill_s: float = Field(default=0.0, description="seconds before the first token")
+    crash_at_start: Literal["segv", "error"] | None = Field(
+        default=None, description="fail the worker's start-up check: die of SIGSEGV, or raise an engine error")

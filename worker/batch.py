@@ -64,8 +64,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenfan.shared import structured, tools
-from tokenfan.shared.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest
+from tokenfan.worker import cpu
 from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats, choice_key
+from tokenfan.worker.llamalog import LlamaLog
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +167,14 @@ class LlamaBatchEngine:
     name = "llama"
 
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
-                 chunk: int = PROMPT_CHUNK, unified: bool = False) -> None:
+                 chunk: int = PROMPT_CHUNK, unified: bool = False, repack: cpu.Repack = "auto") -> None:
         import llama_cpp
         import numpy
-        from llama_cpp._logger import set_verbose
 
         self.ll: Any = llama_cpp
         self.np: Any = numpy
-        set_verbose(False)
+        self.llama_log = LlamaLog(llama_cpp)
+        self.llama_log.install()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
         self.chunk = max(1, chunk)
@@ -183,18 +185,43 @@ class LlamaBatchEngine:
         self.prefilled_tokens = 0
         self._ready: list[Output] = []
         self._touched: list[Stream] = []
-        self._load(model_path, n_gpu_layers, threads, unified)
+        self._load(model_path, n_gpu_layers, threads, unified, self._extra_bufts(repack, n_gpu_layers))
         self._formatter = self._chat_formatter()
 
     # --- setup -------------------------------------------------------------
 
-    def _load(self, path: Path, n_gpu_layers: int, threads: int, unified: bool) -> None:
+    def _extra_bufts(self, repack: cpu.Repack, n_gpu_layers: int) -> bool:
+        """llama.cpp's CPU repacking and AMX buffers on or off (worker/cpu.py), said in the log with the CPU's
+        features and what llama.cpp was built with."""
+        flags = cpu.read_cpu_flags()
+        info = self.ll.llama_print_system_info().decode("utf-8", "replace")
+        choice = cpu.choose(repack, flags, info)
+        log.info("CPU features: %s; llama.cpp: %s", cpu.shown(flags), " ".join(info.split()))
+        log.info("CPU weight repacking and AMX buffers: %s%s", choice.reason,
+                 " (only the layers left on the CPU)" if n_gpu_layers else "")
+        return choice.extra_bufts
+
+    def _load(self, path: Path, n_gpu_layers: int, threads: int, unified: bool, extra_bufts: bool) -> None:
         ll = self.ll
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not extra_bufts and "use_extra_bufts" not in dict(type(mparams)._fields_):
+            raise ConfigError("TOKENFAN_CPU_REPACK: this llama-cpp-python cannot turn extra buffer types off (no "
+                              "use_extra_bufts); upgrade it", param="cpu_repack")
+        mparams.use_extra_bufts = extra_bufts
+        self.llama_log.clear()
+        self.llama_log.quiet = True
+        try:
+            self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        finally:
+            self.llama_log.quiet = False
         if not self.model:
-            raise EngineError(f"llama.cpp could not load {path.name}", code="model_load_failed")
+            why = self.llama_log.errors()
+            raise ConfigError(f"TOKENFAN_MODEL_PATH: llama.cpp cannot load {path}" + (f": {why[0]}" if why else ""),
+                              code="model_load_failed", param="model_path")
+        sizes = self.llama_log.buffers()
+        log.info("Model weights by buffer type: %s",
+                 ", ".join(f"{name} {mib:.1f} MiB" for name, mib in sizes.items()) or "not reported")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
         cparams = ll.llama_context_default_params()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import signal
 import time
 import zlib
 from collections.abc import Iterator
@@ -223,7 +225,7 @@ class FakeEngine:
     name = "fake"
 
     def __init__(self, rate: float, length: int, n_ctx: int, fail_after: int | None = None, prefill_s: float = 0.0,
-                 slots: int = 1):
+                 slots: int = 1, crash_at_start: str | None = None):
         self.rate = rate
         self.length = length
         self.n_ctx = n_ctx
@@ -232,6 +234,7 @@ class FakeEngine:
         self.n_slots = slots
         self.streams: dict[str, _FakeStream] = {}
         self.last = StepStats()
+        self.crash_at_start = crash_at_start  # tests of a worker whose engine fails its start-up check
 
     @property
     def slots(self) -> int:
@@ -250,6 +253,10 @@ class FakeEngine:
         return n
 
     def admit(self, key: str, req: GenRequest) -> Admission:
+        if key == PROBE_KEY and self.crash_at_start == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if key == PROBE_KEY and self.crash_at_start == "error":
+            raise EngineError("the fake engine failed its start-up check as configured")
         if self.free() < req.slots_needed():
             raise EngineError("no free slot", code="no_free_slot")
         n = self.prompt_tokens(req)
@@ -334,14 +341,49 @@ def model_file(settings: WorkerSettings) -> Path:
 
 
 def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None) -> Engine:
-    """The configured engine; the fake one's knobs are its own settings (given, or from the environment)."""
+    """The configured engine, proven by one decode; the fake one's knobs are its own settings (given, or from
+    the environment)."""
     if settings.engine == "fake":
         f = fake or FakeEngineSettings()
-        return FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s, slots=settings.slots)
-    path = model_file(settings)
-    log.info("Loading %s (%d slots of %d tokens, %d threads, %d GPU layers)", path.name, settings.slots,
-             settings.n_ctx, settings.threads, settings.n_gpu_layers)
-    from tokenfan.worker.batch import LlamaBatchEngine  # llama_cpp is imported only by a llama worker
+        engine: Engine = FakeEngine(f.rate, f.tokens, settings.n_ctx, f.fail_after, f.prefill_s,
+                                    slots=settings.slots, crash_at_start=f.crash_at_start)
+    else:
+        path = model_file(settings)
+        log.info("Loading %s (%d slots of %d tokens, %d threads, %d GPU layers)", path.name, settings.slots,
+                 settings.n_ctx, settings.threads, settings.n_gpu_layers)
+        from tokenfan.worker.batch import LlamaBatchEngine  # llama_cpp is imported only by a llama worker
 
-    return LlamaBatchEngine(path, n_ctx=settings.n_ctx, slots=settings.slots, threads=settings.threads,
-                            n_gpu_layers=settings.n_gpu_layers)
+        engine = LlamaBatchEngine(path, n_ctx=settings.n_ctx, slots=settings.slots, threads=settings.threads,
+                                  n_gpu_layers=settings.n_gpu_layers, repack=settings.cpu_repack)
+    prove(engine, settings.cpu_repack)
+    return engine
+
+
+PROBE_KEY = "tokenfan-start-check"
+
+
+def prove(engine: Engine, repack: str) -> None:
+    """One greedy token through the whole engine (prompt, decode, sampling) before the worker takes a job.
+
+    A build of llama.cpp that cannot run on this CPU fails here, at start, not on a user's first chat: an
+    error stops the worker with one line naming the cause and the setting that avoids it. A crash (a
+    signal) cannot be caught in-process; the line logged just before names the setting, and `tokenfan up`
+    names the signal.
+    """
+    log.info("Engine check: one decode before taking jobs (CPU repacking %s; if the worker dies here, "
+             "TOKENFAN_CPU_REPACK=off avoids llama.cpp's repacked and AMX kernels)", repack)
+    t0 = time.perf_counter()
+    req = GenRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0)
+    try:
+        engine.admit(PROBE_KEY, req)
+        while engine.active():
+            for out in engine.step():
+                if out.error is not None:
+                    raise out.error
+    except TokenfanError as exc:
+        raise ConfigError(f"the {engine.name} engine failed its start-up check ({exc.message}); on a CPU where "
+                          "llama.cpp's repacked or AMX kernels fail, set TOKENFAN_CPU_REPACK=off",
+                          param="cpu_repack") from None
+    finally:
+        engine.drop(PROBE_KEY)
+    log.info("Engine check passed in %.2fs", time.perf_counter() - t0)
