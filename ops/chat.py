@@ -4,6 +4,13 @@ SSE is parsed by httpx-sse, as by the tests and the benchmark: its `id` is
 the last one seen (the spec's last event id), which is what a resume sends.
 An event without data is skipped, as the spec does: httpx-sse 0.4 yields one
 for each ping once an id was seen (florimondmanca/httpx-sse#35).
+
+A dropped connection is resumed from the last event, but not for ever: when
+no event arrives for `--timeout` seconds (an API that stays unreachable, or
+one that died and none took its place), chat gives up with one line and exit
+code 1. A stream that waits for a worker still gets `queued` events, and one
+whose worker died gets its takeover or its `error` from the server, so a live
+API never looks stalled for that long.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import orjson
 from httpx_sse import connect_sse
 
 RECONNECT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 5.0)
+# Seconds a connection may take to open.
+CONNECT_TIMEOUT_S = 10.0
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -26,7 +35,8 @@ def run_chat(args: argparse.Namespace) -> int:
     body: dict[str, object] = {"messages": [{"role": "user", "content": args.prompt}], "max_tokens": args.max_tokens}
     if args.model:
         body["model"] = args.model
-    with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0)) as client:
+    timeout = httpx.Timeout(min(CONNECT_TIMEOUT_S, args.timeout), read=args.timeout)
+    with httpx.Client(base_url=args.url, headers=headers, timeout=timeout) as client:
         try:
             created = client.post("/v1/streams", json=body)
         except httpx.TransportError as exc:
@@ -35,12 +45,17 @@ def run_chat(args: argparse.Namespace) -> int:
         if created.status_code != 201:
             print(f"tokenfan: {created.status_code} {created.text}", file=sys.stderr)
             return 1
-        return _follow(client, created.json()["id"])
+        return _follow(client, created.json()["id"], args.timeout)
 
 
-def _follow(client: httpx.Client, sid: str) -> int:
+def _follow(client: httpx.Client, sid: str, timeout: float) -> int:
     last, failures = "0", 0
+    progress = time.monotonic()
     while True:
+        if time.monotonic() - progress > timeout:
+            print(f"\ntokenfan: no event from the API at {client.base_url} for {timeout:g}s (--timeout); giving up "
+                  f"on stream {sid}", file=sys.stderr)
+            return 1
         try:
             with connect_sse(client, "GET", f"/v1/streams/{sid}", headers={"Last-Event-ID": last}) as source:
                 resp = source.response
@@ -54,6 +69,7 @@ def _follow(client: httpx.Client, sid: str) -> int:
                         continue
                     last = ev.id or last
                     failures = 0
+                    progress = time.monotonic()
                     if _show(ev.event, orjson.loads(ev.data)):
                         return 0 if ev.event == "done" else 1
         except httpx.TransportError:

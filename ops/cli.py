@@ -38,6 +38,9 @@ WORKER = Group(WorkerSettings)
 FAKE = Group(FakeEngineSettings, prefix="fake", hidden=True)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_URL = "http://127.0.0.1:8000"
+# `tokenfan chat` gives up after this long without an event: a stream waiting for a worker gets `queued`
+# events every second, and a dead worker's stream its takeover or its error well within it.
+CHAT_TIMEOUT_S = 60.0
 
 
 def _log_level(default: str = "info") -> Callable[[F], F]:
@@ -137,6 +140,8 @@ def worker(log_level: str, **params: Any) -> int:
 @click.option("--model", help="model to ask (default: the API's first)")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="longest answer in tokens")
 @click.option("--api-key", help="bearer key (default: TOKENFAN_API_KEY)")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=CHAT_TIMEOUT_S, show_default=True,
+              help="seconds without an event (API unreachable, stream stalled) before giving up")
 def chat(**params: Any) -> int:
     from tokenfan.ops.chat import run_chat
 
