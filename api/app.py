@@ -210,6 +210,10 @@ async def admin(request: Request) -> Principal:
 Caller = Annotated[Principal, Depends(caller)]
 
 
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tokenfan"}
+
+
 def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     @app.post("/v1/chat/completions", response_model=None, responses=CHAT_DOC)
     async def chat_completions(req: ChatRequest, request: Request, who: Caller) -> Response:
@@ -276,8 +280,14 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
     @app.get("/v1/models", responses=_errors_doc(*COMMON_ERRORS))
     async def list_models(request: Request, who: Caller) -> dict[str, Any]:
         names = await edge_of(request).models()
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenfan"} for n in names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model_object(n) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}", responses=_errors_doc(404, *COMMON_ERRORS))
+    async def retrieve_model(model_id: str, request: Request, who: Caller) -> dict[str, Any]:
+        """One model of the list (`client.models.retrieve`); an id may hold a slash (`org/name`)."""
+        if model_id not in await edge_of(request).models():
+            raise NotFound(f"The model '{model_id[:200]}' does not exist", code="model_not_found", param="model")
+        return _model_object(model_id)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -24,7 +24,7 @@ def test_no_5xx_and_no_schema_violation_over_every_operation(cluster: Cluster) -
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/chat/completions", "POST /v1/streams", "GET /v1/streams/{stream_id}",
-        "DELETE /v1/streams/{stream_id}", "GET /v1/models", "GET /readyz", "GET /metrics",
+        "DELETE /v1/streams/{stream_id}", "GET /v1/models", "GET /v1/models/{model_id}", "GET /readyz", "GET /metrics",
         "POST /v1/responses", "GET /v1/responses/{response_id}", "POST /v1/responses/{response_id}/cancel",
         "DELETE /v1/responses/{response_id}", "POST /v1/completions",
     }

@@ -60,6 +60,7 @@ def test_auth_and_ownership_matrix(cluster: Cluster, r: redis.Redis) -> None:
         assert httpx.get(base + path).status_code in (200, 503), path
     # protected routes: 401 without a key, 401 with an unknown key, 403 revoked
     protected = [("POST", "/v1/chat/completions", MSG), ("POST", "/v1/streams", MSG), ("GET", "/v1/models", None),
+                 ("GET", "/v1/models/smollm2", None),
                  ("GET", "/v1/streams/x" + "a" * 23, None), ("DELETE", "/v1/streams/x" + "a" * 23, None),
                  ("GET", "/v1/ops/snapshot", None), ("GET", "/metrics", None)]
     for method, path, body in protected:
