@@ -187,3 +187,32 @@ HUB_IDLE_PING_S = 15.0
 HUB_PING_TIMEOUT_S = 10.0
 # Connecting the pub/sub socket gives up after this (then the backoff above).
 HUB_CONNECT_TIMEOUT_S = 5.0
+
+# What a grammar may cost llama.cpp (shared/structured.py checks them before a job is queued). Its
+# matcher keeps one stack per way the text so far can be read and, per token, walks each candidate
+# token through each stack: nested and adjacent optional repeats multiply those ways. Each bound is
+# far above what real schemas and patterns need (tests/unit/test_grammar_cost.py holds a few dozen).
+# The largest bound the converter spells out (`maxLength`, `maxItems`, a pattern's `{m,n}`): it
+# writes one as optional groups nested that deep. 1,000 (a long description field) parses and
+# samples at 0.02 s a token; 2,000 is past what llama.cpp's recursive grammar parser takes.
+GRAMMAR_REPEAT = 1000
+# The product of the bounds of nested repeats in a pattern (`(a{0,16}){0,8}` is 128; `*` and `+`
+# count 2): `((a{0,256}){0,256})` (65,536) froze a worker's batch for minutes in one token.
+GRAMMAR_REPEAT_PRODUCT = 1024
+# Repeats nested in one another in a pattern: a hostname's `([a-z]+(-[a-z]+)*\.)+` is 3.
+GRAMMAR_REPEAT_NESTING = 3
+# The variable repeats one piece of text may be shared among in a pattern: those in a row, and the
+# repetitions of a group no fixed character of its own ends (`([a-z]{0,8}){0,8}` is 8). Each way to
+# share a token's text is one more stack: 16 `[a-z]*` in a row took 0.33 s a token, a hundred gave
+# none in 40 s; `([a-z]{0,8}){0,16}` took 2.3 s; `([a-z]{0,16}-){0,16}` (`-` ends each) 0.007 s.
+GRAMMAR_REPEAT_SPLITS = 8
+# Alternatives of one pattern group or one anyOf/oneOf: each is a stack while their text agrees
+# (256 objects of one shared property took 0.19 s a token; 256 two-letter codes 0.04 s).
+GRAMMAR_ALTERNATIVES = 256
+# Values of one enum, and the bytes of their JSON: 512 values fit a list of countries or time
+# zones; 1,024 values of 32 characters sharing a prefix took 0.4 s a token, and 256 strings of 256
+# characters (64 KiB) 5.9 s in a worker.
+GRAMMAR_ENUM_VALUES = 512
+GRAMMAR_ENUM_BYTES = 16384
+# Rules of the converted grammar: a schema of a few hundred properties has about a thousand.
+GRAMMAR_RULES = 4096

@@ -15,6 +15,11 @@ Changed from the original, and nothing else:
 - every `assert` that rejects a schema raises ValueError (`_require`), so a bad
   schema is refused under `python -O` too;
 - remote `$ref`s (https://) are refused: no fetching at request time;
+- `resolve_refs` resolves the refs beside a `$ref` too (a root `$ref` next to
+  the `$defs` it names, whose own refs the original left unresolved: every
+  recursive schema written that way failed with a KeyError), and `"#"` (the
+  root: a tree whose children are the schema itself); `_resolve_ref` names a
+  ref's rule as `_add_rule` spells it, so a recursive ref names a valid rule;
 - `json_schema_to_gbnf` says it returns a str; `pattern_to_gbnf` (at the end) is ours.
 """
 
@@ -241,7 +246,7 @@ class SchemaConverter:
             elif isinstance(n, dict):
                 ref = n.get("$ref")
                 if ref is not None and ref not in self._refs:
-                    if ref.startswith("#/"):
+                    if ref == "#" or ref.startswith("#/"):  # (tokenfan) "#": the root
                         target = schema
                         ref = f"{url}{ref}"
                         n["$ref"] = ref
@@ -253,8 +258,10 @@ class SchemaConverter:
                         target = target[sel]
 
                     self._refs[ref] = target
-                else:
-                    for v in n.values():
+                # (tokenfan) a node with a $ref is visited too: its siblings ($defs beside a root $ref)
+                # hold refs of their own, which the original left unresolved (a KeyError on a tree)
+                for k, v in n.items():
+                    if k != "$ref":
                         visit(v)
 
             return n
@@ -445,7 +452,9 @@ class SchemaConverter:
         )
 
     def _resolve_ref(self, ref):
-        ref_name = ref.split("/")[-1]
+        # (tokenfan) the rule's name as _add_rule spells it: a recursive ref returns it before the rule
+        # exists, and the raw text ("stdin#", "tree_node") is no valid rule name
+        ref_name = INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1])
         if ref_name not in self._rules and ref not in self._refs_being_resolved:
             self._refs_being_resolved.add(ref)
             resolved = self._refs[ref]

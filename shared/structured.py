@@ -21,10 +21,25 @@ too, each error naming the part of the schema (`properties.age.maxLength`):
   grammar longer than `MAX_GRAMMAR`;
 - escapes llama.cpp's grammar parser does not know (`\\d`, `\\w`, `\\.` inside
   `[...]`: the converter copies a pattern's escapes into the grammar as they
-  are, and llama.cpp would refuse the whole grammar in the worker).
+  are, and llama.cpp would refuse the whole grammar in the worker);
+- what makes llama.cpp's grammar matcher slow per token (issue 27): it keeps
+  one stack per way the text so far can be read and walks every candidate
+  token through every stack, so a pattern's nested repeats (the product of
+  their bounds, `GRAMMAR_REPEAT_PRODUCT`, and their nesting), the variable
+  repeats one piece of text may be shared among (`GRAMMAR_REPEAT_SPLITS`), wide alternations and enums
+  (`GRAMMAR_ALTERNATIVES`, `GRAMMAR_ENUM_VALUES`, `GRAMMAR_ENUM_BYTES`) and the
+  grammar's rule count (`GRAMMAR_RULES`) are bounded (shared/defaults.py says
+  why each value).
 
-What no check here can bound: how much work llama.cpp's grammar matcher does
-per token for a highly ambiguous pattern (docs/openai.md says so).
+Recursive schemas (`$ref` cycles: a tree) convert as llama.cpp converts them,
+into recursive rules; the walk here never follows a `$ref` (it checks `$defs`
+where they are), so it ends whatever the cycles, and the text's nesting is
+bounded by the stream's max_tokens. A cycle that reads no character before it
+comes back (`a: anyOf [$ref a, ...]`) is left recursion, which llama.cpp
+refuses: refused here first.
+
+What no check here can bound exactly, the worker bounds while sampling: a
+per-token time budget for the grammar (worker/batch.py).
 """
 
 from __future__ import annotations
@@ -32,13 +47,15 @@ from __future__ import annotations
 import functools
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 
+from tokenfan.shared import defaults as d
 from tokenfan.shared import jsongrammar
 
 JSON_OBJECT: Final[dict[str, Any]] = {"type": "object"}
 # The largest bound the converter may spell out (a string's length, an array's items, a pattern's {m,n}).
-MAX_REPEAT: Final = 256
+MAX_REPEAT: Final = d.GRAMMAR_REPEAT
 # Schema nesting: far beyond any real response format, well within Python's and llama.cpp's recursion.
 MAX_DEPTH: Final = 32
 MAX_PATTERN: Final = 1000
@@ -47,6 +64,15 @@ MAX_PATTERN: Final = 1000
 MAX_PROPERTIES: Final = 200
 # The converted grammar, in characters: a schema of a few hundred properties fits.
 MAX_GRAMMAR: Final = 128 * 1024
+MAX_RULES: Final = d.GRAMMAR_RULES
+REPEAT_PRODUCT: Final = d.GRAMMAR_REPEAT_PRODUCT
+REPEAT_NESTING: Final = d.GRAMMAR_REPEAT_NESTING
+REPEAT_SPLITS: Final = d.GRAMMAR_REPEAT_SPLITS
+ALTERNATIVES: Final = d.GRAMMAR_ALTERNATIVES
+ENUM_VALUES: Final = d.GRAMMAR_ENUM_VALUES
+ENUM_BYTES: Final = d.GRAMMAR_ENUM_BYTES
+# What `*` and `+` count in the product of nested repeats: unbounded, but one stack walks them.
+UNBOUNDED_FACTOR: Final = 2
 
 TYPES: Final = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
 BOUNDS: Final = ("minLength", "maxLength", "minItems", "maxItems")
@@ -71,16 +97,25 @@ def check(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise SchemaError("", "the schema must be a JSON object")
     _walk(schema, "", 0)
+    _check_cycles(schema)
     try:
         grammar = jsongrammar.json_schema_to_gbnf(json.dumps(schema))
     except RecursionError:
         raise SchemaError("", "the schema nests too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise SchemaError("", f"llama.cpp's converter cannot turn it into a grammar: {_short(exc)}") from None
-    if len(grammar) > MAX_GRAMMAR:
-        raise SchemaError("", f"its grammar has {len(grammar)} characters; at most {MAX_GRAMMAR} are allowed")
+    check_size(grammar, "its grammar")
     _lint(grammar)
     return grammar
+
+
+def check_size(grammar: str, what: str) -> None:
+    """A converted grammar's characters and rules are within MAX_GRAMMAR and MAX_RULES."""
+    if len(grammar) > MAX_GRAMMAR:
+        raise SchemaError("", f"{what} has {len(grammar)} characters; at most {MAX_GRAMMAR} are allowed")
+    rules = grammar.count(" ::= ")
+    if rules > MAX_RULES:
+        raise SchemaError("", f"{what} has {rules} rules; at most {MAX_RULES} are allowed (GRAMMAR_RULES)")
 
 
 def grammar(schema: dict[str, Any]) -> str:
@@ -114,13 +149,13 @@ def _walk(node: Any, where: str, depth: int) -> None:
     if "pattern" in node:
         _check_pattern(node["pattern"], _join(where, "pattern"))
     ref = node.get("$ref")
-    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#/")):
-        raise SchemaError(_join(where, "$ref"), "only local references (#/...) are supported")
+    if ref is not None and (not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/"))):
+        raise SchemaError(_join(where, "$ref"), "only local references (# or #/...) are supported")
     if "required" in node and not (isinstance(node["required"], list)
                                    and all(isinstance(r, str) for r in node["required"])):
         raise SchemaError(_join(where, "required"), "must be a list of property names")
-    if "enum" in node and not (isinstance(node["enum"], list) and node["enum"]):
-        raise SchemaError(_join(where, "enum"), "must be a non-empty list")
+    if "enum" in node:
+        _check_enum(node["enum"], _join(where, "enum"))
     for child, at in _children(node, where):
         _walk(child, at, depth + 1)
 
@@ -140,6 +175,9 @@ def _children(node: dict[str, Any], where: str) -> list[tuple[Any, str]]:
             value = node[key]
             if not isinstance(value, list) or not value:
                 raise SchemaError(_join(where, key), "must be a non-empty list of schemas")
+            if key in ("anyOf", "oneOf") and len(value) > ALTERNATIVES:
+                raise SchemaError(_join(where, key), f"has {len(value)} alternatives; at most {ALTERNATIVES} "
+                                                     "are allowed (GRAMMAR_ALTERNATIVES)")
             found += [(v, _join(_join(where, key), i)) for i, v in enumerate(value)]
     return found + _item_children(node, where)
 
@@ -159,11 +197,75 @@ def _item_children(node: dict[str, Any], where: str) -> list[tuple[Any, str]]:
     return found
 
 
+def _check_cycles(schema: dict[str, Any]) -> None:
+    """No `$ref` comes back to itself through refs and unions alone (`a: anyOf [{$ref a}, ...]`): that is
+    left recursion, which llama.cpp refuses in the worker. A cycle through an object's properties or an
+    array's items reads a `{` or `[` first, and is a recursive schema like any tree: fine."""
+    state: dict[str, bool] = {}  # False: on the path being followed; True: done, no cycle from it
+
+    def follow(ref: str, depth: int) -> None:
+        if state.get(ref) is False or depth > MAX_DEPTH:
+            raise SchemaError("$ref", f"{ref} refers back to itself before any object or array: "
+                                      "left recursion, which llama.cpp's grammars cannot hold")
+        if ref in state:
+            return
+        state[ref] = False
+        for nxt in _heads(_target(schema, ref)):
+            follow(nxt, depth + 1)
+        state[ref] = True
+
+    for ref in _refs_in(schema):
+        follow(ref, 0)
+
+
+def _heads(node: Any) -> list[str]:
+    """The refs a node may begin with, as the converter visits it (a `$ref` is all it sees of a node)."""
+    if not isinstance(node, dict):
+        return []
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        return [ref]
+    members = node.get("oneOf") or node.get("anyOf") or []
+    return [r for m in members for r in _heads(m)] if isinstance(members, list) else []
+
+
+def _target(schema: dict[str, Any], ref: str) -> Any:
+    node: Any = schema
+    for part in ref[2:].split("/") if ref != "#" else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _refs_in(schema: Any) -> list[str]:
+    """Every `$ref` string in a schema (a stack, not recursion: the walk bounded its depth already)."""
+    found, todo = [], [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                found.append(node["$ref"])
+            todo += node.values()
+        elif isinstance(node, list):
+            todo += node
+    return found
+
+
 def _check_type(kind: Any, where: str) -> None:
     kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
     for k in kinds:
         if not isinstance(k, str) or k not in TYPES:
             raise SchemaError(where, f"unknown type {json.dumps(k)[:40]}; one of {', '.join(sorted(TYPES))}")
+
+
+def _check_enum(values: Any, where: str) -> None:
+    if not (isinstance(values, list) and values):
+        raise SchemaError(where, "must be a non-empty list")
+    if len(values) > ENUM_VALUES:
+        raise SchemaError(where, f"has {len(values)} values; at most {ENUM_VALUES} are allowed (GRAMMAR_ENUM_VALUES)")
+    size = len(json.dumps(values).encode())
+    if size > ENUM_BYTES:
+        raise SchemaError(where, f"its values take {size} bytes of JSON; at most {ENUM_BYTES} are allowed "
+                                 "(GRAMMAR_ENUM_BYTES)")
 
 
 def _check_bounds(node: dict[str, Any], where: str) -> None:
@@ -186,6 +288,7 @@ def _check_pattern(pattern: Any, where: str) -> None:
         if any(g and int(g) > MAX_REPEAT for g in m.groups()):
             raise SchemaError(where, f"the quantifier {m.group(0)} is over {MAX_REPEAT}")
     _check_groups(pattern, where)
+    PatternCost(pattern, where).check()
     try:
         _lint(jsongrammar.pattern_to_gbnf(pattern))
     except SchemaError as exc:
@@ -214,6 +317,138 @@ def _check_groups(pattern: str, where: str) -> None:
         i += 1
     if depth:
         raise SchemaError(where, "unbalanced parentheses")
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """What a part of a pattern costs the matcher: the largest product of its nested repeats' bounds,
+    how deep they nest, and `splits`: among how many variable repeats one piece of text may be shared
+    (each way to share it is a stack of llama.cpp's matcher). `chars` and `classes` are the part's
+    own fixed characters and character classes, to tell whether a fixed character delimits it."""
+
+    product: int = 1
+    nesting: int = 0
+    splits: int = 0
+    chars: frozenset[str] = frozenset()
+    classes: tuple[str, ...] = ()
+
+    def join(self, other: _Cost) -> _Cost:
+        return _Cost(max(self.product, other.product), max(self.nesting, other.nesting),
+                     max(self.splits, other.splits), self.chars | other.chars, self.classes + other.classes)
+
+    def delimited(self) -> bool:
+        """Whether a fixed character of its own, matched by none of its classes, ends each repetition."""
+        return any(not any(_in_class(c, k) for k in self.classes) for c in self.chars)
+
+
+def _in_class(char: str, klass: str) -> bool:
+    try:
+        return re.fullmatch(klass, char) is not None
+    except re.error:
+        return True
+
+
+class PatternCost:
+    """A pattern's nested repeats and alternations, against the GRAMMAR_* bounds.
+
+    A small reader of what the converter takes (groups, classes, escapes, `|`, `* + ? {m,n}`), run
+    after `_check_groups` balanced the parentheses: a group costs the most of its alternatives, a
+    repeat multiplies what it repeats by its upper bound (`*` and `+` by UNBOUNDED_FACTOR). Measured
+    with SmolLM2's vocabulary (49,152 tokens), per token: `([a-z]{0,8}){0,8}` 0.05 s,
+    `([a-z]{0,8}){0,16}` 2.3 s, `([a-z]{0,16}){0,16}` over 20 s, while `([a-z]{0,16}-){0,16}`, whose
+    `-` ends each repetition, takes 0.007 s; 8 `[a-z]*` in a row 0.012 s, 16 of them 0.33 s."""
+
+    def __init__(self, pattern: str, where: str) -> None:
+        self.p, self.where, self.i = pattern, where, 0
+
+    def check(self) -> _Cost:
+        cost = self._alternation()
+        while self.i < len(self.p):  # a stray `)`, which the converter refuses anyway
+            self.i += 1
+            cost = cost.join(self._alternation())
+        return cost
+
+    def _alternation(self) -> _Cost:
+        cost, branches, run = _Cost(), 1, 0
+        while self.i < len(self.p) and self.p[self.i] != ")":
+            if self.p[self.i] in "^$|":
+                if self.p[self.i] == "|":
+                    branches, run = branches + 1, 0
+                    self._check(branches <= ALTERNATIVES, f"a group has more than {ALTERNATIVES} alternatives "
+                                                          "(GRAMMAR_ALTERNATIVES)")
+                self.i += 1
+                continue
+            part = self._repeated(*self._atom())
+            run = run + part.splits if part.splits else 0
+            self._check(run <= REPEAT_SPLITS, f"text may be shared among {run} variable repeats in a row; at "
+                                              f"most {REPEAT_SPLITS} are allowed (GRAMMAR_REPEAT_SPLITS)")
+            cost = cost.join(part)
+            cost = _Cost(cost.product, cost.nesting, max(cost.splits, run), cost.chars, cost.classes)
+        return cost
+
+    def _atom(self) -> tuple[_Cost, bool]:
+        """The next atom's cost, and whether it is a group."""
+        c, start = self.p[self.i], self.i
+        self.i += 1
+        if c == "(":
+            inner = self._alternation()
+            self.i += 1
+            return inner, True
+        if c == "[":
+            while self.i < len(self.p) and self.p[self.i] != "]":
+                self.i += 2 if self.p[self.i] == "\\" else 1
+            self.i += 1
+            klass = self.p[start:self.i]
+            if re.fullmatch(r"\[\\?[^]^\\]\]", klass):  # `[.]`: one character, as JSON schemas write it
+                return _Cost(chars=frozenset(klass[-2])), False
+            return _Cost(classes=(klass,)), False
+        if c == ".":
+            return _Cost(classes=(".",)), False
+        if c == "\\":
+            self.i += 1
+            c = self.p[self.i - 1:self.i]
+        return _Cost(chars=frozenset(c)), False
+
+    def _repeated(self, cost: _Cost, group: bool) -> _Cost:
+        while (q := self._quantifier()) is not None:
+            factor, variable = q
+            if group and not cost.delimited():
+                splits = max(cost.splits, 1) * factor if variable or cost.splits else 0
+            else:
+                splits = 1 if variable else 0
+            chars, classes = cost.chars, cost.classes
+            if variable:  # a character that may be absent or repeated ends nothing: it is one more class
+                chars, classes = frozenset(), classes + tuple(re.escape(c) for c in sorted(chars))
+            cost = _Cost(cost.product * factor, cost.nesting + 1, splits, chars, classes)
+            self._check(cost.nesting <= REPEAT_NESTING, f"repeats nest more than {REPEAT_NESTING} deep "
+                                                        "(GRAMMAR_REPEAT_NESTING)")
+            self._check(cost.product <= REPEAT_PRODUCT, f"nested repeats allow {cost.product} repetitions; at most "
+                                                        f"{REPEAT_PRODUCT} are allowed (GRAMMAR_REPEAT_PRODUCT)")
+            self._check(cost.splits <= REPEAT_SPLITS, f"text may be shared among {cost.splits} repetitions of a "
+                                                      f"group; at most {REPEAT_SPLITS} are allowed (a fixed "
+                                                      "character in the group ends each one) (GRAMMAR_REPEAT_SPLITS)")
+        return cost
+
+    def _quantifier(self) -> tuple[int, bool] | None:
+        """The next quantifier's upper bound (as a factor) and whether it allows more than one count."""
+        c = self.p[self.i:self.i + 1]
+        if c in ("*", "+", "?"):
+            self.i += 1
+            return (1 if c == "?" else UNBOUNDED_FACTOR), True
+        m = _QUANTIFIER.match(self.p, self.i)
+        if c != "{" or m is None:
+            return None
+        self.i = m.end()
+        lo, hi = int(m.group(1) or 0), m.group(2)
+        if "," not in m.group(0):
+            return max(lo, 1), False
+        if not hi:
+            return lo + UNBOUNDED_FACTOR, True
+        return max(int(hi), 1), int(hi) != lo
+
+    def _check(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise SchemaError(self.where, message)
 
 
 def _lint(gbnf: str) -> None:

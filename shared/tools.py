@@ -78,8 +78,8 @@ def grammar(tools: Sequence[dict[str, Any]], max_calls: int) -> str:
 
 
 def check(tools: Sequence[dict[str, Any]]) -> None:
-    """Every tool's parameters convert (SchemaError naming `{i}.function.parameters.{part}`) and the
-    grammar of them all fits in `structured.MAX_GRAMMAR`."""
+    """Every tool's parameters convert within structured's bounds (SchemaError naming
+    `{i}.function.parameters.{part}`), and the grammar of them all fits in its size and rule bounds."""
     for i, tool in enumerate(tools):
         try:
             structured.check(parameters(tool))
@@ -90,9 +90,7 @@ def check(tools: Sequence[dict[str, Any]]) -> None:
         text = grammar(tools, MAX_CALLS)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
         raise structured.SchemaError("", f"the tools' grammar cannot be built: {exc}") from None
-    if len(text) > structured.MAX_GRAMMAR:
-        raise structured.SchemaError("", f"the tools' grammar has {len(text)} characters; at most "
-                                         f"{structured.MAX_GRAMMAR} are allowed")
+    structured.check_size(text, "the tools' grammar")
 
 
 def call_id(stream_id: str, index: int, k: int) -> str:
