@@ -15,6 +15,9 @@ Scenarios (docs/benchmarks.md says how each is measured and why):
 8. `versus`   this checkout's API against another commit's (`--against DIR`, a checkout of it), in
               alternating pairs: relay p50/p99 and CPU per event at 100 streams, events/s flat out,
               memory per idle stream; each figure's change. Runs only when named.
+9. `repack`   TOKENFAN_CPU_REPACK on against off, each side a process of its own, in alternating pairs:
+              weights per buffer type, load time, prefill and decode tokens/s, on the bundled Q4_1 and
+              a Q4_0 made from it (the quant llama.cpp repacks). Runs only when named.
 
 Every scenario starts its own Redis and processes and stops them at its
 end; progress goes to stderr; the figures go to a JSON file, Markdown
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenfan.bench.batch import Plan
 
-SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos", "versus")
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos", "versus", "repack")
 # What a run with no scenario named runs: the soak takes ten minutes and measures no speed.
 DEFAULT_SCENARIOS = SCENARIOS[:6]
 ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
@@ -149,7 +152,7 @@ def add_parser(sub: Any) -> None:
                        "worker-kill, worker-term, api-kill, api-term, redis-restart)")
     vs = p.add_argument_group("versus")
     vs.add_argument("--against", type=Path, help="versus: a checkout of the commit to compare with (its root)")
-    vs.add_argument("--pairs", type=int, help="versus: alternating pairs of runs (default 3; --quick 1)")
+    vs.add_argument("--pairs", type=int, help="versus, repack: alternating pairs of runs (default 3; --quick 1)")
 
 
 def default_threads() -> int:
@@ -304,9 +307,16 @@ def _versus(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any
     return versus(stack, args.against, plan(args.quick, args.pairs))
 
 
+def _repack(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.bench.repack import repack_cost
+
+    pairs = args.pairs or (1 if args.quick else 3)
+    return repack_cost(args.threads, pairs, 8 if args.quick else 64)
+
+
 RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
     "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server, "batch": _batch,
-    "chaos": _chaos, "versus": _versus,
+    "chaos": _chaos, "versus": _versus, "repack": _repack,
 }
 
 

@@ -30,6 +30,7 @@ TITLES = {
     "batch": "6. Batching: one worker's slots against llama.cpp's llama-server",
     "chaos": "7. Chaos soak: workers, API processes and Redis killed under load",
     "versus": "8. This API against another commit's, side by side",
+    "repack": "9. CPU weight repacking on and off (TOKENFAN_CPU_REPACK)",
 }
 
 
@@ -286,6 +287,12 @@ def _versus_table(r: dict[str, Any]) -> list[str]:
     return versus_table(r)
 
 
+def _repack_table(r: dict[str, Any]) -> list[str]:
+    from tokenfan.bench.repack import repack_table
+
+    return repack_table(r)
+
+
 def _chaos_table(r: dict[str, Any]) -> list[str]:
     from tokenfan.bench.chaos import chaos_table
 
@@ -294,7 +301,7 @@ def _chaos_table(r: dict[str, Any]) -> list[str]:
 
 TABLES = {"relay": _relay_table, "capacity": _capacity_table, "ttft": _ttft_table, "e2e": _e2e_table,
           "server": _server_table, "batch": _batch_table, "chaos": _chaos_table,
-          "versus": _versus_table}
+          "versus": _versus_table, "repack": _repack_table}
 
 
 # --- the chart --------------------------------------------------------------

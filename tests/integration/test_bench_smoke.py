@@ -115,3 +115,18 @@ def test_versus_refuses_a_folder_that_is_no_checkout(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="is it a checkout"):
         versus.check_checkout(tmp_path, tmp_path / "scratch")
 
+
+
+
+@pytest.mark.model
+def test_repack_on_and_off_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "repack")
+    assert [row["model"].rsplit(".", 2)[-2] for row in result["models"]] == ["Q4_1", "requant-Q4_0"]
+    for row in result["models"]:
+        assert len(row["on"]) == len(row["off"]) == 1
+        for side in row["on"] + row["off"]:
+            assert "crashed" in side or (side["decode_tps"] > 0 and side["prefill_tps"] > 0), side
+        off = row["off"][0]
+        if "crashed" not in off:  # extra buffer types off: every weight in the plain CPU buffer
+            assert set(off["buffers"]) <= {"CPU_Mapped", "CPU"}, off["buffers"]
+    assert "9. CPU weight repacking" in (tmp_path / "benchmarks.md").read_text()
