@@ -83,7 +83,8 @@ ABANDON_GRACE_S = 60.0
 # A stream handed over must be taken by another worker within this, or it
 # ends with a retryable error: a viewer never waits on a queue nobody serves.
 FAILOVER_WAIT_S = 15.0
-# Takeovers per stream before it is ended with an error: a prompt that
+# Workers a stream may lose (died, or let its lease lapse) before it ends
+# with an error, not handed on again: a prompt that
 # crashes every worker must not take the fleet down one by one.
 MAX_ATTEMPTS = 3
 # RQ's own job timeout, a backstop behind tokenfan's per-token checks.
@@ -216,3 +217,8 @@ GRAMMAR_ENUM_VALUES = 512
 GRAMMAR_ENUM_BYTES = 16384
 # Rules of the converted grammar: a schema of a few hundred properties has about a thousand.
 GRAMMAR_RULES = 4096
+# A worker's grammar time for one token of one stream (worker/batch.py): past it that stream ends with
+# `grammar_too_slow`, the batch goes on. Every other stream of the batch waits for it each token; what
+# the bounds above let through takes well under 0.05 s a token on 256 candidates, 0.4 s at worst on a
+# whole 49k vocabulary.
+GRAMMAR_TOKEN_BUDGET_S = 1.0

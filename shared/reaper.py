@@ -4,8 +4,11 @@ Every worker and every API process runs `reap` about once a second; the
 acquire script makes the claim atomic, so two reapers never both act on a
 stream. A reaped stream is continued by another worker (its payload goes
 back to the front of its model's queue with `attempt + 1`) or, when
-failover is `error`, no live worker serves the model, or the stream has
-used up its attempts, ended with a retryable `error` event.
+failover is `error` or no live worker serves the model, ended with a
+retryable `error` event. A stream whose worker was lost `max_attempts`
+times (each died or let the lease lapse while serving it; a hand-back on
+SIGTERM is not a loss) is a poison job: it would take the next worker down
+the same way, so it ends with a non-retryable `error` `poison_stream`.
 
 Reapers find streams through the lease index (`tf:leases`, stream id ->
 deadline). The index is a second record beside each stream's own state, so
@@ -39,6 +42,9 @@ from tokenfan.shared.settings import CommonSettings
 from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
+
+# The error code of a stream that lost `max_attempts` workers (issue 27): retrying it would do the same.
+POISON = "poison_stream"
 
 
 def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
@@ -166,10 +172,18 @@ def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPa
 
 def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq: int, state: StreamState) -> None:
     dead = state.worker
+    lost = StreamState.count_loss(bus.redis, sid)
+    if lost >= settings.max_attempts:  # a poison job must not walk the fleet
+        msg = (f"this stream's worker stopped while serving it (it died or let its lease lapse) {lost} times, on "
+               f"{lost} workers; it is not handed on again (TOKENFAN_MAX_ATTEMPTS={settings.max_attempts})")
+        end_with_error(bus, sid, reaper, seq, POISON, msg, False)
+        log.error("Reaper %s: stream %s lost its worker %d times (last %s); ended it as a poison stream", reaper,
+                  sid, lost, dead)
+        return
     payload = JobPayload.model_validate(orjson.loads(state.request))
     attempt = max(state.attempt, payload.attempt) + 1
     others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]
-    can_continue = settings.failover == "continue" and attempt < settings.max_attempts and others
+    can_continue = settings.failover == "continue" and others
     payload.attempt = attempt
     if can_continue and hand_over(bus, settings, reaper, payload):
         log.warning("Reaper %s: stream %s lost its worker; continuing it (attempt %d)", reaper, sid, attempt)

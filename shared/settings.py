@@ -67,8 +67,8 @@ class CommonSettings(BaseSettings):
         "an error")
     failover_wait_s: float = Field(default=d.FAILOVER_WAIT_S, description="seconds a handed-over stream waits for "
                                    "another worker before it ends with an error")
-    max_attempts: int = Field(default=d.MAX_ATTEMPTS, description="takeovers of one stream before it ends with an "
-                              "error")
+    max_attempts: int = Field(default=d.MAX_ATTEMPTS, description="workers a stream may lose (each died or let its "
+                              "lease lapse while serving it) before it ends with error poison_stream")
     job_timeout_s: int = Field(default=d.JOB_TIMEOUT_S, description="RQ's own job timeout in seconds, a backstop")
     # Issue 16: a bound on every stream, whatever Redis lost.
     sweep_interval_s: float = Field(default=d.SWEEP_INTERVAL_S, gt=0, description="seconds between rebuilds of "

@@ -93,6 +93,7 @@ class Field(StrEnum):
     ATTEMPT = "attempt"  # takeovers so far
     CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
     REQUEST = "request"  # the job payload (JSON), for a takeover
+    LOST = "lost"  # workers that died or let its lease lapse while serving it (a hand-back is not one)
 
 
 # Everything but the payload, which can be as large as the request body.
@@ -116,6 +117,7 @@ class StreamState:
     attempt: int = 0
     cancel_on_disconnect: bool = False
     request: bytes = b""
+    lost: int = 0
 
     @classmethod
     def parse(cls, raw: Mapping[Any, Any]) -> StreamState | None:
@@ -135,6 +137,7 @@ class StreamState:
             attempt=int(text.get(Field.ATTEMPT) or 0),
             cancel_on_disconnect=text.get(Field.CANCEL_ON_DISCONNECT, "0") == "1",
             request=request.encode() if isinstance(request, str) else request,
+            lost=int(text.get(Field.LOST) or 0),
         )
 
     def to_hash(self) -> dict[str, str | int | float | bytes]:
@@ -148,12 +151,19 @@ class StreamState:
             Field.ATTEMPT: self.attempt,
             Field.CANCEL_ON_DISCONNECT: int(self.cancel_on_disconnect),
             Field.REQUEST: self.request,
+            Field.LOST: self.lost,
         }
 
     def create(self, pipe: Any, stream_id: str, ttl_s: int) -> None:
         """Queue the record's write on a pipeline (sync or asyncio: both buffer the calls)."""
         pipe.hset(keys.state(stream_id), mapping=self.to_hash())
         pipe.expire(keys.state(stream_id), ttl_s)
+
+    @staticmethod
+    def count_loss(redis: Redis, stream_id: str) -> int:
+        """One more worker lost the stream (a reaper claimed its lapsed lease); how many have now. Only
+        for a record that exists: HINCRBY on a gone one would make a record without a TTL."""
+        return int(redis.hincrby(keys.state(stream_id), Field.LOST, 1))
 
     @classmethod
     def load(cls, redis: Redis, stream_id: str, *, with_request: bool = True) -> StreamState | None:
