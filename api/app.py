@@ -299,7 +299,11 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         try:
             await edge.redis.ping()
         except redis.RedisError as exc:
-            return JSONResponse({"status": "unready", "reason": f"Redis unreachable: {exc}"}, status_code=503)
+            # The reason names no address (anyone may ask: probes carry no key); the admin key sees why.
+            body = {"status": "unready", "reason": "Redis unreachable"}
+            if await _admin_asks(edge, request):
+                body["detail"] = str(exc)
+            return JSONResponse(body, status_code=503)
         missing = [m for m in edge.settings.served_models() if not await edge.live_workers(m)]
         if missing:
             return JSONResponse({"status": "unready", "reason": f"no live worker for: {', '.join(missing)}"},
@@ -324,6 +328,14 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         if not page.is_file():
             raise NotFound("the chat page is not installed")
         return FileResponse(page)
+
+
+async def _admin_asks(edge: Edge, request: Request) -> bool:
+    """Whether the request carries an admin key this process can check (Redis may be down)."""
+    try:
+        return (await edge.auth.admin(request)).admin
+    except (TokenfanError, redis.RedisError):
+        return False
 
 
 def _writer(fmt: str, sid: str, state: StreamState, request: Request) -> NativeWriter | OpenAIWriter:

@@ -9,9 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import redis
+
 from tokenfan.shared import apikeys, keys
 from tokenfan.shared.apikeys import KeyRecord
-from tokenfan.shared.redisconn import sync_client
+from tokenfan.shared.errors import Unavailable
+from tokenfan.shared.redisconn import redacted, sync_client
 
 
 class _Store:
@@ -37,7 +40,15 @@ class _Store:
 
 
 def run(args: argparse.Namespace, redis_url: str | None) -> int:
-    store = _Store(args, redis_url)
+    """One command; a Redis that cannot be reached is one line (Unavailable: exit 2), not a traceback."""
+    try:
+        return _run(_Store(args, redis_url), args)
+    except redis.RedisError as exc:
+        raise Unavailable(f"cannot reach Redis at {redacted(redis_url or '')} (REDIS_URL): {exc}; "
+                          "or use --file for a key file", code="redis_unavailable") from None
+
+
+def _run(store: _Store, args: argparse.Namespace) -> int:
     if args.keys_command == "add":
         key, rec = apikeys.make_record(args.tenant, admin=args.admin, max_concurrent=args.max_concurrent,
                                        rpm=args.rpm)
