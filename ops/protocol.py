@@ -11,14 +11,23 @@ shape and closes the connection:
 - the request line and headers: at most `max_header_bytes` received before
   they are complete, else 431 (414 when the request line alone is that long).
   Counted per read, after the parser has seen it, so one connection holds at
-  most the bound plus one read (uvloop reads 256 KB at a time).
+  most the bound plus one read (uvloop reads 256 KB at a time); and a head
+  that came whole in one read is measured from the parser's own pieces (its
+  URL, each header's name and value) before the app sees it (issue 27: a
+  126 KB head in one read was accepted).
 - their time: `header_timeout_s` from the connection's start (a connection that
   sends nothing is closed without an answer), or on a kept-alive connection
   from the next request's first byte: an idle kept-alive connection is
   uvicorn's `timeout_keep_alive`, as before.
 - the body's time: `body_timeout_s` for the whole body from the end of the
-  headers (408 when no response has started, else just the close). nginx
-  times the gap between two reads, which a byte every few seconds never trips.
+  headers (408 when no response has started, else just the close: a request
+  that promised a body and got its answer without it is not answered twice).
+  nginx times the gap between two reads, which a byte every few seconds
+  never trips.
+- HTTP/1.0: uvicorn answers it with chunks (1.0 has none: RFC 9112, 6.1) and
+  `connection: close` beside the app's own `keep-alive`: a response without a
+  length is sent as 1.0 frames it, ended by the close, under one
+  `connection: close`.
 
 Deliberate departures from the obvious:
 - one timer per connection, re-armed per phase, not a task: a timer handle
@@ -42,11 +51,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from tokenfan.api.middleware import error_json
 
 log = logging.getLogger(__name__)
+
+# What the parser's pieces leave out: a header's ": " and line end; the request line's method, spaces
+# and version (a lower bound: the test is that the bound holds, not its last byte).
+HEADER_FRAMING = 4
+LINE_FRAMING = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +82,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._line_ended = False  # a line break was seen in this head: past the request line
         self._got_bytes = False
         self._timer: asyncio.TimerHandle | None = None
+        self._parsed = 0  # this head's bytes as the parser handed them over
+        self._refused = False  # a head refused: nothing more of this connection reaches the app
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -87,18 +103,45 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_too_large()
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        self._parsed = LINE_FRAMING
         super().on_message_begin()
         if self._timer is None:  # a kept-alive connection's next request: timed from its first byte
             self._arm(self.limits.header_timeout_s, self._head_timed_out)
 
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            self._parsed += len(url)
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._refused:
+            self._parsed += len(name) + len(value) + HEADER_FRAMING
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        if self._parsed > self.limits.max_header_bytes:  # it came in one read: the app never sees it
+            self._refused = True
+            self._head_too_large()
+            return
         self._in_head = False
         self._head_bytes = 0
         self._line_ended = False
         self._arm(self.limits.body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
+        if self.parser.get_http_version() == "1.0" and self.cycle is not None:
+            _frame_as_http10(self.cycle)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
         self._in_head = True
         super().on_message_complete()
@@ -129,6 +172,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         self._timer = None
+        if self.cycle is not None and self.cycle.response_started:  # answered without its body: just close
+            log.info("API: the body promised by %s never came after its response; closing the connection",
+                     _peer(self.client))
+            self.transport.close()
+            return
         self._refuse(408, "request_timeout", f"the request body did not arrive within "
                      f"{self.limits.body_timeout_s:g} s")
 
@@ -147,6 +195,29 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
+
+
+def _frame_as_http10(cycle: RequestResponseCycle) -> None:
+    """An HTTP/1.0 request's response: one `connection` header (uvicorn's close: 1.0 keeps no
+    connection alive here), and a body without a length sent as is, ended by the close, not in
+    chunks. uvicorn's cycle skips its chunking when `chunked_encoding` is decided (False) before
+    the response starts, and checks each body part against `expected_content_length`."""
+    send = cycle.send
+    unframed = False
+
+    async def send_http10(message: Any) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start":
+            headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != b"connection"]
+            message = {**message, "headers": headers}
+            unframed = not any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
+            if unframed:
+                cycle.chunked_encoding = False
+        elif message["type"] == "http.response.body" and unframed:
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    setattr(cycle, "send", send_http10)  # noqa: B010 (an instance's bound method, replaced before the app runs)
 
 
 def guarded(limits: Limits) -> type[GuardedProtocol]:

@@ -95,6 +95,13 @@ class _Conn:
         return Outcome(_status(got), self.closed, self.sent, time.monotonic() - self.t0, got)
 
 
+def one_write(port: int, data: bytes, deadline_s: float) -> Outcome:
+    """`data` in one write (a whole head arrives in one read), then whatever the server answers."""
+    c = _Conn(port, deadline_s)
+    c.send(data)
+    return c.finish()
+
+
 def silent(port: int, deadline_s: float) -> Outcome:
     """Connect and send nothing."""
     return _Conn(port, deadline_s).finish()
