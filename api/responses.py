@@ -10,22 +10,27 @@ written once when the response is made.
 Sequence numbers are a pure function of the log, so any API replica
 renders the same `sequence_number` for the same event and a client that
 read part-way on one resumes with `starting_after` on another exactly
-once. The log event at `seq` s renders as:
+once: the renderer reads the log from seq 1 and numbers every event it
+renders 0, 1, 2, … with no gap. The log's events render as:
 
-- `meta` at seq 1: `response.created` (0), `response.in_progress` (1),
-  `response.output_item.added` (2), `response.content_part.added` (3);
-- `disclosure`, or a takeover's `meta` (s >= 2): `keepalive` (s+2), the event OpenAI
-  itself sends mid-stream (openai-node's `ResponseKeepAliveEvent`: no response in it);
-- `token`: `response.output_text.delta` (s+2);
-- `done` (s >= 2): `response.output_text.done` (s+2), `response.content_part.done`
-  (s+3), `response.output_item.done` (s+4), then `response.completed`, or
-  `response.incomplete` for a length limit or a cancel (s+5);
-- `error` (s >= 2): `error` (s+2), `response.failed` (s+3);
-- `done` or `error` at seq 1 (it ended before a worker took it: a cancel while
-  queued): `response.created` (0), then `response.incomplete` (1), or `error`
-  (1) and `response.failed` (2).
+- `meta` at seq 1: `response.created`, `response.in_progress`;
+- `disclosure`, or a takeover's `meta`: `keepalive`, the event OpenAI itself
+  sends mid-stream (openai-node's `ResponseKeepAliveEvent`: no response in it);
+- a `token` with text: `response.output_text.delta`, after
+  `response.output_item.added` and `response.content_part.added` when no
+  message item is being written (the first text, or text after a call);
+- a `token` with a `tool_call` piece: the first piece of a call closes the
+  item being written (its done events) and adds a `function_call` item
+  (`fc_` + the stream's id + `_` + the call's index; `call_id` the chat
+  call's id), then `response.function_call_arguments.delta` per piece;
+- `done`: the open item's done events (`response.output_text.done`,
+  `response.content_part.done` or `response.function_call_arguments.done`;
+  `response.output_item.done`), then `response.completed`, or
+  `response.incomplete` for a length limit or a cancel; before any `meta`
+  (a cancel while queued) `response.created` first;
+- `error`: `error`, `response.failed`.
 
-Every stream so numbers its events 0, 1, 2, … with no gap. The SSE `id:` of each event is its
+The SSE `id:` of each event is its
 sequence_number, so `Last-Event-ID` resumes like `starting_after`.
 A read resumed after N follows the stream from its start (the log, then
 live) and writes only what renders above N: the text of the final events
@@ -37,8 +42,11 @@ Deliberate departures from the obvious:
   items, and the SDKs' accumulators (openai-node's `responses.stream()`)
   take its `response` as the new snapshot, so one with `output: []` after
   `response.output_item.added` dropped the message ("missing output at
-  index 0", issue 26). Not sending them at all would leave a gap in the
-  numbers, which is how a client sees a lost or repeated event;
+  index 0", issue 26). An event, not nothing: a raw reader still sees the
+  takeover happen;
+- an output item is added when its first piece comes (OpenAI's order), not
+  when the stream starts: a response that only calls a function has no
+  empty message before its calls;
 - the record is written with the running stream's TTL (`log_active_ttl_s`)
   and is one of the stream's keys (`keys.response`): the terminal publish
   expires it with the log, so a finished response is kept exactly the log's
@@ -77,13 +85,14 @@ from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
 from tokenfan.shared.errors import InvalidRequest, NotFound, Timeout, TokenfanError
 from tokenfan.shared.events import Event
-from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, OpenAIRequest, Role, Text
+from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, OpenAIRequest, ParamError, Role, Text
 from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 
 RESP_PREFIX = "resp_"
 MSG_PREFIX = "msg_"
+FC_PREFIX = "fc_"
 # The viewer entry that keeps a background response from being stopped as abandoned: nobody watches it.
 BACKGROUND_VIEWER = "background"
 # A cancel answers with the response as it ended; a worker ends it within two tokens, a queued one at once.
@@ -94,10 +103,10 @@ METADATA_MAX_KEY = 64
 METADATA_MAX_VALUE = 512
 # What a disclosure or a takeover renders as: OpenAI's own mid-stream event that carries no snapshot.
 KEEPALIVE = "keepalive"
-# Events after the log event at seq s start at sequence_number s + this (the table above).
-SN_OFFSET = 2
-# The most sequence numbers one log event renders to past its first (a `done`).
-SN_SPREAD = 3
+# The most events one log event renders to (a call's first piece after a message: the message's three
+# done events, the call's added and its first delta; closing a call first is two more): a bound on
+# what a `starting_after` can be, checked before the log is read.
+SN_PER_EVENT = 8
 # OpenAI's ResponseError codes our error codes map onto; any other is "server_error".
 ERROR_CODES = {"context_length_exceeded": "invalid_prompt", "rate_limit_exceeded": "rate_limit_exceeded"}
 # Parameters whose meaning tokenfan does not carry out yet: refused, never silently dropped.
@@ -146,6 +155,26 @@ class TextFormat(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+class FunctionTool(BaseModel):
+    """A Responses function tool: the chat tool's `function`, flat (`{"type", "name", "parameters", ...}`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+    def chat(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
+
+
+class FunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: Text
+
+
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     format: TextFormat | None = None
@@ -164,7 +193,9 @@ class ResponsesRequest(OpenAIRequest):
     metadata: dict[Text, Text] | None = None
     text: TextConfig | None = None
     user: Text | None = None
-    tools: list[Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: Bool | None = None
     top_logprobs: Int | None = None
     previous_response_id: Any = None
     conversation: Any = None
@@ -197,9 +228,6 @@ class ResponsesRequest(OpenAIRequest):
         for name in UNSUPPORTED:
             if getattr(self, name) is not None:
                 raise InvalidRequest(f"{name} is not supported yet", code="unsupported_parameter", param=name)
-        if self.tools:
-            raise InvalidRequest("tools are not supported yet on /v1/responses", code="unsupported_parameter",
-                                 param="tools")
         if self.top_logprobs:
             raise InvalidRequest("top_logprobs is not supported yet on /v1/responses",
                                  code="unsupported_parameter", param="top_logprobs")
@@ -216,7 +244,21 @@ def _param(name: str | None) -> str | None:
     if name is None:
         return None
     head, dot, rest = name.partition(".")
+    if head in ("tools", "tool_choice"):  # the chat tool's `function` is the Responses tool itself
+        rest = rest.replace("function.", "", 1)
     return _PARAMS.get(head, head) + dot + rest
+
+
+def _chat_tools(req: ResponsesRequest) -> dict[str, Any]:
+    """The chat request's tools, tool_choice and parallel_tool_calls, where given."""
+    out: dict[str, Any] = {"tools": [t.chat() for t in req.tools]} if req.tools else {}
+    if isinstance(req.tool_choice, FunctionChoice):
+        out["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.name}}
+    elif req.tool_choice is not None:
+        out["tool_choice"] = req.tool_choice
+    if req.parallel_tool_calls is not None:
+        out["parallel_tool_calls"] = req.parallel_tool_calls
+    return out
 
 
 def to_chat(req: ResponsesRequest) -> ChatRequest:
@@ -226,6 +268,7 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
         if getattr(req, ours) is not None:
             body[theirs] = getattr(req, ours)
+    body |= _chat_tools(req)
     fmt = req.text.format if req.text else None
     wanted = fmt.response_format() if fmt else None
     if wanted is not None:
@@ -237,9 +280,19 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = _param(".".join(str(p) for p in first["loc"]) or None)
+        cause = first.get("ctx", {}).get("error")
+        where = cause.param if isinstance(cause, ParamError) else ".".join(str(p) for p in first["loc"])
+        param = _param(where or None)
         msg = str(first["msg"]).removeprefix("Value error, ")
+        if isinstance(cause, ParamError):  # its message starts with the chat request's name of the field
+            msg = msg.removeprefix(f"{cause.param}: ")
         raise InvalidRequest(f"{param}: {msg}" if param else msg, code="invalid_value", param=param) from None
+
+
+def _choice_echo(req: ResponsesRequest) -> str | dict[str, Any]:
+    if isinstance(req.tool_choice, FunctionChoice):
+        return req.tool_choice.model_dump()
+    return req.tool_choice or "auto"
 
 
 # --- the record and the response object --------------------------------------------------------
@@ -258,6 +311,9 @@ class Record(BaseModel):
     top_p: float
     text_format: dict[str, Any]
     user: str | None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
 
 
 
@@ -307,112 +363,167 @@ def _part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _message(view: View, status: str, text: str) -> dict[str, Any]:
-    item_status = {"completed": "completed", "queued": "in_progress", "in_progress": "in_progress"}
-    return {"id": view.msg_id, "type": "message", "role": "assistant",
-            "status": item_status.get(status, "incomplete"), "content": [_part(text)]}
+def _item_status(status: str) -> str:
+    """An output item's status once its response is `status`."""
+    return {"completed": "completed", "queued": "in_progress", "in_progress": "in_progress"}.get(status, "incomplete")
 
 
-def response_object(view: View, status: str, text: str | None, end: Event | None = None) -> dict[str, Any]:
-    """OpenAI's `response` object; `text` None while no output item is open (nothing generated yet)."""
+def response_object(view: View, status: str, output: list[dict[str, Any]], end: Event | None = None
+                    ) -> dict[str, Any]:
+    """OpenAI's `response` object with its output items as they are."""
     rec = view.rec
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
         "id": view.rid, "object": "response", "created_at": int(rec.created_at), "status": status,
         "background": rec.background, "error": _error(end), "incomplete_details": incomplete,
         "instructions": rec.instructions, "max_output_tokens": rec.max_output_tokens, "metadata": rec.metadata,
-        "model": rec.model, "output": [] if text is None else [_message(view, status, text)],
-        "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "store": rec.store,
-        "temperature": rec.temperature, "text": {"format": rec.text_format}, "tool_choice": "auto", "tools": [],
-        "top_p": rec.top_p, "truncation": "disabled", "usage": _usage(end), "user": rec.user,
+        "model": rec.model, "output": output,
+        "parallel_tool_calls": rec.parallel_tool_calls, "previous_response_id": None, "reasoning": None,
+        "store": rec.store, "temperature": rec.temperature, "text": {"format": rec.text_format},
+        "tool_choice": rec.tool_choice, "tools": rec.tools, "top_p": rec.top_p, "truncation": "disabled",
+        "usage": _usage(end), "user": rec.user,
         "completed_at": int(end.ts) if end is not None and status == "completed" else None,
     }
 
 
 def fold(view: View, state: StreamState, logged: list[Event]) -> dict[str, Any]:
-    """The response object as the log and the state say now."""
-    end = next((e for e in logged if e.terminal), None)
-    opened = any(e.seq == 1 and e.type == events.META for e in logged)
-    text = "".join(str(e.data.get("text", "")) for e in logged if e.type == events.TOKEN) if opened else None
-    if end is not None:
-        return response_object(view, _final_status(end), text, end)
+    """The response object as the log and the state say now: the renderer's, over the whole log."""
+    r = Renderer(view)
+    for e in logged:
+        r.render(e)
+    if r.end is not None:
+        return r.snapshot(_final_status(r.end), r.end)
     status = "queued" if state.status is StreamStatus.QUEUED and not logged else "in_progress"
-    return response_object(view, status, text)
+    return r.snapshot(status)
 
 
 # --- events ---------------------------------------------------------------------------------------
 
-def last_sequence_number(end: Event) -> int:
-    """The sequence_number of the last event a stream ending with `end` renders."""
-    if end.seq == 1:
-        return 1 if end.type == events.DONE else 2
-    return end.seq + SN_OFFSET + (SN_SPREAD if end.type == events.DONE else 1)
-
-
 class Renderer:
-    """Log events in, OpenAI's Responses events out, numbered as the module docstring says.
+    """Log events in, OpenAI's Responses events out, numbered 0, 1, 2, … as the module docstring says.
 
-    It must see the log from seq 1 (the final events carry the whole text)."""
+    It must see the log from seq 1: the numbers count every event rendered before, and the final
+    events carry the whole text."""
 
     def __init__(self, view: View) -> None:
         self.view = view
-        self.parts: list[str] = []
-        self.opened = False
+        self.sn = -1  # the last sequence_number rendered
+        self.opened = False  # meta at seq 1 seen: created and in_progress sent
+        self.items: list[dict[str, Any]] = []  # the output items so far, in order
+        self.open: int | None = None  # the output index of the item being written
+        self.calls: dict[int, int] = {}  # a call's index in the answer -> its output index
+        self.end: Event | None = None
 
     def render(self, e: Event) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         if e.seq == 1 and e.type == events.META:
             self.opened = True
-            return self._opening()
-        sn = e.seq + SN_OFFSET
-        if e.type == events.TOKEN:
-            text = str(e.data.get("text", ""))
-            self.parts.append(text)
-            return [self._in_item("response.output_text.delta", sn, delta=text, logprobs=[])]
-        if e.type in (events.META, events.DISCLOSURE):  # the module's docstring says why not in_progress
-            return [{"type": KEEPALIVE, "sequence_number": sn}]
-        if e.type == events.DONE:
-            return self._done(e, sn)
-        if e.type == events.ERROR:
-            return self._failed(e, sn)
-        return []
+            created = "queued" if self.view.rec.background else "in_progress"
+            self._life(out, "response.created", created)
+            self._life(out, "response.in_progress", "in_progress")
+        elif e.type in (events.META, events.DISCLOSURE):  # the module's docstring says why not in_progress
+            self._emit(out, {"type": KEEPALIVE})
+        elif e.type == events.TOKEN:
+            self._token(out, e.data)
+        elif e.type in (events.DONE, events.ERROR):
+            self._end(out, e)
+        return out
 
-    def _life(self, kind: str, sn: int, status: str, end: Event | None = None) -> dict[str, Any]:
-        text = "".join(self.parts) if self.opened and end is not None else None
-        return {"type": kind, "sequence_number": sn, "response": response_object(self.view, status, text, end)}
+    def snapshot(self, status: str, end: Event | None = None) -> dict[str, Any]:
+        """The response object now: every item so far, with its status once the response is `status`."""
+        return response_object(self.view, status, [self._settled(i, status) for i in range(len(self.items))], end)
 
-    def _in_item(self, kind: str, sn: int, **fields: Any) -> dict[str, Any]:
-        return {"type": kind, "sequence_number": sn, "item_id": self.view.msg_id, "output_index": 0,
-                "content_index": 0, **fields}
+    # -- what each log event renders --
 
-    def _opening(self) -> list[dict[str, Any]]:
-        created = "queued" if self.view.rec.background else "in_progress"
-        item = {"id": self.view.msg_id, "type": "message", "role": "assistant", "status": "in_progress",
-                "content": []}
-        return [self._life("response.created", 0, created), self._life("response.in_progress", 1, "in_progress"),
-                {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0, "item": item},
-                self._in_item("response.content_part.added", 3, part=_part(""))]
+    def _token(self, out: list[dict[str, Any]], data: dict[str, Any]) -> None:
+        call = data.get("tool_call")
+        if isinstance(call, dict):
+            self._call_piece(out, call)
+            return
+        text = str(data.get("text", ""))
+        writing = self.open is not None and self.items[self.open]["type"] == "message"
+        if not text and not writing:
+            return  # nothing to write (a choice's end, raw text held for the next piece)
+        if not writing:
+            self._close(out)
+            self._open_message(out)
+        idx = len(self.items) - 1  # the message being written is the last item
+        self.items[idx]["content"][0]["text"] += text
+        self._emit(out, self._in_item("response.output_text.delta", idx, content_index=0, delta=text, logprobs=[]))
 
-    def _done(self, e: Event, sn: int) -> list[dict[str, Any]]:
+    def _call_piece(self, out: list[dict[str, Any]], call: dict[str, Any]) -> None:
+        k = int(call.get("index", 0))
+        if k not in self.calls:
+            self._close(out)
+            self.calls[k] = self.open = idx = len(self.items)
+            item = {"id": f"{FC_PREFIX}{self.view.sid}_{k}", "type": "function_call", "status": "in_progress",
+                    "arguments": "", "call_id": str(call.get("id", "")), "name": str(call.get("name", ""))}
+            self.items.append(item)
+            self._emit(out, {"type": "response.output_item.added", "output_index": idx, "item": dict(item)})
+        idx = self.calls[k]
+        if self.open != idx:  # a piece of a call already closed: nothing a model writes
+            return
+        args = str(call.get("arguments", ""))
+        if args:
+            self.items[idx]["arguments"] += args
+            self._emit(out, self._in_item("response.function_call_arguments.delta", idx, delta=args))
+
+    def _end(self, out: list[dict[str, Any]], e: Event) -> None:
+        self.end = e
         status = _final_status(e)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        if not self.opened:  # ended before it started: nothing was generated
-            return [self._life("response.created", 0, "queued" if self.view.rec.background else "in_progress"),
-                    self._life(kind, 1, status, e)]
-        text = "".join(self.parts)
-        return [self._in_item("response.output_text.done", sn, text=text, logprobs=[]),
-                self._in_item("response.content_part.done", sn + 1, part=_part(text)),
-                {"type": "response.output_item.done", "sequence_number": sn + 2, "output_index": 0,
-                 "item": _message(self.view, status, text)},
-                self._life(kind, sn + 3, status, e)]
+        if not self.opened:  # ended before a worker took it (a cancel while queued): nothing was generated
+            self._life(out, "response.created", "queued" if self.view.rec.background else "in_progress")
+        if e.type == events.ERROR:
+            self._emit(out, {"type": "error", "code": e.data.get("code"), "message": str(e.data.get("message", "")),
+                             "param": None})
+            self._life(out, "response.failed", status, e)
+            return
+        self._close(out, status)
+        self._life(out, "response.completed" if status == "completed" else "response.incomplete", status, e)
 
-    def _failed(self, e: Event, sn: int) -> list[dict[str, Any]]:
-        out = []
-        if not self.opened:
-            out.append(self._life("response.created", 0, "queued" if self.view.rec.background else "in_progress"))
-            sn = 1
-        error = {"type": "error", "sequence_number": sn, "code": e.data.get("code"),
-                 "message": str(e.data.get("message", "")), "param": None}
-        return [*out, error, self._life("response.failed", sn + 1, "failed", e)]
+    # -- items --
+
+    def _open_message(self, out: list[dict[str, Any]]) -> None:
+        self.open = idx = len(self.items)
+        item = {"id": f"{self.view.msg_id}_{idx}" if idx else self.view.msg_id, "type": "message",
+                "role": "assistant", "status": "in_progress", "content": []}
+        self.items.append({**item, "content": [_part("")]})
+        self._emit(out, {"type": "response.output_item.added", "output_index": idx, "item": item})
+        self._emit(out, self._in_item("response.content_part.added", idx, content_index=0, part=_part("")))
+
+    def _close(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+        """The item being written is whole: its done events."""
+        idx = self.open
+        if idx is None:
+            return
+        item = self.items[idx]
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            self._emit(out, self._in_item("response.output_text.done", idx, content_index=0, text=text, logprobs=[]))
+            self._emit(out, self._in_item("response.content_part.done", idx, content_index=0, part=_part(text)))
+        else:
+            self._emit(out, self._in_item("response.function_call_arguments.done", idx, name=item["name"],
+                                          arguments=item["arguments"]))
+        self.items[idx] = done = self._settled(idx, status)
+        self._emit(out, {"type": "response.output_item.done", "output_index": idx, "item": done})
+        self.open = None
+
+    def _settled(self, index: int, status: str) -> dict[str, Any]:
+        item = self.items[index]
+        return item if item["status"] != "in_progress" else {**item, "status": _item_status(status)}
+
+    # -- events --
+
+    def _emit(self, out: list[dict[str, Any]], payload: dict[str, Any]) -> None:
+        self.sn += 1
+        out.append({"type": payload["type"], "sequence_number": self.sn, **payload})
+
+    def _in_item(self, kind: str, index: int, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "item_id": self.items[index]["id"], "output_index": index, **fields}
+
+    def _life(self, out: list[dict[str, Any]], kind: str, status: str, end: Event | None = None) -> None:
+        output = [self._settled(i, status) for i in range(len(self.items))] if end is not None else []
+        self._emit(out, {"type": kind, "response": response_object(self.view, status, output, end)})
 
 
 def frame(payload: dict[str, Any]) -> bytes:
@@ -467,14 +578,6 @@ async def load(edge: Edge, rid: str, owner: str) -> Loaded:
     return Loaded(View(sid, Record.model_validate_json(raw)), state)
 
 
-async def _end_of(edge: Edge, sid: str) -> Event | None:
-    last = await edge.redis.xrevrange(keys.log(sid), "+", "-", count=1)
-    if not last:
-        return None
-    fields = last[0][1]
-    return events.decode(fields[b"e"] if b"e" in fields else fields["e"])
-
-
 def parse_after(query: str | None, header: str | None, bound: int) -> int:
     """`starting_after` (or the Last-Event-ID header): -1 when neither is given, else a sequence_number."""
     raw, param = (query, "starting_after") if query is not None else (header, "Last-Event-ID")
@@ -509,7 +612,9 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
     rec = Record(model=started.model, created_at=started.state.created, background=req.background,
                  store=req.store, instructions=req.instructions, metadata=req.metadata or {},
                  max_output_tokens=req.max_output_tokens, temperature=chat.temperature, top_p=chat.top_p,
-                 text_format=fmt.echo(), user=req.user)
+                 text_format=fmt.echo(), user=req.user, tool_choice=_choice_echo(req),
+                 tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+                 parallel_tool_calls=chat.parallel_tool_calls)
     view = View(started.stream_id, rec)
     try:
         if req.store:
@@ -522,7 +627,7 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
         return _sse(edge, relay(edge, view, follower, -1, t0), view.sid)
     if req.background:
         await edge.hub.unsubscribe(started.sub)
-        return JSONResponse(response_object(view, "queued", None))
+        return JSONResponse(response_object(view, "queued", []))
     return JSONResponse(await collect(edge, view, follower, who.owner))
 
 
@@ -547,8 +652,10 @@ async def retrieve(edge: Edge, rid: str, owner: str, stream: bool, after: int) -
     if not stream:
         return JSONResponse(fold(got.view, got.state, await edge.bus.read_log(got.view.sid)))
     if got.state.ended:
-        end = await _end_of(edge, got.view.sid)
-        last = last_sequence_number(end) if end is not None else -1
+        rendered = Renderer(got.view)
+        for e in await edge.bus.read_log(got.view.sid):
+            rendered.render(e)
+        last = rendered.sn
         if after > last:
             raise _past_end("starting_after", last)
     if after >= 0:
@@ -721,7 +828,7 @@ def install(app: FastAPI) -> None:
         edge = _edge(request)
         streamed = _flag("stream", stream)
         after = parse_after(starting_after, request.headers.get("last-event-id"),
-                            seq_bound(edge.settings) + SN_OFFSET + SN_SPREAD)
+                            (seq_bound(edge.settings) + 1) * SN_PER_EVENT)
         return await retrieve(edge, response_id, who.owner, streamed, after)
 
     @app.post("/v1/responses/{response_id}/cancel", responses=_doc(_OBJECT, 400, 404))

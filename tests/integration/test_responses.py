@@ -20,8 +20,8 @@ from tokenfan.shared.state import StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
 ENDS = ("response.completed", "response.incomplete", "response.failed")
-OPENING = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-           "keepalive"]  # the last one: the log's disclosure
+OPENING = ["response.created", "response.in_progress", "keepalive", "response.output_item.added",
+           "response.content_part.added"]  # keepalive: the log's disclosure
 CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
@@ -76,7 +76,7 @@ def test_streamed_events_names_order_and_numbers(cluster: Cluster) -> None:
     assert text == _expected("tell me about fans", n)
     rid = evs[0].response.id
     assert rid.startswith("resp_") and {e.response.id for e in evs if hasattr(e, "response")} == {rid}
-    item_id = evs[2].item.id
+    item_id = evs[3].item.id
     assert item_id.startswith("msg_") and {e.item_id for e in evs if hasattr(e, "item_id")} == {item_id}
     done = {e.type: e for e in evs}
     assert done["response.output_text.done"].text == text and done["response.content_part.done"].part.text == text
@@ -298,7 +298,13 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
     ({"input": "x", "stream": "yes"}, "stream"),
     ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": "x", "tools": [{"type": "function", "name": "no spaces"}]}, "tools.0.name"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "bogus"}}]},
+     "tools.0.parameters.type"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+     "tool_choice"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "previous_response_id": "resp_abc"}, "previous_response_id"),
     ({"input": "x", "background": True, "store": False}, "store"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),

@@ -50,6 +50,21 @@ const ROUTES = {
     return { text, types, output_text: final.output_text, status: final.status, id: final.id };
   },
 
+  // responses.stream() with a function tool the fake engine calls when the prompt names it.
+  async responses_tools(client, prompt, maxTokens) {
+    let args = "";
+    const weather = { type: "object", properties: { city: { type: "string", minLength: 2 },
+                                                    days: { type: "integer", minimum: 1 } },
+                      required: ["city", "days"], additionalProperties: false };
+    const stream = client.responses.stream({
+      model: "smollm2", input: prompt, max_output_tokens: maxTokens,
+      tools: [{ type: "function", name: "get_weather", description: "The forecast", parameters: weather }],
+    });
+    stream.on("response.function_call_arguments.delta", (e) => { args += e.delta; });
+    const final = await stream.finalResponse();
+    return { arguments: args, output: final.output, status: final.status };
+  },
+
   // The same helper on a stored response, read from its start (PROMPT is the response's id).
   async retrieve_stream(client, id) {
     let text = "";

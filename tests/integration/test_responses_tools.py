@@ -1,0 +1,103 @@
+"""Function tools on /v1/responses with the official SDKs, on the fake engine (issue 26): the calls as
+`function_call` output items with the events OpenAI streams for them, tool_choice, the response object
+streamed, returned and retrieved alike. The fake engine writes its call in the text form a model does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from tests import nodesdk
+from tests.procs import Cluster
+from tokenfan.shared import structured
+from tokenfan.worker.engines import fake_tokens
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLength": 2},
+                                            "days": {"type": "integer", "minimum": 1}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "name": "get_weather", "description": "The forecast", "parameters": WEATHER},
+    {"type": "function", "name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}},
+]
+CALL_EVENTS = ["response.output_item.added", "response.function_call_arguments.delta",
+               "response.function_call_arguments.done", "response.output_item.done"]
+
+
+@pytest.fixture
+def api(cluster: Cluster) -> Any:
+    proc = cluster.api()
+    cluster.worker()
+    return proc
+
+
+@pytest.fixture
+def client(api: Any) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    yield c
+    c.close()
+
+
+def _squeeze(types: list[str]) -> list[str]:
+    """Event types with runs of one type (the deltas) written once."""
+    return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
+
+
+def test_a_required_call_streams_as_a_function_call_item(client: openai.OpenAI) -> None:
+    evs = list(client.responses.create(model="smollm2", input="what now", tools=TOOLS, tool_choice="required",
+                                       max_output_tokens=64, stream=True))
+    types = [e.type for e in evs]
+    assert _squeeze(types) == ["response.created", "response.in_progress", "keepalive", *CALL_EVENTS,
+                               "response.completed"], types
+    assert types.count("response.function_call_arguments.delta") > 3  # piece by piece
+    assert [e.sequence_number for e in evs] == list(range(len(evs)))
+    added, done = evs[types.index("response.output_item.added")], evs[types.index("response.output_item.done")]
+    assert added.item.type == "function_call" and added.item.name == "get_weather" and added.item.arguments == ""
+    assert added.item.call_id.startswith("call_") and added.item.status == "in_progress"
+    args = "".join(e.delta for e in evs if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == structured.example(WEATHER)
+    jsonschema.validate(json.loads(args), WEATHER)
+    assert evs[types.index("response.function_call_arguments.done")].arguments == args
+    assert done.item.arguments == args and done.item.status == "completed" and done.item.id == added.item.id
+    final = evs[-1].response
+    assert final.status == "completed" and [o.type for o in final.output] == ["function_call"]
+    assert final.output[0].to_dict() == done.item.to_dict() and final.output_text == ""
+    assert final.tool_choice == "required" and [t.name for t in final.tools] == ["get_weather", "get_time"]
+    # stored: retrieved as the stream ended, and read again as events
+    assert client.responses.retrieve(final.id).output[0].to_dict() == done.item.to_dict()
+    again = list(client.responses.retrieve(final.id, stream=True))
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in evs]
+
+
+def test_auto_calls_a_named_tool_and_answers_text_otherwise(client: openai.OpenAI) -> None:
+    called = client.responses.create(model="smollm2", input="use get_time please", tools=TOOLS, max_output_tokens=64)
+    (call,) = called.output
+    assert call.type == "function_call" and call.name == "get_time" and json.loads(call.arguments) == {"zone": "UTC"}
+    assert called.status == "completed" and called.tool_choice == "auto" and called.parallel_tool_calls is True
+    text = client.responses.create(model="smollm2", input="just talk", tools=TOOLS, max_output_tokens=5)
+    assert [o.type for o in text.output] == ["message"]
+    assert text.output_text == "".join(fake_tokens([{"role": "user", "content": "just talk"}], 5))
+    none = client.responses.create(model="smollm2", input="use get_time please", tools=TOOLS, tool_choice="none",
+                                   max_output_tokens=5)
+    assert [o.type for o in none.output] == ["message"]
+    named = client.responses.create(model="smollm2", input="what now", tools=TOOLS, parallel_tool_calls=False,
+                                    tool_choice={"type": "function", "name": "get_time"}, max_output_tokens=64)
+    assert [(o.type, o.name) for o in named.output] == [("function_call", "get_time")]  # type: ignore[union-attr]
+    assert named.parallel_tool_calls is False
+
+
+def test_the_sdks_stream_helpers_rebuild_a_call(client: openai.OpenAI, api: Any) -> None:
+    with client.responses.stream(model="smollm2", input="use get_weather now", tools=TOOLS,  # type: ignore[arg-type]
+                                 max_output_tokens=64) as helper:
+        final = helper.get_final_response()
+    (call,) = final.output
+    assert call.type == "function_call" and json.loads(call.arguments) == structured.example(WEATHER)
+    got = nodesdk.run("sdk_streams.cjs", api.url, "use get_weather now", "64", "responses_tools")["responses_tools"]
+    assert got["output"] == [final.output[0].to_dict() | {"id": got["output"][0]["id"],
+                                                         "call_id": got["output"][0]["call_id"]}]
+    assert json.loads(got["arguments"]) == structured.example(WEATHER)
