@@ -202,3 +202,31 @@ def test_a_model_file_llama_cpp_refuses_is_one_line_naming_it(redis_url: str, tm
     assert last.startswith(f"tokenfan: TOKENFAN_MODEL_PATH: llama.cpp cannot load {bad}: "), res.stderr
     assert "invalid magic" in last, last
     assert "Traceback" not in res.stderr and "WARNING" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("child", "named"), [("tokenfan.ops api", "API"), ("redis-server", "embedded Redis")])
+def test_up_restarts_the_api_and_the_embedded_redis_when_they_die(make_up: type[Up], child: str, named: str) -> None:
+    up = make_up()
+
+    def ready() -> bool:
+        assert up.proc.poll() is None, up.out.text()
+        try:
+            return httpx.get(f"{up.base}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=90, what="tokenfan up ready")
+    victim = next(p for p in up.children() if child in " ".join(_cmdline(p)))
+    victim.kill()
+    wait_for(lambda: f"tokenfan: the {named} exited with SIGKILL; restarting it in" in up.out.text(), timeout=10,
+             what=f"up to name the {named}'s exit")
+    wait_for(lambda: f"tokenfan: starting the {named} again" in up.out.text(), timeout=10, what="the restart")
+    wait_for(ready, timeout=60, what="ready again")
+    prompt = f"after the {named} came back"
+    resp = httpx.post(f"{up.base}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 5})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == expected_text(prompt, 5)
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(30) == 0, up.out.text()
+    assert not up.strays(), up.strays()
