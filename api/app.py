@@ -147,7 +147,7 @@ _TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
 
 # ... and, in a list of a tagged union, the tag it chose, right after the item's index: the message's
 # role in `messages.0.user.content`. By position, whatever the tag's value.
-_TAGGED_LISTS = frozenset({"messages"})
+_TAGGED_LISTS = frozenset({"messages", "input"})
 
 
 def _field_path(loc: Any) -> list[str]:

@@ -75,7 +75,7 @@ import orjson
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from tokenfan.api import sse
 from tokenfan.api.auth import Principal
@@ -133,6 +133,70 @@ class InputMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made in an earlier turn (the `function_call` output item, given back)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: Annotated[Text, Field(min_length=1, max_length=128)]
+    name: Text
+    arguments: Text
+
+    def text(self) -> str:
+        return ""
+
+    def chat_call(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class FunctionCallOutput(BaseModel):
+    """A tool's result, answering the call `call_id`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: Annotated[Text, Field(min_length=1, max_length=128)]
+    output: Text | list[ContentPart]
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+def _item_type(v: Any) -> str:
+    """An item's type: a message item may leave it out (EasyInputMessage)."""
+    return str(v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message"))
+
+
+# Tagged by type, so an error names the item's field (`input.0.role`), not every member it tried.
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")],
+                      Discriminator(_item_type, custom_error_type="invalid_item_type", custom_error_message=(
+                          "an input item's type is message, function_call or function_call_output"))]
+
+
+def chat_messages(items: list[InputItem], known_calls: set[str] | None = None) -> list[dict[str, Any]]:
+    """The chat messages of input items: consecutive calls are one assistant message's tool_calls (with
+    the assistant's text before them, if any), a call's output a tool message. An output whose call_id
+    no call before it (here or in `known_calls`) has is a 400 naming it."""
+    calls = set(known_calls or ())
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, InputMessage):
+            out.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallItem):
+            calls.add(item.call_id)
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(item.chat_call())
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [item.chat_call()]})
+        else:
+            if item.call_id not in calls:
+                raise InvalidRequest(f"input.{i}.call_id: no function_call before this output has call_id "
+                                     f"'{item.call_id[:128]}'", code="invalid_value", param=f"input.{i}.call_id")
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+    return out
+
+
 class TextFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     type: Literal["text", "json_schema", "json_object"]
@@ -182,7 +246,7 @@ class TextConfig(BaseModel):
 
 class ResponsesRequest(OpenAIRequest):
     model: Text | None = None
-    input: Text | Annotated[list[InputMessage], Field(min_length=1)]
+    input: Text | Annotated[list[InputItem], Field(min_length=1)]
     instructions: Text | None = None
     max_output_tokens: Int | None = Field(default=None, gt=0)
     temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
@@ -203,7 +267,7 @@ class ResponsesRequest(OpenAIRequest):
 
     @field_validator("input")
     @classmethod
-    def _has_text(cls, v: str | list[InputMessage]) -> str | list[InputMessage]:
+    def _has_text(cls, v: str | list[InputItem]) -> str | list[InputItem]:
         if not (v.strip() if isinstance(v, str) else any(m.text().strip() for m in v)):
             raise ValueError("input holds no text")
         return v
@@ -219,10 +283,16 @@ class ResponsesRequest(OpenAIRequest):
             raise ValueError(f"metadata keys are at most {METADATA_MAX_KEY} characters, values {METADATA_MAX_VALUE}")
         return v
 
-    def messages(self) -> list[dict[str, str]]:
-        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        return out + [{"role": m.role, "content": m.text()} for m in items]
+    def items(self) -> list[InputItem]:
+        return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        return out + chat_messages(self.items())
+
+    def to_chat(self) -> ChatRequest:
+        """The chat request this response runs as (api/bodies.py checks it off the event loop)."""
+        return to_chat(self)
 
     def refuse_unsupported(self) -> None:
         for name in UNSUPPORTED:

@@ -101,3 +101,24 @@ def test_the_sdks_stream_helpers_rebuild_a_call(client: openai.OpenAI, api: Any)
     assert got["output"] == [final.output[0].to_dict() | {"id": got["output"][0]["id"],
                                                          "call_id": got["output"][0]["call_id"]}]
     assert json.loads(got["arguments"]) == structured.example(WEATHER)
+
+
+def test_a_tool_round_trip_goes_on_with_the_calls_output(client: openai.OpenAI) -> None:
+    ask: list[Any] = [{"role": "user", "content": "use get_time please"}]
+    first = client.responses.create(model="smollm2", input=ask, tools=TOOLS, max_output_tokens=64)
+    (call,) = first.output
+    assert call.type == "function_call"
+    # as the cookbook does it: the output items go back as they are, then the call's output
+    follow = [*ask, *first.output, {"type": "function_call_output", "call_id": call.call_id, "output": "it is noon"}]
+    second = client.responses.create(model="smollm2", input=follow, tools=TOOLS, max_output_tokens=5)
+    assert [o.type for o in second.output] == ["message"]
+    assert second.output_text == "".join(fake_tokens([{"role": "tool", "content": "it is noon"}], 5))
+
+
+def test_an_output_for_no_call_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    stray = [{"role": "user", "content": "hello"},
+             {"type": "function_call_output", "call_id": "call_nobody", "output": "orphan"}]
+    with pytest.raises(openai.BadRequestError) as got:
+        client.responses.create(model="smollm2", input=stray, tools=TOOLS)
+    err = got.value.body
+    assert isinstance(err, dict) and err["param"] == "input.1.call_id" and "call_nobody" in err["message"]
