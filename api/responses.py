@@ -75,7 +75,16 @@ import orjson
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from tokenfan.api import sse
 from tokenfan.api.auth import Principal
@@ -92,6 +101,7 @@ log = logging.getLogger(__name__)
 
 RESP_PREFIX = "resp_"
 MSG_PREFIX = "msg_"
+ITEM_PREFIX = "item_"
 FC_PREFIX = "fc_"
 # The viewer entry that keeps a background response from being stopped as abandoned: nobody watches it.
 BACKGROUND_VIEWER = "background"
@@ -110,7 +120,10 @@ SN_PER_EVENT = 8
 # OpenAI's ResponseError codes our error codes map onto; any other is "server_error".
 ERROR_CODES = {"context_length_exceeded": "invalid_prompt", "rate_limit_exceeded": "rate_limit_exceeded"}
 # Parameters whose meaning tokenfan does not carry out yet: refused, never silently dropped.
-UNSUPPORTED = ("previous_response_id", "conversation", "prompt")
+UNSUPPORTED = ("conversation", "prompt")
+# GET /v1/responses/{id}/input_items: OpenAI's page size bounds and default.
+INPUT_ITEMS_LIMIT = 20
+INPUT_ITEMS_MAX = 100
 
 
 # --- the request --------------------------------------------------------------------------------
@@ -172,8 +185,11 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
                       Discriminator(_item_type, custom_error_type="invalid_item_type", custom_error_message=(
                           "an input item's type is message, function_call or function_call_output"))]
 
+_ITEM: TypeAdapter[InputItem] = TypeAdapter(InputItem)
 
-def chat_messages(items: list[InputItem], known_calls: set[str] | None = None) -> list[dict[str, Any]]:
+
+def chat_messages(items: list[InputItem], known_calls: set[str] | None = None, check: bool = True
+                  ) -> list[dict[str, Any]]:
     """The chat messages of input items: consecutive calls are one assistant message's tool_calls (with
     the assistant's text before them, if any), a call's output a tool message. An output whose call_id
     no call before it (here or in `known_calls`) has is a 400 naming it."""
@@ -190,7 +206,7 @@ def chat_messages(items: list[InputItem], known_calls: set[str] | None = None) -
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [item.chat_call()]})
         else:
-            if item.call_id not in calls:
+            if check and item.call_id not in calls:
                 raise InvalidRequest(f"input.{i}.call_id: no function_call before this output has call_id "
                                      f"'{item.call_id[:128]}'", code="invalid_value", param=f"input.{i}.call_id")
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
@@ -261,7 +277,7 @@ class ResponsesRequest(OpenAIRequest):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: Bool | None = None
     top_logprobs: Int | None = None
-    previous_response_id: Any = None
+    previous_response_id: Annotated[Text, Field(min_length=1, max_length=MAX_STREAM_ID_CHARS + 8)] | None = None
     conversation: Any = None
     prompt: Any = None
 
@@ -286,13 +302,29 @@ class ResponsesRequest(OpenAIRequest):
     def items(self) -> list[InputItem]:
         return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
 
-    def messages(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        return out + chat_messages(self.items())
+    def history(self, prefix: list[dict[str, Any]], check: bool = True) -> list[dict[str, Any]]:
+        """The previous responses' conversation (`prefix`), then this input: what the next turn goes on
+        from (`check`: every call's output answers a call before it)."""
+        known = {c["id"] for m in prefix for c in m.get("tool_calls") or ()}
+        return prefix + chat_messages(self.items(), known, check)
+
+    def input_items(self, sid: str) -> list[dict[str, Any]]:
+        """This input's items as `input_items` lists them: each with an id and its content as parts."""
+        out = []
+        for i, item in enumerate(self.items()):
+            if isinstance(item, InputMessage):
+                kind = "output_text" if item.role == "assistant" else "input_text"
+                body: dict[str, Any] = {"type": "message", "role": item.role,
+                                        "content": [{"type": kind, "text": item.text()}]}
+            else:
+                body = item.model_dump(exclude_none=True)
+            out.append({"id": f"{ITEM_PREFIX}{sid}_{i}", **body, "status": "completed"})
+        return out
 
     def to_chat(self) -> ChatRequest:
-        """The chat request this response runs as (api/bodies.py checks it off the event loop)."""
-        return to_chat(self)
+        """The chat request this response runs as (api/bodies.py checks it off the event loop), without
+        the previous response's conversation (it is in Redis): an output may answer one of its calls."""
+        return to_chat(self, self.history([], check=self.previous_response_id is None))
 
     def refuse_unsupported(self) -> None:
         for name in UNSUPPORTED:
@@ -331,10 +363,12 @@ def _chat_tools(req: ResponsesRequest) -> dict[str, Any]:
     return out
 
 
-def to_chat(req: ResponsesRequest) -> ChatRequest:
-    """The chat request this response runs as (400 naming the Responses parameter when it cannot)."""
+def to_chat(req: ResponsesRequest, conversation: list[dict[str, Any]]) -> ChatRequest:
+    """The chat request this response runs as, on `conversation` (`req.history`): 400 naming the
+    Responses parameter when it cannot."""
     req.refuse_unsupported()
-    body: dict[str, Any] = {"model": req.model, "messages": req.messages()}
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    body: dict[str, Any] = {"model": req.model, "messages": system + conversation}
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
         if getattr(req, ours) is not None:
             body[theirs] = getattr(req, ours)
@@ -384,6 +418,11 @@ class Record(BaseModel):
     tools: list[dict[str, Any]] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    # The chat messages before this response's output (the previous responses' and this input; no
+    # instructions: they are the turn's own), and this input as `input_items` lists it.
+    conversation: list[dict[str, Any]] = Field(default_factory=list)
+    input_items: list[dict[str, Any]] = Field(default_factory=list)
 
 
 
@@ -448,7 +487,8 @@ def response_object(view: View, status: str, output: list[dict[str, Any]], end: 
         "background": rec.background, "error": _error(end), "incomplete_details": incomplete,
         "instructions": rec.instructions, "max_output_tokens": rec.max_output_tokens, "metadata": rec.metadata,
         "model": rec.model, "output": output,
-        "parallel_tool_calls": rec.parallel_tool_calls, "previous_response_id": None, "reasoning": None,
+        "parallel_tool_calls": rec.parallel_tool_calls, "previous_response_id": rec.previous_response_id,
+        "reasoning": None,
         "store": rec.store, "temperature": rec.temperature, "text": {"format": rec.text_format},
         "tool_choice": rec.tool_choice, "tools": rec.tools, "top_p": rec.top_p, "truncation": "disabled",
         "usage": _usage(end), "user": rec.user,
@@ -670,9 +710,29 @@ def _past_end(param: str, last: int) -> InvalidRequest:
 
 # --- the routes' work -----------------------------------------------------------------------------
 
+async def previous_conversation(edge: Edge, rid: str, owner: str) -> list[dict[str, Any]]:
+    """A finished stored response's conversation and output, as the chat messages a next turn goes on
+    from: 404 for one unknown, expired, unstored or another key's; 400 while it still runs."""
+    try:
+        got = await load(edge, rid, owner)
+    except NotFound as exc:
+        exc.param = "previous_response_id"
+        raise
+    now = fold(got.view, got.state, await edge.bus.read_log(got.view.sid))
+    if now["status"] in ("queued", "in_progress"):
+        raise InvalidRequest(f"the previous response '{rid}' is still {now['status']}; go on from it once it "
+                             "ended", code="invalid_value", param="previous_response_id")
+    items = [_ITEM.validate_python(o) for o in now["output"]]
+    return got.view.rec.conversation + chat_messages(items, {c["id"] for m in got.view.rec.conversation
+                                                             for c in m.get("tool_calls") or ()})
+
+
 async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
     t0 = time.time()
-    chat = to_chat(req)
+    prefix = [] if req.previous_response_id is None else await previous_conversation(
+        edge, req.previous_response_id, who.owner)
+    conversation = req.history(prefix)
+    chat = to_chat(req, conversation)
     try:
         started = await start_stream(edge, chat, who)
     except InvalidRequest as exc:
@@ -684,7 +744,8 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
                  max_output_tokens=req.max_output_tokens, temperature=chat.temperature, top_p=chat.top_p,
                  text_format=fmt.echo(), user=req.user, tool_choice=_choice_echo(req),
                  tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
-                 parallel_tool_calls=chat.parallel_tool_calls)
+                 parallel_tool_calls=chat.parallel_tool_calls, previous_response_id=req.previous_response_id,
+                 conversation=conversation, input_items=req.input_items(started.stream_id))
     view = View(started.stream_id, rec)
     try:
         if req.store:
@@ -732,6 +793,26 @@ async def retrieve(edge: Edge, rid: str, owner: str, stream: bool, after: int) -
         edge.metrics.resumes.inc()
     follower = Follower(edge, got.view.sid, 0, got.state)
     return _sse(edge, relay(edge, got.view, follower, after, time.time()), got.view.sid)
+
+
+async def input_items(edge: Edge, rid: str, owner: str, order: str, limit: int, after: str | None
+                      ) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/input_items`: the items the response was given, a page of them."""
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be 'asc' or 'desc'", code="invalid_value", param="order")
+    if not 1 <= limit <= INPUT_ITEMS_MAX:
+        raise InvalidRequest(f"limit must be from 1 to {INPUT_ITEMS_MAX}", code="invalid_value", param="limit")
+    items = (await load(edge, rid, owner)).view.rec.input_items
+    items = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise InvalidRequest(f"after: no input item '{after[:128]}' in this response", code="invalid_value",
+                                 param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 async def cancel(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
@@ -900,6 +981,11 @@ def install(app: FastAPI) -> None:
         after = parse_after(starting_after, request.headers.get("last-event-id"),
                             (seq_bound(edge.settings) + 1) * SN_PER_EVENT)
         return await retrieve(edge, response_id, who.owner, streamed, after)
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=_doc(_OBJECT, 400, 404))
+    async def list_input_items(response_id: str, request: Request, who: Caller, order: str = "desc",
+                               limit: int = INPUT_ITEMS_LIMIT, after: str | None = None) -> dict[str, Any]:
+        return await input_items(_edge(request), response_id, who.owner, order, limit, after)
 
     @app.post("/v1/responses/{response_id}/cancel", responses=_doc(_OBJECT, 400, 404))
     async def cancel_response(response_id: str, request: Request, who: Caller) -> dict[str, Any]:

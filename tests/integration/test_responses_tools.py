@@ -11,8 +11,10 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+import redis
 
 from tests import nodesdk
+from tests.integration.test_responses import _add_key
 from tests.procs import Cluster
 from tokenfan.shared import structured
 from tokenfan.worker.engines import fake_tokens
@@ -122,3 +124,45 @@ def test_an_output_for_no_call_is_a_400_naming_it(client: openai.OpenAI) -> None
         client.responses.create(model="smollm2", input=stray, tools=TOOLS)
     err = got.value.body
     assert isinstance(err, dict) and err["param"] == "input.1.call_id" and "call_nobody" in err["message"]
+
+
+def test_previous_response_id_goes_on_across_two_apis(cluster: Cluster, r: redis.Redis) -> None:
+    a, b = cluster.api(), cluster.api()
+    cluster.worker()
+    ca, cb = (openai.OpenAI(base_url=f"{p.url}/v1", api_key="unused", max_retries=0, timeout=30) for p in (a, b))
+    first = ca.responses.create(model="smollm2", input="use get_time please", tools=TOOLS, max_output_tokens=64)
+    (call,) = first.output
+    # on the other replica: only the call's output, the rest is the stored response's
+    second = cb.responses.create(model="smollm2", previous_response_id=first.id, tools=TOOLS, max_output_tokens=5,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id,  # type: ignore[union-attr]
+                                         "output": "it is noon"}])
+    assert second.previous_response_id == first.id
+    assert second.output_text == "".join(fake_tokens([{"role": "tool", "content": "it is noon"}], 5))
+    # and on again, text only: the whole conversation is the prompt (longer than the question alone)
+    third = ca.responses.create(model="smollm2", previous_response_id=second.id, input="and tomorrow?",
+                                max_output_tokens=3)
+    alone = ca.responses.create(model="smollm2", input="and tomorrow?", max_output_tokens=3)
+    assert third.output_text == alone.output_text
+    assert third.usage is not None and alone.usage is not None
+    assert third.usage.input_tokens > alone.usage.input_tokens
+    # what each was given
+    items = cb.responses.input_items.list(second.id)
+    assert [(i.type, i.call_id) for i in items.data] == [("function_call_output", call.call_id)]  # type: ignore[union-attr]
+    (asked,) = ca.responses.input_items.list(first.id).data
+    assert asked.type == "message" and asked.content[0].text == "use get_time please"  # type: ignore[union-attr]
+
+
+def test_previous_response_id_of_another_key_unstored_or_unknown_is_a_404(cluster: Cluster, r: redis.Redis) -> None:
+    alice, bob = _add_key(r, "alice"), _add_key(r, "bob")
+    api = cluster.api()
+    cluster.worker()
+    mine, theirs = (openai.OpenAI(base_url=f"{api.url}/v1", api_key=k, max_retries=0, timeout=30)
+                    for k in (alice, bob))
+    kept = mine.responses.create(model="smollm2", input="hello", max_output_tokens=3)
+    unstored = mine.responses.create(model="smollm2", input="hello", max_output_tokens=3, store=False)
+    for client, rid in ((theirs, kept.id), (mine, unstored.id), (mine, "resp_" + "x" * 24)):
+        with pytest.raises(openai.NotFoundError) as got:
+            client.responses.create(model="smollm2", input="go on", previous_response_id=rid)
+        assert isinstance(got.value.body, dict) and got.value.body["param"] == "previous_response_id"
+    assert mine.responses.create(model="smollm2", input="go on", previous_response_id=kept.id,
+                                 max_output_tokens=3).status == "incomplete"
