@@ -102,6 +102,8 @@ log = logging.getLogger(__name__)
 RESP_PREFIX = "resp_"
 MSG_PREFIX = "msg_"
 ITEM_PREFIX = "item_"
+# What `include` names to have each output text's logprobs (also given by `top_logprobs`).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 FC_PREFIX = "fc_"
 # The viewer entry that keeps a background response from being stopped as abandoned: nobody watches it.
 BACKGROUND_VIEWER = "background"
@@ -277,6 +279,7 @@ class ResponsesRequest(OpenAIRequest):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: Bool | None = None
     top_logprobs: Int | None = None
+    include: list[Text] | None = None
     previous_response_id: Annotated[Text, Field(min_length=1, max_length=MAX_STREAM_ID_CHARS + 8)] | None = None
     conversation: Any = None
     prompt: Any = None
@@ -330,9 +333,6 @@ class ResponsesRequest(OpenAIRequest):
         for name in UNSUPPORTED:
             if getattr(self, name) is not None:
                 raise InvalidRequest(f"{name} is not supported yet", code="unsupported_parameter", param=name)
-        if self.top_logprobs:
-            raise InvalidRequest("top_logprobs is not supported yet on /v1/responses",
-                                 code="unsupported_parameter", param="top_logprobs")
         if self.background and not self.store:
             raise InvalidRequest("background responses must be stored: store=false cannot be background",
                                  code="invalid_value", param="store")
@@ -373,6 +373,8 @@ def to_chat(req: ResponsesRequest, conversation: list[dict[str, Any]]) -> ChatRe
         if getattr(req, ours) is not None:
             body[theirs] = getattr(req, ours)
     body |= _chat_tools(req)
+    if req.top_logprobs is not None or LOGPROBS_INCLUDE in (req.include or ()):
+        body |= {"logprobs": True, "top_logprobs": req.top_logprobs or 0}
     fmt = req.text.format if req.text else None
     wanted = fmt.response_format() if fmt else None
     if wanted is not None:
@@ -419,6 +421,7 @@ class Record(BaseModel):
     tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
+    top_logprobs: int | None = None
     # The chat messages before this response's output (the previous responses' and this input; no
     # instructions: they are the turn's own), and this input as `input_items` lists it.
     conversation: list[dict[str, Any]] = Field(default_factory=list)
@@ -488,7 +491,7 @@ def response_object(view: View, status: str, output: list[dict[str, Any]], end: 
         "instructions": rec.instructions, "max_output_tokens": rec.max_output_tokens, "metadata": rec.metadata,
         "model": rec.model, "output": output,
         "parallel_tool_calls": rec.parallel_tool_calls, "previous_response_id": rec.previous_response_id,
-        "reasoning": None,
+        "reasoning": None, "top_logprobs": rec.top_logprobs,
         "store": rec.store, "temperature": rec.temperature, "text": {"format": rec.text_format},
         "tool_choice": rec.tool_choice, "tools": rec.tools, "top_p": rec.top_p, "truncation": "disabled",
         "usage": _usage(end), "user": rec.user,
@@ -558,8 +561,12 @@ class Renderer:
             self._close(out)
             self._open_message(out)
         idx = len(self.items) - 1  # the message being written is the last item
-        self.items[idx]["content"][0]["text"] += text
-        self._emit(out, self._in_item("response.output_text.delta", idx, content_index=0, delta=text, logprobs=[]))
+        part = self.items[idx]["content"][0]
+        lp = data.get("logprobs")
+        lp = lp if isinstance(lp, list) else []
+        part["text"] += text
+        part["logprobs"] = part["logprobs"] + lp
+        self._emit(out, self._in_item("response.output_text.delta", idx, content_index=0, delta=text, logprobs=lp))
 
     def _call_piece(self, out: list[dict[str, Any]], call: dict[str, Any]) -> None:
         k = int(call.get("index", 0))
@@ -608,9 +615,10 @@ class Renderer:
             return
         item = self.items[idx]
         if item["type"] == "message":
-            text = item["content"][0]["text"]
-            self._emit(out, self._in_item("response.output_text.done", idx, content_index=0, text=text, logprobs=[]))
-            self._emit(out, self._in_item("response.content_part.done", idx, content_index=0, part=_part(text)))
+            part = item["content"][0]
+            self._emit(out, self._in_item("response.output_text.done", idx, content_index=0, text=part["text"],
+                                          logprobs=part["logprobs"]))
+            self._emit(out, self._in_item("response.content_part.done", idx, content_index=0, part=dict(part)))
         else:
             self._emit(out, self._in_item("response.function_call_arguments.done", idx, name=item["name"],
                                           arguments=item["arguments"]))
@@ -745,6 +753,7 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
                  text_format=fmt.echo(), user=req.user, tool_choice=_choice_echo(req),
                  tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
                  parallel_tool_calls=chat.parallel_tool_calls, previous_response_id=req.previous_response_id,
+                 top_logprobs=req.top_logprobs,
                  conversation=conversation, input_items=req.input_items(started.stream_id))
     view = View(started.stream_id, rec)
     try:

@@ -17,7 +17,7 @@ from tests import nodesdk
 from tests.integration.test_responses import _add_key
 from tests.procs import Cluster
 from tokenfan.shared import structured
-from tokenfan.worker.engines import fake_tokens
+from tokenfan.worker.engines import fake_logprobs, fake_tokens
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLength": 2},
                                             "days": {"type": "integer", "minimum": 1}},
@@ -166,3 +166,25 @@ def test_previous_response_id_of_another_key_unstored_or_unknown_is_a_404(cluste
         assert isinstance(got.value.body, dict) and got.value.body["param"] == "previous_response_id"
     assert mine.responses.create(model="smollm2", input="go on", previous_response_id=kept.id,
                                  max_output_tokens=3).status == "incomplete"
+
+
+def test_top_logprobs_on_every_delta_and_the_whole_text(client: openai.OpenAI) -> None:
+    toks = fake_tokens([{"role": "user", "content": "scored"}], 4)
+    want = [fake_logprobs(t, i, 2) for i, t in enumerate(toks)]
+    evs = list(client.responses.create(model="smollm2", input="scored", max_output_tokens=4, top_logprobs=2,
+                                       stream=True))
+    deltas = [e for e in evs if e.type == "response.output_text.delta"]
+    assert [[lp.to_dict() for lp in d.logprobs] for d in deltas] == [[w] for w in want]
+    done = next(e for e in evs if e.type == "response.output_text.done")
+    assert [lp.to_dict() for lp in done.logprobs] == want
+    final = evs[-1].response
+    assert final.top_logprobs == 2
+    assert [lp.to_dict() for lp in final.output[0].content[0].logprobs] == want  # type: ignore[union-attr]
+    # not streamed, and asked for by `include` alone (the chosen tokens, no alternatives)
+    got = client.responses.create(model="smollm2", input="scored", max_output_tokens=4,
+                                  include=["message.output_text.logprobs"])
+    part = got.output[0].content[0]  # type: ignore[union-attr]
+    assert [lp.token for lp in part.logprobs] == toks and all(not lp.top_logprobs for lp in part.logprobs)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.create(model="smollm2", input="scored", top_logprobs=21)
+    assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "top_logprobs"
