@@ -60,6 +60,29 @@ class Admission:
                               "wait for one to end", retry_after=CONCURRENCY_RETRY_S,
                               code="concurrency_limit_exceeded")
 
+    async def check_rate(self, who: Principal) -> None:
+        """429 when the key's minute is already used up, counting nothing: a request refused here costs
+        no parsing (api/bodies.py asks before it reads a body)."""
+        rec = who.record
+        if rec is None:
+            return
+        now = time.time()
+        count = int(await self.redis.get(keys.rate_window(who.owner, int(now // RATE_WINDOW_S))) or 0)
+        if count >= rec.rpm:
+            raise RateLimited(f"this key is limited to {rec.rpm} requests per minute",
+                              retry_after=max(1, RATE_WINDOW_S - int(now) % RATE_WINDOW_S))
+
+    async def count(self, who: Principal) -> None:
+        """Count a request refused for its cost (its checks took a thread a while) in the key's minute,
+        as an admitted one is."""
+        if who.record is None:
+            return
+        key = keys.rate_window(who.owner, int(time.time() // RATE_WINDOW_S))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, RATE_WINDOW_S + 1)
+        await pipe.execute()
+
     async def release(self, who: Principal, sid: str) -> None:
         """A request that failed before its stream existed gives its slot back at once."""
         if who.record is not None:

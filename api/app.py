@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
+from tokenfan.api.bodies import CheckedBodyRoute
 from tokenfan.api.completions import CompletionRequest, CompletionWriter, text_completion
 from tokenfan.api.edge import Edge
 from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, Writer, completion_of, openai_error
@@ -125,6 +126,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await edge.close()
 
     app = FastAPI(title="tokenfan", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = CheckedBodyRoute  # request bodies checked off the event loop
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(DocsGate, public=settings.public_docs)
     app.add_middleware(RequestMetrics)

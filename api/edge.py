@@ -9,6 +9,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import anyio
 import redis
 import redis.asyncio as aredis
 
@@ -18,7 +19,7 @@ from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
 from tokenfan.shared import keys, registry
 from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
-from tokenfan.shared.defaults import VIEWER_REFRESH_S, VIEWER_TTL_S
+from tokenfan.shared.defaults import PARSE_THREADS, VIEWER_REFRESH_S, VIEWER_TTL_S
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.redisconn import async_client, sync_client
 from tokenfan.shared.settings import ApiSettings
@@ -42,6 +43,8 @@ class Edge:
     draining: bool = False
     viewers: set[tuple[str, str]] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Request bodies checked at once off the event loop (api/bodies.py); made in the running loop.
+    parse_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(PARSE_THREADS))
 
     @classmethod
     async def open(cls, settings: ApiSettings) -> Edge:

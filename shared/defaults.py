@@ -117,6 +117,12 @@ QUEUE_RETRY_S = 5
 QUEUE_RETRY_MAX_S = 300
 # A key's `rpm` limit counts in fixed windows of this many seconds (a minute, as the name says).
 RATE_WINDOW_S = 60
+# Request bodies checked at once in worker threads, per API process (api/bodies.py): the costly
+# checks hold the GIL in slices, so more threads than CPUs only make each one slower.
+PARSE_THREADS = 2
+# A refused request whose checks took a thread this long counts against its key's rpm like an
+# admitted one: a cheap 400 (a typo) does not, a schema that cost seconds of conversion does.
+PARSE_COUNTED_S = 0.05
 # Retry-After when Redis is unreachable: the client retries soon; a failover takes seconds.
 REDIS_RETRY_S = 2
 

@@ -13,6 +13,7 @@ number type.
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -92,6 +93,12 @@ class OpenAIRequest(BaseModel):
             return data
         known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
         return {k: v for k, v in data.items() if v is not None or k not in known}
+
+
+# True once this request's body passed every check in a worker thread (api/bodies.py): the same
+# validation on the API's event loop (FastAPI's, a route's own) then skips the costly conversions
+# of schemas and tools (issue 27: a 961 KB response_format froze every stream on an API for 16 s).
+COSTLY_CHECKED: ContextVar[bool] = ContextVar("tokenfan_costly_checked", default=False)
 
 
 class ParamError(ValueError):
@@ -213,7 +220,7 @@ class JsonSchemaFormat(BaseModel):
 
     @model_validator(mode="after")
     def _convertible(self) -> JsonSchemaFormat:
-        if self.schema_ is not None:
+        if self.schema_ is not None and not COSTLY_CHECKED.get():
             try:
                 structured.check(self.schema_)
             except structured.SchemaError as exc:
@@ -324,7 +331,8 @@ class ChatRequest(OpenAIRequest):
             raise ParamError("tool_choice", f"{self.tool_choice.function.name[:64]!r} is not one of the tools' "
                              "functions")
         try:
-            toolcalls.check(self.tool_specs())
+            if not COSTLY_CHECKED.get():
+                toolcalls.check(self.tool_specs())
         except structured.SchemaError as exc:
             where = f"tools.{exc.where}" if exc.where else "tools"
             raise ParamError(where, str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)) from None
