@@ -126,3 +126,19 @@ def test_native_stream_pings_are_no_events_and_last_event_id_resumes(api: Proc) 
     whole = logged(first) + logged(rest)
     assert_whole(whole)
     assert token_text(whole) == expected_text(PROMPT, TOKENS)
+
+
+def test_python_sdk_responses_resume_with_starting_after_across_pings(client: openai.OpenAI, tee: Tee) -> None:
+    stream = client.responses.create(model="smollm2", input=PROMPT, max_output_tokens=TOKENS, stream=True,
+                                     background=True)
+    got = []
+    for ev in stream:
+        got.append(ev)
+        if sum(e.type == "response.output_text.delta" for e in got) >= 10:
+            break
+    stream.close()
+    rest = list(client.responses.retrieve(got[0].response.id, stream=True, starting_after=got[-1].sequence_number))
+    whole = got + rest
+    assert [e.sequence_number for e in whole] == list(range(len(whole)))
+    assert "".join(e.delta for e in whole if e.type == "response.output_text.delta") == expected_text(PROMPT, TOKENS)
+    _pinged_after_an_id(bytes(tee.seen))
