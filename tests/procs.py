@@ -208,8 +208,9 @@ def _healthy(proc: Proc) -> bool:
 # One parser for every test, httpx-sse's, as for the CLI and the benchmark. Per
 # the SSE spec an event without an `id:` of its own keeps the last one seen
 # (`.id` is "" only before the first): a test of ids checks that they change.
-# httpx-sse 0.4 also yields an empty event for a comment (a ping) once an id was
-# seen (florimondmanca/httpx-sse#35); the spec dispatches nothing without data.
+# httpx-sse 0.4 also yields an empty event for a comment and its blank line once
+# an id was seen (florimondmanca/httpx-sse#35); the API's pings have no blank
+# line (api/sse.py), but the filter stays: the spec dispatches nothing without data.
 
 SSE = ServerSentEvent
 
