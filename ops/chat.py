@@ -3,7 +3,9 @@
 SSE is parsed by httpx-sse, as by the tests and the benchmark: its `id` is
 the last one seen (the spec's last event id), which is what a resume sends.
 An event without data is skipped, as the spec does: httpx-sse 0.4 yields one
-for each ping once an id was seen (florimondmanca/httpx-sse#35).
+for a blank line once an id was seen (florimondmanca/httpx-sse#35). Our own
+pings are a comment line with no blank line, so they yield nothing; an API
+of another version, or a proxy, may still send the blank line.
 
 A dropped connection is resumed from the last event, but not for ever: when
 no event arrives for `--timeout` seconds (an API that stays unreachable, or
