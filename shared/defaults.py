@@ -72,6 +72,10 @@ MAX_JSON_DEPTH = 64
 LOG_TTL_S = 300
 # A running stream's log outlives any sane generation; refreshed per event.
 LOG_ACTIVE_TTL_S = 3600
+# A stored Responses API response (its record and its events) is kept this long after it ends, beyond
+# the log: a conversation picked up the next day still goes on by previous_response_id; not OpenAI's
+# 30 days, as each record holds its whole conversation and Redis is sized for streams, not archives.
+RESPONSE_TTL_S = 86400
 # Entries kept per stream: the cap on max_tokens plus the few non-token events.
 LOG_MAXLEN = MAX_TOKENS_CAP + 64
 # A worker that stops renewing for this long is taken for dead.

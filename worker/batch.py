@@ -57,13 +57,16 @@ import functools
 import json
 import logging
 import math
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenfan.shared import structured, tools
+from tokenfan.shared.defaults import GRAMMAR_TOKEN_BUDGET_S
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest
 from tokenfan.worker import cpu
 from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats, choice_key
@@ -81,6 +84,12 @@ TOP_K = 40
 MIN_P = 0.05
 # Bytes of one token's text; longer pieces are asked for again at their size.
 PIECE_BUF = 64
+# The likeliest tokens a grammar sees first (`_constrained`): its work grows with the candidates it
+# walks, so 256 of SmolLM2's 49,152 cost about 1/190 of the whole vocabulary, and top-k (40) never
+# looks further down while enough of them are allowed.
+GRAMMAR_CANDIDATES = 256
+# ...and, when none of those is allowed, the rest a call at a time: the time is checked between calls.
+GRAMMAR_CHUNK = 4096
 
 
 class TextOut:
@@ -135,11 +144,32 @@ class Slot:
 
 
 @dataclass(eq=False)
+class Sampler:
+    """A stream's samplers. Without a grammar, `main` is the whole chain, sampled in one call. With one,
+    `pre` (logit bias, penalties) and `main` (top-k … dist) go around the grammar, which is kept apart
+    so that it sees the likeliest tokens first and its time is measured (`LlamaBatchEngine._constrained`)."""
+
+    main: Any
+    grammar: Any = None
+    pre: Any = None
+    param: str = ""  # the request part the grammar came from: response_format or tools
+
+    def handles(self) -> list[Any]:
+        return [h for h in (self.pre, self.grammar, self.main) if h is not None]
+
+
+class GrammarTooSlow(InvalidRequest):
+    """A stream's grammar took more than its per-token budget: the stream ends, not the batch."""
+
+    code = "grammar_too_slow"
+
+
+@dataclass(eq=False)
 class Stream:
     key: str
     slot: Slot
     pending: list[int]
-    sampler: Any
+    sampler: Sampler | None
     text: TextOut
     budget: int
     generated: int = 0
@@ -149,7 +179,7 @@ class Stream:
     owner: str = ""  # the stream this is a choice of
     index: int = 0
     forks: list[Stream] = field(default_factory=list)  # choices waiting for this one's prompt, to copy it
-    tool_sampler: Any = None  # tool_choice "auto": the chain of calls, if the first token starts one
+    tool_sampler: Sampler | None = None  # tool_choice "auto": the calls' sampler, if the first token starts one
     decide_raw: bool = False  # ... and the first token is chosen on the raw logits (a JSON answer's chain)
 
 
@@ -161,13 +191,78 @@ def pick_slot(slots: Sequence[Slot], prompt: Sequence[int]) -> Slot | None:
     return max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
 
 
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    result: Any = None
+    error: BaseException | None = None
+    cleanup: Callable[[Any], Any] | None = None  # set when the caller stopped waiting: run once it ends
+
+
+class GrammarThread:
+    """llama.cpp's grammar calls, made on a daemon thread that the main loop waits for with a timeout.
+
+    A grammar call runs in C and cannot be stopped from Python; but ctypes lets go of the GIL for the
+    call, so the main loop can stop *waiting* for it. A call past its stream's budget is left to finish
+    on its own: its thread is told to end after it, a new thread serves the next calls, and what the
+    call uses (the stream's grammar) is freed by that thread when the call returns (`cleanup`), never
+    while it runs. A grammar call reads only its grammar, its candidates and the model's vocabulary
+    (which stays loaded while any call runs), never the context the main thread decodes with. The
+    price of a call left running is a CPU core until it ends; `running` counts them."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Call | None] | None = None
+        self._lock = threading.Lock()
+        self.running = 0  # calls left running past their budget
+
+    def call(self, fn: Callable[[], Any], timeout: float,
+             cleanup: Callable[[Any], Any]) -> tuple[bool, Any]:
+        """(True, its result) when `fn` returned within `timeout` seconds; else (False, None), and
+        `cleanup(result)` runs on the thread when it does return."""
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(self._jobs,), name="tokenfan-grammar", daemon=True).start()
+        job = _Call(fn)
+        self._jobs.put(job)
+        job.done.wait(max(0.0, timeout))
+        with job.lock:
+            if not job.done.is_set():
+                job.cleanup = cleanup
+                with self._lock:
+                    self.running += 1
+                self._jobs.put(None)  # that thread ends after this call; the next call gets a new one
+                self._jobs = None
+                return False, None
+        if job.error is not None:
+            raise job.error
+        return True, job.result
+
+    def _serve(self, jobs: queue.SimpleQueue[_Call | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                job.result = job.fn()
+            except BaseException as exc:  # handed to the caller, which raises it
+                job.error = exc
+            with job.lock:
+                job.done.set()
+                late = job.cleanup
+            if late is not None:
+                log.warning("Batch engine: a grammar call left running past its budget has ended")
+                late(job.result)
+                with self._lock:
+                    self.running -= 1
+
+
 class LlamaBatchEngine:
     """llama.cpp through llama-cpp-python's bindings: one model, `slots` streams per `llama_decode`."""
 
     name = "llama"
 
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
-                 chunk: int = PROMPT_CHUNK, unified: bool = False, repack: cpu.Repack = "auto") -> None:
+                 chunk: int = PROMPT_CHUNK, unified: bool = False, repack: cpu.Repack = "auto",
+                 grammar_budget_s: float = GRAMMAR_TOKEN_BUDGET_S) -> None:
         import llama_cpp
         import numpy
 
@@ -187,6 +282,11 @@ class LlamaBatchEngine:
         self._touched: list[Stream] = []
         self._load(model_path, n_gpu_layers, threads, unified, self._extra_bufts(repack, n_gpu_layers))
         self._formatter = self._chat_formatter()
+        self.grammar_budget_s = grammar_budget_s
+        self.grammar_thread = GrammarThread()
+        # The candidates a grammar stream's token is drawn from, made once (one thread samples them all).
+        self._cand_full = (llama_cpp.llama_token_data * self.n_vocab)()
+        self._ids = numpy.arange(self.n_vocab, dtype=numpy.int32)
 
     # --- setup -------------------------------------------------------------
 
@@ -266,7 +366,11 @@ class LlamaBatchEngine:
         if self.ctx:
             self.ll.llama_batch_free(self.batch)
             self.ll.llama_free(self.ctx)
-            self.ll.llama_model_free(self.model)
+            if self.grammar_thread.running:  # a call left running still reads the vocabulary: the process
+                log.warning("Batch engine: %d grammar calls still running; the model stays loaded until exit",
+                            self.grammar_thread.running)
+            else:
+                self.ll.llama_model_free(self.model)
             self.ctx = self.model = None
 
     # --- text ----------------------------------------------------------------
@@ -405,50 +509,54 @@ class LlamaBatchEngine:
         try:
             return plain, self._sampler(req, calls)
         except BaseException:
-            self.ll.llama_sampler_free(plain)
+            self._free(plain)
             raise
 
-    def _sampler(self, req: GenRequest, grammar: str | None = None) -> Any:
+    def _sampler(self, req: GenRequest, tool_grammar: str | None = None) -> Sampler:
         ll = self.ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        smp = Sampler(ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params()))
         try:
-            self._constraints(chain, req, grammar)
+            self._constraints(smp, req, tool_grammar)
+            self._tail(smp.main, req)
         except BaseException:
-            ll.llama_sampler_free(chain)
+            self._free(smp)
             raise
+        return smp
+
+    def _tail(self, chain: Any, req: GenRequest) -> None:
+        ll = self.ll
         if req.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
+            return
         seed = ll.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
         for s in (ll.llama_sampler_init_top_k(TOP_K), ll.llama_sampler_init_top_p(req.top_p, 1),
                   ll.llama_sampler_init_min_p(MIN_P, 1), ll.llama_sampler_init_temp(req.temperature),
                   ll.llama_sampler_init_dist(seed)):
             ll.llama_sampler_chain_add(chain, s)
-        return chain
 
-    def _constraints(self, chain: Any, req: GenRequest, tool_grammar: str | None) -> None:
-        """What the request asked for beyond temperature and top_p, first in its chain; a continued
-        stream's penalties and grammar first see the text already sent."""
+    def _constraints(self, smp: Sampler, req: GenRequest, tool_grammar: str | None) -> None:
+        """What the request asked for beyond temperature and top_p, first: in the chain, or with a grammar
+        in `pre`; a continued stream's penalties and grammar first see the text already sent."""
         ll = self.ll
+        if tool_grammar is not None:
+            smp.grammar, smp.param = self._grammar_of(tool_grammar, "tools"), "tools"
+        elif req.json_schema is not None:
+            smp.grammar, smp.param = self._grammar(req.json_schema), "response_format"
+        first = smp.main
+        if smp.grammar is not None:
+            first = smp.pre = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         bias = {t: b for t, b in req.logit_bias.items() if 0 <= t < self.n_vocab}
         if bias:
             arr = (ll.llama_logit_bias * len(bias))()
             for i, (tok, b) in enumerate(bias.items()):
                 arr[i].token, arr[i].bias = tok, b
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+            ll.llama_sampler_chain_add(first, ll.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
         if req.presence_penalty or req.frequency_penalty:
             window = max(1, req.max_tokens)  # every generated token counts, as OpenAI's penalties do
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+            ll.llama_sampler_chain_add(first, ll.llama_sampler_init_penalties(
                 self.n_vocab, window, 1.0, req.frequency_penalty, req.presence_penalty))
-        grammar = None
-        if tool_grammar is not None:
-            grammar = self._grammar_of(tool_grammar, "tools")
-            ll.llama_sampler_chain_add(chain, grammar)
-        elif req.json_schema is not None:
-            grammar = self._grammar(req.json_schema)
-            ll.llama_sampler_chain_add(chain, grammar)
-        if req.prefix and (grammar is not None or req.presence_penalty or req.frequency_penalty):
-            self._accept_prefix(chain, grammar, self.tokenize(req.prefix, add_special=False))
+        if req.prefix and (smp.grammar is not None or req.presence_penalty or req.frequency_penalty):
+            self._accept_prefix(smp, self.tokenize(req.prefix, add_special=False))
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         try:
@@ -458,26 +566,40 @@ class LlamaBatchEngine:
         return self._grammar_of(text, "response_format")
 
     def _grammar_of(self, text: str, param: str) -> Any:
-        smpl = self.ll.llama_sampler_init_grammar(self.vocab, text.encode(), b"root")
+        """llama.cpp's grammar sampler (its parser and first stacks run on the grammar thread, bounded by
+        the budget like a token)."""
+        ll, vocab = self.ll, self.vocab
+        done, smpl = self.grammar_thread.call(lambda: ll.llama_sampler_init_grammar(vocab, text.encode(), b"root"),
+                                              self.grammar_budget_s, lambda made: made and ll.llama_sampler_free(made))
+        if not done:
+            raise GrammarTooSlow(f"{param}: llama.cpp took over {self.grammar_budget_s:g} s to set its grammar up; "
+                                 "simplify the schema, its patterns and enums", param=param)
         if not smpl:
             raise InvalidRequest(f"{param}: llama.cpp could not parse the grammar", code="invalid_request",
                                  param=param)
         return smpl
 
-    def _accept_prefix(self, chain: Any, grammar: Any, tokens: list[int]) -> None:
-        """Feed the text already sent through the chain. llama.cpp's grammar aborts the process on a
+    def _accept_prefix(self, smp: Sampler, tokens: list[int]) -> None:
+        """Feed the text already sent through the samplers. llama.cpp's grammar aborts the process on a
         token it does not allow, so each is first offered to the grammar alone."""
         ll = self.ll
         one = (ll.llama_token_data * 1)()
         cand = ll.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
         for tok in tokens:
-            if grammar is not None:
+            if smp.grammar is not None:
                 one[0].id, one[0].logit, one[0].p = tok, 0.0, 0.0
                 cand.size = 1
-                ll.llama_sampler_apply(grammar, ctypes.byref(cand))
+                spent = self._grammar_call(smp, ll.llama_sampler_apply, (smp.grammar, ctypes.byref(cand)), 0.0)
                 if math.isinf(one[0].logit):
                     raise EngineError("the JSON sent so far cannot be continued", code="engine_error")
-            ll.llama_sampler_accept(chain, tok)
+                self._grammar_call(smp, ll.llama_sampler_accept, (smp.grammar, tok), spent)
+            for h in (smp.pre, smp.main):
+                if h is not None:
+                    ll.llama_sampler_accept(h, tok)
+
+    def _free(self, smp: Sampler | None) -> None:
+        for h in smp.handles() if smp is not None else []:
+            self.ll.llama_sampler_free(h)
 
     def drop(self, key: str) -> None:
         """End a stream now (cancelled, fenced, handed back), every choice of it; what their slots decoded
@@ -486,9 +608,8 @@ class LlamaBatchEngine:
             self._end(stream, "cancelled", "")
 
     def _end(self, stream: Stream, reason: str, text: str) -> Output:
-        self.ll.llama_sampler_free(stream.sampler)
-        if stream.tool_sampler is not None:
-            self.ll.llama_sampler_free(stream.tool_sampler)
+        self._free(stream.sampler)
+        self._free(stream.tool_sampler)
         stream.sampler = stream.tool_sampler = None
         stream.slot.stream = None
         stream.slot.used = time.monotonic()
@@ -560,32 +681,117 @@ class LlamaBatchEngine:
         return i
 
     def _decide(self, s: Stream, row: int) -> int:
-        """tool_choice "auto", the first token: one that starts with `<` begins a call, and the call's chain
-        (its grammar) takes over from here, sampling the token again; any other is text, under the plain
-        chain alone. A JSON answer's chain could never start with `<`, so then the model's likeliest token
-        (raw logits) decides."""
-        ll = self.ll
+        """tool_choice "auto", the first token: one that starts with `<` begins a call, and the call's
+        sampler (its grammar) takes over from here, sampling the token again; any other is text, under the
+        plain sampler alone. A JSON answer's sampler could never start with `<`, so then the model's
+        likeliest token (raw logits) decides."""
         plain, calls = s.sampler, s.tool_sampler
+        if plain is None or calls is None:
+            raise EngineError(f"stream {s.key} has no sampler to decide with")
         s.tool_sampler = None
         if s.decide_raw:
-            logits = self.np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+            logits = self.np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
             call = self._piece(int(logits.argmax())).lstrip(b" ").startswith(b"<")
         else:
-            tok = int(ll.llama_sampler_sample(plain, self.ctx, row))
+            tok = self._draw(plain, row)
             call = self._piece(tok).startswith(b"<")
             if not call:
-                ll.llama_sampler_free(calls)
+                self._free(calls)
                 return tok
         keep, drop = (calls, plain) if call else (plain, calls)
-        ll.llama_sampler_free(drop)
+        self._free(drop)
         s.sampler = keep
-        return int(ll.llama_sampler_sample(keep, self.ctx, row))
+        return self._draw(keep, row)
+
+    def _draw(self, smp: Sampler | None, row: int) -> int:
+        if smp is None:
+            raise EngineError("a stream in the batch has no sampler")
+        if smp.grammar is None:
+            return int(self.ll.llama_sampler_sample(smp.main, self.ctx, row))
+        return self._constrained(smp, row)
+
+    def _constrained(self, smp: Sampler, row: int) -> int:
+        """One token under a grammar, its grammar work bounded by `grammar_budget_s` (issue 27).
+
+        llama.cpp's grammar code runs in C and cannot be stopped from here mid-call; what bounds the
+        worst case is what each call is given. The grammar first sees only the `GRAMMAR_CANDIDATES`
+        likeliest tokens (after logit bias and penalties): its cost grows with the candidates it walks,
+        and when one of them is allowed it is the token the whole-vocabulary chain would draw at
+        temperature 0 (the top-k chain after it draws among the allowed ones). Only when none is
+        allowed does the grammar see the rest of the vocabulary, likeliest first, `GRAMMAR_CHUNK`
+        tokens a call, up to the first chunk that allows one, the time checked between calls; the
+        token's acceptance (which advances the grammar's stacks) counts too. Past the budget the stream
+        ends with `grammar_too_slow`. What bounds a step's worst case for one stream is therefore the
+        budget plus one call over a chunk (a twelfth of SmolLM2's vocabulary) plus one acceptance; the
+        edge's bounds (shared/structured.py) keep a single call short."""
+        ll, np = self.ll, self.np
+        view = np.ctypeslib.as_array(self._cand_full)
+        view["id"] = self._ids
+        view["logit"] = np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        view["p"] = 0.0
+        if smp.pre is not None:
+            arr = ll.llama_token_data_array(data=self._cand_full, size=self.n_vocab, selected=-1, sorted=False)
+            ll.llama_sampler_apply(smp.pre, ctypes.byref(arr))
+        k = min(GRAMMAR_CANDIDATES, self.n_vocab)
+        order = np.argpartition(-view["logit"], k - 1)
+        spent, tok = self._try(smp, view[order[:k]], 0.0)
+        if tok < 0:  # none of the likeliest: the rest, likeliest first, a chunk at a time
+            rest = order[k:][np.argsort(-view["logit"][order[k:]], kind="stable")]
+            for at in range(0, len(rest), GRAMMAR_CHUNK):
+                spent, tok = self._try(smp, view[rest[at:at + GRAMMAR_CHUNK]], spent)
+                if tok >= 0:
+                    break
+            else:
+                raise EngineError("the grammar allows no token here", code="engine_error")
+        self._grammar_call(smp, ll.llama_sampler_accept, (smp.grammar, tok), spent)
+        for h in (smp.pre, smp.main):
+            if h is not None:
+                ll.llama_sampler_accept(h, tok)
+        return tok
+
+    def _try(self, smp: Sampler, cands: Any, spent: float) -> tuple[float, int]:
+        """The grammar over these candidates (timed), then the chain over those it allows: the time spent
+        so far, and the token drawn (-1: the grammar allowed none)."""
+        ll, np = self.ll, self.np
+        buf = (ll.llama_token_data * len(cands)).from_buffer_copy(np.ascontiguousarray(cands).tobytes())
+        arr = ll.llama_token_data_array(data=buf, size=len(cands), selected=-1, sorted=False)
+        spent = self._grammar_call(smp, ll.llama_sampler_apply, (smp.grammar, ctypes.byref(arr)), spent, buf)
+        if np.isinf(np.ctypeslib.as_array(buf)["logit"]).all():
+            return spent, -1
+        ll.llama_sampler_apply(smp.main, ctypes.byref(arr))
+        return spent, int(arr.data[arr.selected].id)
+
+    def _grammar_call(self, smp: Sampler, fn: Callable[..., Any], args: tuple[Any, ...], spent: float,
+                      *keep: Any) -> float:
+        """One grammar call on the grammar thread, within what is left of the token's budget: the time
+        spent so far. Past the budget the call is left running, its grammar handed to the thread to free
+        when it ends (it is the stream's no more), and the stream ends. `keep`: what the call's arguments
+        point into (the candidates), kept alive as long as the call runs."""
+        t0 = time.perf_counter()
+        grammar = smp.grammar
+        done, _ = self.grammar_thread.call(lambda: (fn(*args), keep)[0], self.grammar_budget_s - spent,
+                                           lambda _: self.ll.llama_sampler_free(grammar))
+        spent += time.perf_counter() - t0
+        if not done:
+            smp.grammar = None
+            raise self._too_slow(smp, spent)
+        if spent > self.grammar_budget_s:
+            raise self._too_slow(smp, spent)
+        return spent
+
+    def _too_slow(self, smp: Sampler, seconds: float) -> GrammarTooSlow:
+        return GrammarTooSlow(f"{smp.param}: its grammar takes {seconds:.2f} s or more to sample one token; the "
+                              f"worker's budget is {self.grammar_budget_s:g} s (simplify the schema, its patterns "
+                              "and enums)", param=smp.param)
 
     def _sample(self, s: Stream, row: int) -> Output:
-        if s.tool_sampler is not None:
-            tok = self._decide(s, row)
-        else:
-            tok = int(self.ll.llama_sampler_sample(s.sampler, self.ctx, row))
+        try:
+            tok = self._decide(s, row) if s.tool_sampler is not None else self._draw(s.sampler, row)
+        except GrammarTooSlow as exc:
+            log.warning("Batch engine: stream %s ends: %s", s.key, exc)
+            out = self._end(s, "error", "")
+            out.finish, out.error = None, exc
+            return out
         if self.ll.llama_vocab_is_eog(self.vocab, tok):
             return self._with_logprobs(s, self._end(s, "stop", s.text.flush()))
         s.generated += 1
