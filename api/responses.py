@@ -48,9 +48,14 @@ Deliberate departures from the obvious:
   when the stream starts: a response that only calls a function has no
   empty message before its calls;
 - the record is written with the running stream's TTL (`log_active_ttl_s`)
-  and is one of the stream's keys (`keys.response`): the terminal publish
-  expires it with the log, so a finished response is kept exactly the log's
-  TTL whether anybody reads it again or not;
+  and is one of the stream's keys (`keys.response`), but outlives the log:
+  its JSON starts with `ttl_s` (TOKENFAN_RESPONSE_TTL_S, this API's), and
+  the worker's terminal publish keeps it that long and copies the log
+  beside it (`keys.response_log`), whether anybody reads it again or not.
+  Once the stream's own keys expired, the record's `owner` says whose it is
+  and the copy is its events: GET, its replay and `previous_response_id`
+  go on from them. The worker needs no setting for it, so a response is
+  kept as the API that made it was told;
 - an `error` event this API process makes itself (Redis lost, shutdown, a
   `starting_after` the stream never reached) is not in the log: its
   sequence_number and `id:` are those of the last event sent, so a resume
@@ -406,6 +411,10 @@ def _choice_echo(req: ResponsesRequest) -> str | dict[str, Any]:
 class Record(BaseModel):
     """What a response keeps beside its stream: what it was asked with, as the response object echoes it."""
 
+    # First, so the terminal publish reads it without parsing the record (shared/bus.py): seconds the
+    # record and its events are kept once the response ended (0: with the log, a record before it).
+    ttl_s: int = 0
+    owner: str = ""
     model: str
     created_at: float
     background: bool
@@ -660,6 +669,15 @@ def local_error(sent: int, code: str, message: str) -> bytes:
 class Loaded:
     view: View
     state: StreamState
+    archived: bool = False  # the stream's own keys expired: its events are the record's copy
+
+
+async def read_events(edge: Edge, got: Loaded) -> list[Event]:
+    """The response's events: the log's, or once the log expired the copy kept with the record."""
+    if not got.archived:
+        return await edge.bus.read_log(got.view.sid)
+    raw = await edge.redis.xrange(keys.response_log(got.view.sid), "-", "+")
+    return [events.decode(fields[b"e"]) for _id, fields in raw]
 
 
 async def save(edge: Edge, view: View) -> None:
@@ -684,16 +702,19 @@ async def load(edge: Edge, rid: str, owner: str) -> Loaded:
         raise _not_found(rid)
     pipe = edge.redis.pipeline(transaction=False)
     pipe.get(keys.response(sid))
-    pipe.pttl(keys.response(sid))
     StreamState.queue_summary(pipe, sid)
-    pipe.pttl(keys.state(sid))
-    raw, rec_ttl, summary, state_ttl = await pipe.execute()
+    raw, summary = await pipe.execute()
     state = StreamState.parse_summary(summary)
-    if raw is None or state is None or state.owner != owner:
+    if raw is None:
         raise _not_found(rid)
-    if state.ended and 0 < state_ttl < rec_ttl:  # the record goes when the log goes
-        await edge.redis.pexpire(keys.response(sid), state_ttl)
-    return Loaded(View(sid, Record.model_validate_json(raw)), state)
+    rec = Record.model_validate_json(raw)
+    if state is None:  # the stream's keys expired before the record: it ended, its events are kept with it
+        if not rec.owner or rec.owner != owner:
+            raise _not_found(rid)
+        return Loaded(View(sid, rec), StreamState(owner=owner, status=StreamStatus.FINISHED), archived=True)
+    if state.owner != owner:
+        raise _not_found(rid)
+    return Loaded(View(sid, rec), state)
 
 
 def parse_after(query: str | None, header: str | None, bound: int) -> int:
@@ -726,7 +747,7 @@ async def previous_conversation(edge: Edge, rid: str, owner: str) -> list[dict[s
     except NotFound as exc:
         exc.param = "previous_response_id"
         raise
-    now = fold(got.view, got.state, await edge.bus.read_log(got.view.sid))
+    now = fold(got.view, got.state, await read_events(edge, got))
     if now["status"] in ("queued", "in_progress"):
         raise InvalidRequest(f"the previous response '{rid}' is still {now['status']}; go on from it once it "
                              "ended", code="invalid_value", param="previous_response_id")
@@ -747,7 +768,8 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
         exc.param = _param(exc.param)
         raise
     fmt = req.text.format if req.text and req.text.format else TextFormat(type="text")
-    rec = Record(model=started.model, created_at=started.state.created, background=req.background,
+    rec = Record(ttl_s=edge.settings.response_ttl_s, owner=who.owner, model=started.model,
+                 created_at=started.state.created, background=req.background,
                  store=req.store, instructions=req.instructions, metadata=req.metadata or {},
                  max_output_tokens=req.max_output_tokens, temperature=chat.temperature, top_p=chat.top_p,
                  text_format=fmt.echo(), user=req.user, tool_choice=_choice_echo(req),
@@ -790,16 +812,19 @@ async def collect(edge: Edge, view: View, follower: Follower, owner: str) -> dic
 async def retrieve(edge: Edge, rid: str, owner: str, stream: bool, after: int) -> Response:
     got = await load(edge, rid, owner)
     if not stream:
-        return JSONResponse(fold(got.view, got.state, await edge.bus.read_log(got.view.sid)))
+        return JSONResponse(fold(got.view, got.state, await read_events(edge, got)))
+    logged = await read_events(edge, got) if got.state.ended else []
     if got.state.ended:
         rendered = Renderer(got.view)
-        for e in await edge.bus.read_log(got.view.sid):
+        for e in logged:
             rendered.render(e)
         last = rendered.sn
         if after > last:
             raise _past_end("starting_after", last)
     if after >= 0:
         edge.metrics.resumes.inc()
+    if got.archived:  # nothing live to follow: the kept events are the whole response
+        return _sse(edge, _replay(got.view, logged, after), got.view.sid)
     follower = Follower(edge, got.view.sid, 0, got.state)
     return _sse(edge, relay(edge, got.view, follower, after, time.time()), got.view.sid)
 
@@ -830,7 +855,7 @@ async def cancel(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
         raise InvalidRequest("only responses created with background=true can be cancelled",
                              code="not_background")
     if got.state.ended:
-        now = fold(got.view, got.state, await edge.bus.read_log(got.view.sid))
+        now = fold(got.view, got.state, await read_events(edge, got))
         if now["status"] == "cancelled":  # a second cancel answers as the first did
             return now
         raise InvalidRequest(f"the response is already {now['status']}; only a queued or in-progress response "
@@ -858,7 +883,7 @@ async def delete(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
     if not got.state.ended:
         await cancel_stream(edge, sid, owner, "client")
     pipe = edge.redis.pipeline(transaction=False)
-    pipe.delete(keys.response(sid))
+    pipe.delete(keys.response(sid), keys.response_log(sid))
     if got.state.ended:  # nobody writes to it any more
         pipe.delete(*keys.stream_keys(sid))
     await pipe.execute()
@@ -900,6 +925,13 @@ def _observe(edge: Edge, batch: list[Event], first: bool, t0: float) -> bool:
         edge.metrics.first_token.observe(now - t0)
         return False
     return first
+
+
+async def _replay(view: View, logged: list[Event], after: int) -> AsyncIterator[bytes]:
+    """The streamed read of a response kept past its log: its events rendered, what is above `after`."""
+    data = _Written(view, after).frames(logged)
+    if data:
+        yield data
 
 
 async def relay(edge: Edge, view: View, follower: Follower, after: int, t0: float) -> AsyncIterator[bytes]:

@@ -52,6 +52,9 @@ local last = 0
 if #top > 0 then last = tonumber(string.match(top[1][1], '^(%%d+)')) end
 """
 
+# The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
+# with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
+# (keys.response_log) when that outlives the log; a record without one goes with the log.
 PUBLISH_LUA = Template("""
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end
 """ + _LAST_SEQ % 1 + """
@@ -64,7 +67,17 @@ if ARGV[6] == '1' then
   redis.call('DEL', KEYS[3])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
   redis.call('EXPIRE', KEYS[6], ARGV[7])
-  redis.call('EXPIRE', KEYS[7], ARGV[7])
+  local rec = redis.call('GET', KEYS[7])
+  local kept = rec and tonumber(string.match(rec, '^{"ttl_s":(%d+)'))
+  if kept and kept > 0 then
+    if kept > tonumber(ARGV[7]) then
+      redis.call('COPY', KEYS[1], KEYS[8], 'REPLACE')
+      redis.call('EXPIRE', KEYS[8], kept)
+    end
+    redis.call('EXPIRE', KEYS[7], kept)
+  else
+    redis.call('EXPIRE', KEYS[7], ARGV[7])
+  end
 elseif tonumber(ARGV[2]) % $refresh_every == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
@@ -156,6 +169,7 @@ def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> t
         keys.cancel(stream_id),
         keys.viewers(stream_id),
         keys.response(stream_id),
+        keys.response_log(stream_id),
     ]
     args = [
         owner,

@@ -82,6 +82,10 @@ LOG_MAXLEN = MAX_TOKENS_CAP + 64
 LEASE_TTL_S = 5.0
 # How often a worker renews its lease, heartbeats and reaps lapsed leases.
 KEEPER_INTERVAL_S = 1.0
+# A worker whose main loop finished no step for this long (a call into llama.cpp that never returns)
+# stops renewing its leases and its heartbeat, so that its streams are taken over or ended: far past
+# any real step (a prompt chunk, a grammar's 1 s budget per stream), short beside a viewer's patience.
+LOOP_STALL_S = 30.0
 # An abandoned tab stops burning GPU time after this long without a viewer.
 ABANDON_GRACE_S = 60.0
 # A stream handed over must be taken by another worker within this, or it

@@ -47,6 +47,11 @@ def response(stream_id: str) -> str:
     return f"{stream_tag(stream_id)}:response"
 
 
+def response_log(stream_id: str) -> str:
+    """A stored response's events, copied from the log when it ends: they outlive the log with the record."""
+    return f"{stream_tag(stream_id)}:response:log"
+
+
 def stream_id_of(key: str) -> str:
     """The stream id inside one of its keys (`tf:stream:{ID}:state` -> ID)."""
     return key[key.index("{") + 1:key.rindex("}")]
@@ -55,7 +60,7 @@ def stream_id_of(key: str) -> str:
 def stream_keys(stream_id: str) -> list[str]:
     """Every key of one stream (for expiry and clean-up)."""
     return [log(stream_id), state(stream_id), lease(stream_id), cancel(stream_id), viewers(stream_id),
-            response(stream_id)]
+            response(stream_id), response_log(stream_id)]
 
 
 def queue_name(model: str) -> str:

@@ -114,6 +114,8 @@ class ApiSettings(CommonSettings):
                                      "before a 504")
     subscriber_buffer: int = Field(default=d.SUBSCRIBER_BUFFER, description="events buffered per viewer before it "
                                    "catches up from the log")
+    response_ttl_s: int = Field(default=d.RESPONSE_TTL_S, gt=0, description="seconds a stored Responses API "
+                                "response is kept after it ends (retrieve, previous_response_id), beyond the log")
 
     # Access and admission
     api_keys_file: str | None = Field(default=None, description="JSON file of API key hashes (`tokenfan keys "
@@ -164,6 +166,8 @@ class WorkerSettings(CommonSettings):
     slots: int = Field(default=d.SLOTS, description="streams one worker decodes at once")
     worker_name: str | None = Field(default=None, description="a unique worker name (default: host.pid.random)")
     metrics_port: int = Field(default=d.WORKER_METRICS_PORT, description="Prometheus port (0: off)")
+    loop_stall_s: float = Field(default=d.LOOP_STALL_S, gt=0, description="seconds the worker's loop may go "
+                                "without finishing a step before it stops renewing its leases and heartbeat")
     abandon_grace_s: float = Field(default=d.ABANDON_GRACE_S, description="seconds a stream runs without a viewer "
                                    "before it is cancelled")
 

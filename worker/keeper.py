@@ -10,6 +10,14 @@ main thread's loop sees what it learnt between decode steps (each stream's
 `Watch`); no lock is needed, since each field has one writer and the set of
 watches is replaced, never changed in place.
 
+The main loop reports each turn (`progress`). A loop that finished no turn
+for `loop_stall_s` while it holds streams is stuck (a call into llama.cpp
+that never returns: Python cannot interrupt it): the keeper then stops
+renewing its leases and its heartbeat, so the reapers hand its streams on
+or end them, and nothing is routed to a worker that serves nobody. It goes
+on again if the loop comes back; whatever it then sends of a stream taken
+over is fenced.
+
 A lease that could not be renewed (Redis was unreachable past its TTL, or
 restarted without it) is taken back when nobody else took the stream on
 (`SyncBus.reclaim`); only when that is refused is the stream lost.
@@ -89,9 +97,20 @@ class Keeper(threading.Thread):
         self._held: dict[str, Held] = {}
         self._held_lock = threading.Lock()  # the main thread adds, this thread expires
         self._server = ""  # the run_id of the Redis last seen
+        self._progress_at = time.monotonic()  # the main loop's last turn (its thread writes, this one reads)
+        self._stalled = False
         self.metrics_port = settings.metrics_port  # the port the exporter got (worker/main.py)
 
+    def progress(self) -> None:
+        """The main loop finished a turn (a step, or a pass with nothing to step)."""
+        self._progress_at = time.monotonic()
+
+    def stalled(self) -> bool:
+        """Whether the main loop holds streams and has finished no turn for `loop_stall_s`."""
+        return bool(self.watches) and time.monotonic() - self._progress_at > self.settings.loop_stall_s
+
     def begin(self, stream_id: str, owner: str, attempt: int = 0, base: int = 0) -> Watch:
+        self.progress()
         watch = Watch(stream_id, owner, attempt, base, base)
         self.watches = {**self.watches, stream_id: watch}
         self._beat_quietly()
@@ -121,12 +140,26 @@ class Keeper(threading.Thread):
                 log.warning("Worker %s: keeper cannot reach Redis: %s", self.worker, exc)
 
     def tick(self) -> None:
+        if self._stall():
+            return
         self._check_server()
         for watch in list(self.watches.values()):
             self._renew(watch)
         self.beat()
         if reap(self.bus, self.settings, f"reaper:{self.worker}"):
             self.metrics.failovers.inc()
+
+    def _stall(self) -> bool:
+        """A stuck main loop: no renewal, no heartbeat, no reaping (said once, and again when it moves)."""
+        stalled = self.stalled()
+        if stalled and not self._stalled:
+            log.error("Worker %s: the main loop finished no step for %.0fs; no longer renewing the leases of %s nor "
+                      "the heartbeat, so that other workers take them over", self.worker,
+                      time.monotonic() - self._progress_at, ", ".join(self.watches))
+        elif self._stalled and not stalled:
+            log.warning("Worker %s: the main loop moves again; renewing what is still ours", self.worker)
+        self._stalled = stalled
+        return stalled
 
     def _beat_quietly(self) -> None:
         """A heartbeat from the main thread: Redis may be away, and the keeper beats again anyway."""

@@ -102,6 +102,7 @@ class Scheduler:
         self.books.start()
         try:
             while not (self.r.shutdown_at and not self.active):
+                self.r.keeper.progress()
                 self._claim()
                 self._between()
                 if self.active:

@@ -252,13 +252,14 @@ def test_delete_forgets_the_response(cluster: Cluster, r: redis.Redis) -> None:
              what="the deleted response to stop")
 
 
-def test_kept_for_the_log_ttl(cluster: Cluster, r: redis.Redis) -> None:
-    api = cluster.api(TOKENFAN_LOG_TTL_S="1")
+def test_kept_for_the_response_ttl_with_the_log(cluster: Cluster, r: redis.Redis) -> None:
+    api = cluster.api(TOKENFAN_LOG_TTL_S="1", TOKENFAN_RESPONSE_TTL_S="1")
     cluster.worker(TOKENFAN_LOG_TTL_S="1")
     client = _client(api)
     done = client.responses.create(input="short lived", max_output_tokens=3)
-    # The terminal publish expired the record with the log, before anybody read it again.
+    # The terminal publish expired the record (no longer than the log: no copy of it), before anybody read it.
     assert 0 < r.pttl(keys.response(_sid(done.id))) <= 1000
+    assert not r.exists(keys.response_log(_sid(done.id)))
     assert client.responses.retrieve(done.id).status == "incomplete"
     url = f"{api.url}/v1/responses/{done.id}"
     wait_for(lambda: httpx.get(url, timeout=5).status_code == 404, timeout=5, what="the response to expire")

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -15,8 +16,8 @@ import redis
 
 from tests import nodesdk
 from tests.integration.test_responses import _add_key
-from tests.procs import Cluster
-from tokenfan.shared import structured
+from tests.procs import Cluster, wait_for
+from tokenfan.shared import keys, structured
 from tokenfan.worker.engines import fake_logprobs, fake_tokens
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLength": 2},
@@ -188,3 +189,41 @@ def test_top_logprobs_on_every_delta_and_the_whole_text(client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError) as bad:
         client.responses.create(model="smollm2", input="scored", top_logprobs=21)
     assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "top_logprobs"
+
+
+def test_a_stored_response_outlives_its_log_for_the_response_ttl(cluster: Cluster, r: redis.Redis) -> None:
+    """A log TTL of 1 s, a response TTL of 12 s: once the stream's keys are gone, another API process
+    still retrieves, replays and lists the response, and goes on from it (its call answered), until
+    the response TTL; then it is OpenAI's 404."""
+    short = {"TOKENFAN_LOG_TTL_S": "1", "TOKENFAN_RESPONSE_TTL_S": "12"}
+    a, b = cluster.api(**short), cluster.api(**short)
+    cluster.worker(TOKENFAN_LOG_TTL_S="1")
+    ca, cb = (openai.OpenAI(base_url=f"{p.url}/v1", api_key="unused", max_retries=0, timeout=30) for p in (a, b))
+    first = ca.responses.create(model="smollm2", input="use get_time please", tools=TOOLS, max_output_tokens=64)
+    (call,) = first.output
+    assert call.type == "function_call"
+    sid = first.id.removeprefix("resp_")
+    assert 1000 < r.pttl(keys.response(sid)) <= 12000 and 1000 < r.pttl(keys.response_log(sid)) <= 12000
+    assert 0 < r.pttl(keys.log(sid)) <= 1000
+    wait_for(lambda: not r.exists(keys.log(sid), keys.state(sid)), timeout=10, what="the stream's keys to expire")
+    # past the log, on the other replica: the same response, its events, its input, a next turn
+    kept = cb.responses.retrieve(first.id)
+    assert kept.to_dict() == first.to_dict()
+    replay = list(cb.responses.retrieve(first.id, stream=True))
+    assert replay[-1].type == "response.completed" and replay[-1].response.to_dict() == first.to_dict()
+    assert [e.sequence_number for e in replay] == list(range(len(replay)))
+    tail = list(cb.responses.retrieve(first.id, stream=True, starting_after=replay[-3].sequence_number))
+    assert [e.to_dict() for e in tail] == [e.to_dict() for e in replay[-2:]]
+    (asked,) = cb.responses.input_items.list(first.id).data
+    assert asked.type == "message" and asked.content[0].text == "use get_time please"  # type: ignore[union-attr]
+    second = cb.responses.create(model="smollm2", previous_response_id=first.id, tools=TOOLS, max_output_tokens=5,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "noon"}])
+    assert second.output_text == "".join(fake_tokens([{"role": "tool", "content": "noon"}], 5))
+    # past the response TTL: gone, for every route and as a previous response
+    url = f"{a.url}/v1/responses/{first.id}"
+    wait_for(lambda: httpx.get(url, timeout=5).status_code == 404, timeout=30, what="the response to expire")
+    assert httpx.get(url, timeout=5).json()["error"]["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError) as gone:
+        ca.responses.create(model="smollm2", input="go on", previous_response_id=first.id)
+    assert isinstance(gone.value.body, dict) and gone.value.body["param"] == "previous_response_id"
+    assert not r.exists(keys.response(sid), keys.response_log(sid))
