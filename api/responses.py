@@ -89,6 +89,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from tokenfan.api import sse
@@ -269,7 +270,8 @@ class TextConfig(BaseModel):
 
 class ResponsesRequest(OpenAIRequest):
     model: Text | None = None
-    input: Text | Annotated[list[InputItem], Field(min_length=1)]
+    # Optional with previous_response_id (as OpenAI's): the stored conversation goes on as it is.
+    input: Text | Annotated[list[InputItem], Field(min_length=1)] | None = None
     instructions: Text | None = None
     max_output_tokens: Int | None = Field(default=None, gt=0)
     temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
@@ -291,8 +293,8 @@ class ResponsesRequest(OpenAIRequest):
 
     @field_validator("input")
     @classmethod
-    def _has_text(cls, v: str | list[InputItem]) -> str | list[InputItem]:
-        if not (v.strip() if isinstance(v, str) else any(m.text().strip() for m in v)):
+    def _has_text(cls, v: str | list[InputItem] | None) -> str | list[InputItem] | None:
+        if v is not None and not (v.strip() if isinstance(v, str) else any(m.text().strip() for m in v)):
             raise ValueError("input holds no text")
         return v
 
@@ -307,8 +309,16 @@ class ResponsesRequest(OpenAIRequest):
             raise ValueError(f"metadata keys are at most {METADATA_MAX_KEY} characters, values {METADATA_MAX_VALUE}")
         return v
 
+    @model_validator(mode="after")
+    def _input_or_previous(self) -> ResponsesRequest:
+        if self.input is None and self.previous_response_id is None:
+            raise ParamError("input", "required unless previous_response_id is given")
+        return self
+
     def items(self) -> list[InputItem]:
-        return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        if isinstance(self.input, str):
+            return [InputMessage(role="user", content=self.input)]
+        return self.input or []
 
     def history(self, prefix: list[dict[str, Any]], check: bool = True) -> list[dict[str, Any]]:
         """The previous responses' conversation (`prefix`), then this input: what the next turn goes on
@@ -332,7 +342,10 @@ class ResponsesRequest(OpenAIRequest):
     def to_chat(self) -> ChatRequest:
         """The chat request this response runs as (api/bodies.py checks it off the event loop), without
         the previous response's conversation (it is in Redis): an output may answer one of its calls."""
-        return to_chat(self, self.history([], check=self.previous_response_id is None))
+        own = self.history([], check=self.previous_response_id is None)
+        # No input of its own: the previous conversation (in Redis) is the whole prompt; a stand-in
+        # message lets the rest (tools, format, limits) be checked here as for any other.
+        return to_chat(self, own or [{"role": "user", "content": "(the previous response's conversation)"}])
 
     def refuse_unsupported(self) -> None:
         for name in UNSUPPORTED:

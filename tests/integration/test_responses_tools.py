@@ -227,3 +227,18 @@ def test_a_stored_response_outlives_its_log_for_the_response_ttl(cluster: Cluste
         ca.responses.create(model="smollm2", input="go on", previous_response_id=first.id)
     assert isinstance(gone.value.body, dict) and gone.value.body["param"] == "previous_response_id"
     assert not r.exists(keys.response(sid), keys.response_log(sid))
+
+
+def test_previous_response_id_needs_no_input(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="smollm2", input="tell me more", max_output_tokens=3)
+    again = client.responses.create(model="smollm2", previous_response_id=first.id, max_output_tokens=4)
+    # the stored conversation goes on as it is: its last user message is still the one the engine answers
+    assert again.status == "incomplete" and again.previous_response_id == first.id
+    assert again.output_text == "".join(fake_tokens([{"role": "user", "content": "tell me more"}], 4))
+    assert again.usage is not None and first.usage is not None
+    assert again.usage.input_tokens > first.usage.input_tokens  # first's answer is in the prompt
+    assert client.responses.input_items.list(again.id).data == []
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.create(model="smollm2", max_output_tokens=4)  # type: ignore[call-overload]
+    assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "input"
+    assert "previous_response_id" in bad.value.body["message"]
