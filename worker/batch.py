@@ -21,6 +21,11 @@ llama-server's slots do (tools/server/server-context.cpp), in our own code:
   `response_format` (shared/structured.py), which masks every token the JSON
   cannot go on with before top-k looks at them. A request that asks for none
   gets exactly the chain above: nothing is added to its step.
+- **A grammar's cost is bounded per token** (issue 27): a grammar stream is
+  sampled by hand around its grammar, which sees the likeliest tokens first,
+  each of its calls made on a thread of its own and timed against the
+  token's budget; a stream past it ends with `grammar_too_slow` and the
+  batch goes on (`GrammarThread`, `_constrained`).
 - **Log probabilities**, when asked for: the log-softmax of the stream's raw
   logits row (the model's distribution, before penalties, grammar or
   temperature, as vLLM's and OpenAI's are), for the sampled token and the
@@ -46,7 +51,9 @@ machine's 2 CPUs, 8 streams x 24 tokens, prompts included, n_ctx 2048, two
 rounds: split 57 and 60 tokens/s, unified 51 and 54, one slot 54 and 55.
 
 All calls come from one thread (the worker's main loop): llama.cpp contexts
-are not thread-safe, and nothing here locks.
+are not thread-safe, and nothing here locks. The one exception is a grammar's
+own calls, on the grammar thread while the main loop waits for them: they
+touch the grammar, its candidates and the vocabulary, never the context.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tokenfan.shared import jsongrammar
+from tokenfan.shared.errors import InvalidRequest
 from tokenfan.worker import batch
 from tokenfan.worker.batch import GrammarTooSlow, LlamaBatchEngine
 from tokenfan.worker.engines import GenRequest, bundled_model_path
@@ -93,6 +94,17 @@ def test_a_costly_grammar_ends_its_own_stream_and_the_batch_goes_on(engine: Llam
         assert costly_error.code == "grammar_too_slow" and not costly_error.retryable
         assert "budget" in costly_error.message and costly_error.param == "response_format"
     assert plain.strip() and max(gaps) < MAX_GAP_S, (max(gaps), plain)
+
+
+@pytest.mark.parametrize(("pattern", "same"), COSTLY)
+def test_the_worker_refuses_what_the_edge_refuses_before_llama_cpp_sees_it(engine: LlamaBatchEngine,
+                                                                           pattern: str, same: str) -> None:
+    """A job an older API queued: the worker converts with the same bounds, and the stream ends with a
+    non-retryable error naming the limit, never walked to the next worker."""
+    with pytest.raises(InvalidRequest) as got:
+        engine.admit("old", ask("Answer.", 8, json_schema={"type": "string", "pattern": pattern}))
+    assert not got.value.retryable and "GRAMMAR_REPEAT_" in got.value.message
+    assert not engine.active()
 
 
 def test_a_cheap_grammar_within_the_budget_is_served(engine: LlamaBatchEngine) -> None:
