@@ -720,17 +720,17 @@ class LlamaBatchEngine:
     def _constrained(self, smp: Sampler, row: int) -> int:
         """One token under a grammar, its grammar work bounded by `grammar_budget_s` (issue 27).
 
-        llama.cpp's grammar code runs in C and cannot be stopped from here mid-call; what bounds the
-        worst case is what each call is given. The grammar first sees only the `GRAMMAR_CANDIDATES`
-        likeliest tokens (after logit bias and penalties): its cost grows with the candidates it walks,
-        and when one of them is allowed it is the token the whole-vocabulary chain would draw at
-        temperature 0 (the top-k chain after it draws among the allowed ones). Only when none is
-        allowed does the grammar see the rest of the vocabulary, likeliest first, `GRAMMAR_CHUNK`
-        tokens a call, up to the first chunk that allows one, the time checked between calls; the
-        token's acceptance (which advances the grammar's stacks) counts too. Past the budget the stream
-        ends with `grammar_too_slow`. What bounds a step's worst case for one stream is therefore the
-        budget plus one call over a chunk (a twelfth of SmolLM2's vocabulary) plus one acceptance; the
-        edge's bounds (shared/structured.py) keep a single call short."""
+        What bounds the worst case: every grammar call (here, its acceptance, its set-up in
+        `_grammar_of`, a takeover's prefix) runs on `GrammarThread`, and the main loop waits for it only
+        as long as the token's budget has left; a call past it is left running on that thread and the
+        stream ends with `grammar_too_slow`. A step therefore waits at most `grammar_budget_s` for each
+        grammar stream in it, whatever llama.cpp does, and cancel, the lease and SIGTERM are seen at the
+        next step. What keeps the common case far below the budget: the grammar first sees only the
+        `GRAMMAR_CANDIDATES` likeliest tokens (after logit bias and penalties), since its cost grows
+        with the candidates it walks; when one of them is allowed it is the token the whole-vocabulary
+        chain would draw at temperature 0 (the top-k chain after it draws among the allowed ones). Only
+        when none is allowed does the grammar see the rest, likeliest first, `GRAMMAR_CHUNK` tokens a
+        call, up to the first chunk that allows one."""
         ll, np = self.ll, self.np
         view = np.ctypeslib.as_array(self._cand_full)
         view["id"] = self._ids
