@@ -122,7 +122,9 @@ if not cur then
   if st[1] == '$running' and (st[2] ~= ARGV[3] or attempt ~= mine) then return {'$taken', last} end
   if st[1] == '$queued' and attempt ~= mine then return {'$taken', last} end
 end
-if last < tonumber(ARGV[5]) or last > tonumber(ARGV[6]) then return {'$taken', last} end
+-- a log past our last seq was written by someone else, unless we hold the lease already: then our
+-- other thread (keeper or main loop) took it back first and sent on past the seq this caller read
+if last < tonumber(ARGV[5]) or (last > tonumber(ARGV[6]) and cur ~= ARGV[1]) then return {'$taken', last} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
 return {st[1], last}
