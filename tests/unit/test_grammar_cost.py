@@ -178,3 +178,12 @@ def test_llama_cpp_parses_the_grammars_of_recursive_and_real_schemas(vocab: Any,
     allowed = sum(1 for i in range(n) if data[i].logit != float("-inf"))
     ll.llama_sampler_free(sampler)
     assert 0 < allowed < n / 100  # an object's `{`, with or without a space: a handful of tokens
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet="ab[]()|{}*+?^$.\\-,0123456789", max_size=40))
+def test_any_pattern_text_is_converted_or_refused_never_a_crash(pattern: str) -> None:
+    try:
+        structured.check({"type": "string", "pattern": pattern})
+    except structured.SchemaError as exc:
+        assert exc.where == "pattern" or exc.where == "", exc
