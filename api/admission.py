@@ -61,14 +61,15 @@ class Admission:
                               code="concurrency_limit_exceeded")
 
     async def check_rate(self, who: Principal) -> None:
-        """429 when the key's minute is already used up, counting nothing: a request refused here costs
-        no parsing (api/bodies.py asks before it reads a body)."""
+        """429 when the key's minute is already used up (counted, as `admit` counts what it refuses for
+        the rate): a request refused here costs no parsing (api/bodies.py asks before it reads a body)."""
         rec = who.record
         if rec is None:
             return
         now = time.time()
         count = int(await self.redis.get(keys.rate_window(who.owner, int(now // RATE_WINDOW_S))) or 0)
         if count >= rec.rpm:
+            await self.count(who)
             raise RateLimited(f"this key is limited to {rec.rpm} requests per minute",
                               retry_after=max(1, RATE_WINDOW_S - int(now) % RATE_WINDOW_S))
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import redis
 
-from tests.procs import Cluster, create_stream, sse_events
+from tests.procs import Cluster, create_stream, sse_events, wait_for
 from tokenfan.shared import apikeys, keys
 
 # An anyOf of objects, each with many properties: within the alternatives' bound, refused only once
@@ -71,6 +71,9 @@ def test_costly_refusals_count_against_the_rate_limit(cluster: Cluster, r: redis
     api = cluster.api()
     cluster.worker()
     auth = {"Authorization": f"Bearer {key}"}
+    # The rate counts in minute windows: start early in one, so the sequence below stays in it.
+    wait_for(lambda: time.time() % 60 < 30, timeout=40, interval=0.2, what="the first half of a minute")
+    minute = int(time.time() // 60)
     with httpx.Client(timeout=120, headers=auth) as client:
         cheap = [client.post(f"{api.url}/v1/streams", json=_body(temperature=5)) for _ in range(3)]
         assert [c.status_code for c in cheap] == [400] * 3  # a cheap refusal (a typo) costs nothing
@@ -80,3 +83,4 @@ def test_costly_refusals_count_against_the_rate_limit(cluster: Cluster, r: redis
         assert after.status_code == 429 and after.json()["error"]["code"] == "rate_limit_exceeded", after.text
         again = client.post(f"{api.url}/v1/streams", json=_body(response_format=COSTLY))
         assert again.status_code == 429  # refused before its body is parsed at all
+    assert int(time.time() // 60) == minute, "the minute ended inside the test"
