@@ -205,10 +205,6 @@ async def caller(request: Request) -> Principal:
     return await edge_of(request).auth.principal(request)
 
 
-async def admin(request: Request) -> Principal:
-    return await edge_of(request).auth.admin(request)
-
-
 Caller = Annotated[Principal, Depends(caller)]
 
 

@@ -230,10 +230,6 @@ class Hub:
             self.wire.abort()
             self.wire = None
 
-    @property
-    def connected(self) -> bool:
-        return self.wire is not None and self.wire.transport is not None
-
     async def subscribe(self, channel: str) -> Subscription:
         sub = Subscription(channel, self.buffer)
         subs = self.subs.setdefault(sub.key, set())

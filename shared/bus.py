@@ -28,7 +28,6 @@ from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import ResponseError
 
 from tokenfan.shared import keys
 from tokenfan.shared.defaults import LOG_TTL_REFRESH_EVERY
@@ -232,9 +231,6 @@ class SyncBus:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
         return _published(self._publish(keys=ks, args=args))
 
-    def token_pipe(self, stream_id: str, owner: str) -> TokenPipe:
-        return TokenPipe(self, stream_id, owner)
-
     def publish_many(self, items: list[tuple[str, str, Event]]) -> list[PublishResult]:
         """(stream id, owner, event) triples in one pipelined round trip: a batch step's tokens of
         every slot (one round trip per node on Redis Cluster). Each is its own script call, fenced by
@@ -341,86 +337,6 @@ class SyncBus:
 
     def state(self, stream_id: str) -> StreamState | None:
         return StreamState.load(self.redis, stream_id)
-
-
-class TokenPipe:
-    """A stream's token events with one publish in flight: the worker sends
-    token k's script call and reads its reply only when token k+1 is ready, so
-    the Redis round trip overlaps the next decode step instead of adding to it
-    (measured: 93 % of llama.cpp's own speed with a blocking publish per token,
-    96 % pipelined, at 2 threads on 2 CPUs). Each event is still sent only
-    after the previous one's reply, so order, fencing and cancel are exact; a
-    cancel or a lost lease is seen one token later and the token after it is
-    never sent.
-
-    Any error reply (NOSCRIPT after a Redis restart, MOVED in a cluster) runs
-    that one event again through `SyncBus.publish`, which loads scripts and
-    follows redirects; the script did not run, so nothing is written twice.
-    """
-
-    def __init__(self, bus: SyncBus, stream_id: str, owner: str) -> None:
-        self.bus = bus
-        self.stream_id = stream_id
-        self.owner = owner
-        self._pending: Event | None = None
-        self._conn: Any = None
-        self._pool: Any = None
-
-    def send(self, event: Event) -> PublishResult:
-        """The result of the event sent before this one; this one is sent only when that was PUBLISHED."""
-        status = self.collect()
-        if status is not PublishResult.PUBLISHED:
-            return status
-        ks, args = _publish_args(self.stream_id, self.owner, event, self.bus.cfg)
-        conn = self._connection(ks[0])
-        try:
-            conn.send_command("EVALSHA", self.bus._publish.sha, len(ks), *ks, *args)
-        except BaseException:
-            self._discard()
-            raise
-        self._pending = event
-        return PublishResult.PUBLISHED
-
-    def collect(self) -> PublishResult:
-        """Wait for the reply to the event in flight (PUBLISHED when there is none)."""
-        event, self._pending = self._pending, None
-        if event is None:
-            return PublishResult.PUBLISHED
-        try:
-            return _published(self._conn.read_response())
-        except ResponseError:
-            return self.bus.publish(self.stream_id, self.owner, event)
-        except BaseException:
-            self._discard()
-            raise
-
-    def close(self) -> None:
-        """Wait for the event in flight (so whatever the worker publishes next comes after it,
-        on another connection), then give the connection back. Errors here are the caller's
-        to see on its next publish: the connection is closed and the job is ending anyway."""
-        if self._pending is not None:
-            try:
-                self.collect()
-            except Exception:
-                return
-        if self._conn is not None:
-            self._pool.release(self._conn)
-            self._conn = None
-
-    def _connection(self, key: str) -> Any:
-        if self._conn is None:
-            client = self.bus.redis
-            if hasattr(client, "get_node_from_key"):  # Redis Cluster: the node that owns the stream's slot
-                client = client.get_node_from_key(key).redis_connection
-            self._pool = client.connection_pool
-            self._conn = self._pool.get_connection()
-        return self._conn
-
-    def _discard(self) -> None:
-        if self._conn is not None:
-            self._conn.disconnect()
-            self._pool.release(self._conn)
-            self._conn = None
 
 
 class AsyncBus:

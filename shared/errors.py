@@ -3,7 +3,6 @@
     TokenfanError                  base; `code` is stable and machine-readable
     ├── InvalidRequest (400)       bad input; `param` names the field
     │   └── ContextLengthExceeded  the prompt does not fit the model's context
-    ├── PayloadTooLarge (413)      request body over the configured cap
     ├── NotFound (404)             unknown stream, model or route (or another key's stream)
     ├── MethodNotAllowed (405)     a known route called with the wrong method
     ├── Unauthorized (401)         no API key, or an unknown one
@@ -21,6 +20,8 @@ Raised inside; mapped to HTTP status and OpenAI-shaped JSON only at the
 API's edge, and to `error` events only in the worker. The HTTP status of
 an error is its class's and nothing else's: an `error` event that ends a
 non-streaming request becomes the class its `code` names (`from_code`).
+The body cap's 413 (`payload_too_large`) has no class: api/middleware.py
+writes it before any route runs.
 """
 
 from __future__ import annotations
@@ -50,12 +51,6 @@ class InvalidRequest(TokenfanError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
-
-
-class PayloadTooLarge(TokenfanError):
-    status = 413
-    code = "payload_too_large"
-    type = "invalid_request_error"
 
 
 class NotFound(TokenfanError):

@@ -291,8 +291,3 @@ class CallParser:
             held, self._held, self.state = self._held, "", "text"
             return [Piece(held, text=held)]
         return []
-
-    @property
-    def in_call(self) -> bool:
-        """Inside a block that is not whole yet (an answer cut there ends with partial arguments)."""
-        return self.state not in ("start", "text", "between")
