@@ -20,6 +20,8 @@ Changed from the original, and nothing else:
   recursive schema written that way failed with a KeyError), and `"#"` (the
   root: a tree whose children are the schema itself); `_resolve_ref` names a
   ref's rule as `_add_rule` spells it, so a recursive ref names a valid rule;
+- a stray `]` or `}` in a pattern is refused: the original's loop never
+  moved past it (a request that spun the API for ever);
 - `json_schema_to_gbnf` says it returns a str; `pattern_to_gbnf` (at the end) is ours.
 """
 
@@ -437,8 +439,9 @@ class SchemaConverter:
                             i += 1
                         else:
                             break
-                    if literal:
-                        seq.append((literal, True))
+                    # (tokenfan) a stray "]" or "}" read as no literal at all, and the loop never moved on
+                    _require(literal, f"Unexpected {pattern[i]!r} at index {i} of /{pattern}/")
+                    seq.append((literal, True))
 
             return join_seq()
 

@@ -187,3 +187,12 @@ def test_any_pattern_text_is_converted_or_refused_never_a_crash(pattern: str) ->
         structured.check({"type": "string", "pattern": pattern})
     except structured.SchemaError as exc:
         assert exc.where == "pattern" or exc.where == "", exc
+
+
+@pytest.mark.parametrize("pattern", ["^][]{a5$", "^a]$", "^a}b$", "^}$"])
+def test_a_stray_bracket_is_refused_not_spun_on(pattern: str) -> None:
+    """llama.cpp's converter never moved past a `]` or `}` outside a class or quantifier: the request
+    spun the process that checked it for ever."""
+    with pytest.raises(structured.SchemaError, match="Unexpected") as got:
+        structured.check({"type": "string", "pattern": pattern})
+    assert got.value.where == "pattern"
