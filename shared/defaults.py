@@ -95,7 +95,10 @@ FAILOVER_WAIT_S = 15.0
 # with an error, not handed on again: a prompt that
 # crashes every worker must not take the fleet down one by one.
 MAX_ATTEMPTS = 3
-# RQ's own job timeout, a backstop behind tokenfan's per-token checks.
+# A stream's time limit on one worker: checked between decode steps (worker/runner.py), it ends the
+# stream with a retryable `error` `timeout` once its job has run this long less 5 s, so no stream holds
+# a slot for ever. It is also the RQ job's `timeout`, which our scheduler never enforces (it drives
+# RQ's worker by hand, without `perform_job`'s death penalty); RQ only bounds a heartbeat TTL with it.
 JOB_TIMEOUT_S = 1800
 
 # The fake engine: a realistic per-stream rate and answer length.

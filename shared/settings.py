@@ -69,7 +69,8 @@ class CommonSettings(BaseSettings):
                                    "another worker before it ends with an error")
     max_attempts: int = Field(default=d.MAX_ATTEMPTS, description="workers a stream may lose (each died or let its "
                               "lease lapse while serving it) before it ends with error poison_stream")
-    job_timeout_s: int = Field(default=d.JOB_TIMEOUT_S, description="RQ's own job timeout in seconds, a backstop")
+    job_timeout_s: int = Field(default=d.JOB_TIMEOUT_S, description="seconds a stream may run on one worker; "
+                               "then the worker ends it with a retryable error timeout (RQ never enforces it)")
     # Issue 16: a bound on every stream, whatever Redis lost.
     sweep_interval_s: float = Field(default=d.SWEEP_INTERVAL_S, gt=0, description="seconds between rebuilds of "
                                     "the lease index from the stream records, the bound on finding a running stream "

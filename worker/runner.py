@@ -9,8 +9,8 @@ shutdown grace, time limit); `finish` or `fail` queue the terminal event.
 `guard` maps any failure of one stream to that stream's outcome, so it
 never reaches the others in the batch.
 
-Nothing here writes to Redis itself. Every event a stream makes goes into
-its `history` (this attempt's events, in order), and the scheduler sends
+A `StreamJob` writes no event to Redis itself: every event it makes goes
+into its `history` (this attempt's events, in order), and the scheduler sends
 each step what Redis has not confirmed yet (`unsent`), every slot's in one
 pipelined round trip, and hands each reply to `ack`. So a Redis that is
 unreachable for a while costs nothing but time: the events wait, and go
@@ -23,6 +23,13 @@ lease back if nobody else took the stream on (`SyncBus.reclaim`), and send
 again from the log's last seq. A stream's job ends once its terminal event
 is confirmed (`settled`); the keeper then holds its history for
 `DURABLE_AFTER_S`, in case Redis restarts without it (worker/keeper.py).
+
+What does write to Redis here:
+`Runner.reject` (claims an invalid job's stream and publishes its `error`
+directly), `StreamJob.resync` (takes the lease back: `SyncBus.reclaim`),
+`StreamJob.mark_served` (the queue's served mark), `StreamJob.hand_back`
+(hands the stream back to the queue: `hand_over`) and `StreamJob.settle`
+(the error record, the stream's active and lease index entries).
 
 `run_job` is the function RQ's jobs name; the scheduler never calls it (it
 runs each stream in its batch instead), so it only refuses to run outside
