@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -342,9 +343,12 @@ class _Cost:
 
 
 def _in_class(char: str, klass: str) -> bool:
+    """Whether a class may match the character (when in doubt, yes: it then delimits nothing)."""
     try:
-        return re.fullmatch(klass, char) is not None
-    except re.error:
+        with warnings.catch_warnings():  # `[[`, `--`, `&&` in a class: Python warns of future set syntax
+            warnings.simplefilter("error")
+            return re.fullmatch(klass, char) is not None
+    except (re.error, FutureWarning):
         return True
 
 

@@ -196,3 +196,13 @@ def test_a_stray_bracket_is_refused_not_spun_on(pattern: str) -> None:
     with pytest.raises(structured.SchemaError, match="Unexpected") as got:
         structured.check({"type": "string", "pattern": pattern})
     assert got.value.where == "pattern"
+
+
+@pytest.mark.parametrize("pattern", ["^([[a]{0,3}x){0,4}$", "^([a--b]{0,3}-){0,4}$", "^([a&&b]*x)*$"])
+def test_classes_python_warns_about_are_read_without_a_warning(pattern: str) -> None:
+    """A class Python's `re` would warn about (future set syntax) is taken as matching anything: the
+    warnings are errors in this suite, and would have been a 500 at the edge."""
+    try:
+        structured.check({"type": "string", "pattern": pattern})
+    except structured.SchemaError as exc:
+        assert exc.where == "pattern"
