@@ -382,6 +382,8 @@ class PatternCost:
                                                           "(GRAMMAR_ALTERNATIVES)")
                 self.i += 1
                 continue
+            self._check(self._quantifier_at(self.i) is None, f"nothing to repeat before {self.p[self.i]!r} at "
+                                                             f"{self.i}")
             part = self._repeated(*self._atom())
             run = run + part.splits if part.splits else 0
             self._check(run <= REPEAT_SPLITS, f"text may be shared among {run} variable repeats in a row; at "
@@ -414,7 +416,12 @@ class PatternCost:
         return _Cost(chars=frozenset(c)), False
 
     def _repeated(self, cost: _Cost, group: bool) -> _Cost:
+        after = ""
         while (q := self._quantifier()) is not None:
+            c = self.p[self.i - 1]
+            self._check(not (after in ("*", "+", "?") and c in "*+"), f"{c!r} right after {after!r} at {self.i - 1} "
+                        "(llama.cpp's grammars cannot repeat a repeat without a group)")
+            after = c
             factor, variable = q
             if group and not cost.delimited():
                 splits = max(cost.splits, 1) * factor if variable or cost.splits else 0
@@ -432,6 +439,13 @@ class PatternCost:
                                                       f"group; at most {REPEAT_SPLITS} are allowed (a fixed "
                                                       "character in the group ends each one) (GRAMMAR_REPEAT_SPLITS)")
         return cost
+
+    def _quantifier_at(self, i: int) -> str | None:
+        """The quantifier that starts at `i`, if one does."""
+        if self.p[i:i + 1] in ("*", "+", "?"):
+            return self.p[i]
+        m = _QUANTIFIER.match(self.p, i)
+        return m.group(0) if self.p[i:i + 1] == "{" and m is not None else None
 
     def _quantifier(self) -> tuple[int, bool] | None:
         """The next quantifier's upper bound (as a factor) and whether it allows more than one count."""

@@ -206,3 +206,17 @@ def test_classes_python_warns_about_are_read_without_a_warning(pattern: str) -> 
         structured.check({"type": "string", "pattern": pattern})
     except structured.SchemaError as exc:
         assert exc.where == "pattern"
+
+
+@pytest.mark.parametrize("pattern", ["^a**$", "^a?*$", "^b+*$", "^|*$", "^a|+b$", "^(*a)$", "^{2}a$"])
+def test_repeats_llama_cpp_cannot_parse_are_refused_at_the_edge(pattern: str) -> None:
+    """The converter writes these into grammars llama.cpp's parser refuses (a repeat of a bare repeat,
+    nothing to repeat): the worker would fail the stream; the edge says why first."""
+    with pytest.raises(structured.SchemaError, match="repeat") as got:
+        structured.check({"type": "string", "pattern": pattern})
+    assert got.value.where == "pattern"
+
+
+@pytest.mark.parametrize("pattern", ["^a*?$", "^a+?$", "^(a*)*$", "^a{2}?$", "^(a?)+$"])
+def test_lazy_and_grouped_repeats_still_convert(pattern: str) -> None:
+    structured.check({"type": "string", "pattern": pattern})
