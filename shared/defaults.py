@@ -84,8 +84,9 @@ LEASE_TTL_S = 5.0
 KEEPER_INTERVAL_S = 1.0
 # A worker whose main loop finished no step for this long (a call into llama.cpp that never returns)
 # stops renewing its leases and its heartbeat, so that its streams are taken over or ended: far past
-# any real step (a prompt chunk, a grammar's 1 s budget per stream), short beside a viewer's patience.
-LOOP_STALL_S = 30.0
+# any real step (a prompt chunk, a grammar's 1 s budget per stream) and past a Redis outage that a
+# step's publish waits out (REDIS_OUTAGE_S, 30 s), short beside a viewer's patience.
+LOOP_STALL_S = 60.0
 # An abandoned tab stops burning GPU time after this long without a viewer.
 ABANDON_GRACE_S = 60.0
 # A stream handed over must be taken by another worker within this, or it

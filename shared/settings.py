@@ -169,6 +169,9 @@ class WorkerSettings(CommonSettings):
     metrics_port: int = Field(default=d.WORKER_METRICS_PORT, description="Prometheus port (0: off)")
     loop_stall_s: float = Field(default=d.LOOP_STALL_S, gt=0, description="seconds the worker's loop may go "
                                 "without finishing a step before it stops renewing its leases and heartbeat")
+    grammar_budget_s: float = Field(default=d.GRAMMAR_TOKEN_BUDGET_S, gt=0, description="seconds a grammar-"
+                                    "constrained stream's sampling may take for one token before it ends with "
+                                    "grammar_too_slow")
     abandon_grace_s: float = Field(default=d.ABANDON_GRACE_S, description="seconds a stream runs without a viewer "
                                    "before it is cancelled")
 

@@ -354,7 +354,8 @@ def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None
         from tokenfan.worker.batch import LlamaBatchEngine  # llama_cpp is imported only by a llama worker
 
         engine = LlamaBatchEngine(path, n_ctx=settings.n_ctx, slots=settings.slots, threads=settings.threads,
-                                  n_gpu_layers=settings.n_gpu_layers, repack=settings.cpu_repack)
+                                  n_gpu_layers=settings.n_gpu_layers, repack=settings.cpu_repack,
+                                  grammar_budget_s=settings.grammar_budget_s)
     prove(engine, settings.cpu_repack)
     return engine
 
