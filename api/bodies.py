@@ -5,7 +5,8 @@ which can take seconds for a large `response_format`: run by FastAPI on the
 event loop, one such body froze every stream of its API (16 s for 961 KB).
 `CheckedBodyRoute` checks a route's body first, in a worker thread (at most
 `PARSE_THREADS` at once a process), with what the route itself does first
-(a legacy completion's or a Responses request's chat request); then
+(a legacy completion's or a Responses request's chat request), against the
+grammar limits of the API's settings (`GRAMMAR_LIMITS`); then
 FastAPI's own validation on the loop skips those conversions
 (`COSTLY_CHECKED`): it runs the cheap rest again and makes the objects the
 route gets.
@@ -37,7 +38,8 @@ from starlette.responses import Response
 from tokenfan.api.edge import Edge
 from tokenfan.api.middleware import is_json
 from tokenfan.shared.defaults import PARSE_COUNTED_S
-from tokenfan.shared.schema import COSTLY_CHECKED
+from tokenfan.shared.schema import COSTLY_CHECKED, GRAMMAR_LIMITS
+from tokenfan.shared.structured import Limits
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -68,6 +70,7 @@ async def check_body(request: Request, model: type[BaseModel]) -> None:
     """Authenticate, refuse a key past its rate, then check the body in a thread: its errors are
     raised as FastAPI would raise them (the app's handlers answer them the same way)."""
     edge: Edge = request.app.state.edge
+    GRAMMAR_LIMITS.set(Limits.of(edge.settings))  # for the thread below and the route's own validation
     who = await edge.auth.principal(request)
     await edge.admission.check_rate(who)
     if not is_json(request.headers.get("content-type", "application/json").encode("latin-1")):

@@ -99,6 +99,12 @@ class OpenAIRequest(BaseModel):
 # validation on the API's event loop (FastAPI's, a route's own) then skips the costly conversions
 # of schemas and tools (issue 27: a 961 KB response_format froze every stream on an API for 16 s).
 COSTLY_CHECKED: ContextVar[bool] = ContextVar("tokenfan_costly_checked", default=False)
+# The grammar limits this request's schemas and tools are checked against: the API's settings, set by
+# api/bodies.py for the request before any validation. A context variable rather than pydantic's
+# validation context because a route validates chat requests of its own too (a Responses request's
+# `to_chat`), and those must see the same limits; the default is the defaults (shared/defaults.py).
+GRAMMAR_LIMITS: ContextVar[structured.Limits] = ContextVar("tokenfan_grammar_limits",
+                                                           default=structured.DEFAULT_LIMITS)
 
 
 class ParamError(ValueError):
@@ -222,7 +228,7 @@ class JsonSchemaFormat(BaseModel):
     def _convertible(self) -> JsonSchemaFormat:
         if self.schema_ is not None and not COSTLY_CHECKED.get():
             try:
-                structured.check(self.schema_)
+                structured.check(self.schema_, GRAMMAR_LIMITS.get())
             except structured.SchemaError as exc:
                 raise ValueError(f"schema.{exc}" if exc.where else f"schema: {exc}") from None
         return self
@@ -332,7 +338,7 @@ class ChatRequest(OpenAIRequest):
                              "functions")
         try:
             if not COSTLY_CHECKED.get():
-                toolcalls.check(self.tool_specs())
+                toolcalls.check(self.tool_specs(), GRAMMAR_LIMITS.get())
         except structured.SchemaError as exc:
             where = f"tools.{exc.where}" if exc.where else "tools"
             raise ParamError(where, str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)) from None

@@ -80,6 +80,26 @@ class CommonSettings(BaseSettings):
                                   "unreachable; then the streams are left to the reapers and the clients get a "
                                   "retryable error")
 
+    # Grammar limits (issue 27): each refusal names its variable. The API refuses by them and the
+    # worker checks a job again by them, so both read the same (shared/structured.py's `Limits`).
+    grammar_repeat: int = Field(default=d.GRAMMAR_REPEAT, ge=1, description="largest bound a schema may spell out: "
+                                "minLength, maxLength, minItems, maxItems, a pattern's {m,n} (about 2000 overflows "
+                                "llama.cpp's grammar parser)")
+    grammar_repeat_product: int = Field(default=d.GRAMMAR_REPEAT_PRODUCT, ge=1, description="largest product of the "
+                                        "bounds of a pattern's nested repeats (* and + count 2)")
+    grammar_repeat_nesting: int = Field(default=d.GRAMMAR_REPEAT_NESTING, ge=1, description="repeats a pattern may "
+                                        "nest in one another")
+    grammar_repeat_splits: int = Field(default=d.GRAMMAR_REPEAT_SPLITS, ge=1, description="variable repeats one "
+                                       "piece of a pattern's text may be shared among (in a row, or the repetitions "
+                                       "of a group no fixed character ends)")
+    grammar_alternatives: int = Field(default=d.GRAMMAR_ALTERNATIVES, ge=1, description="alternatives of one "
+                                      "pattern group or one anyOf/oneOf")
+    grammar_enum_values: int = Field(default=d.GRAMMAR_ENUM_VALUES, ge=1, description="values of one enum")
+    grammar_enum_bytes: int = Field(default=d.GRAMMAR_ENUM_BYTES, ge=1, description="bytes of one enum's values as "
+                                    "JSON")
+    grammar_rules: int = Field(default=d.GRAMMAR_RULES, ge=1, description="rules of a schema's or the tools' "
+                               "converted grammar")
+
     @field_validator("redis_url", "queue_redis_url")
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:

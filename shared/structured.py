@@ -12,7 +12,7 @@ the grammar sampler of the stream.
 What the converter would accept but must not reach llama.cpp is refused here
 too, each error naming the part of the schema (`properties.age.maxLength`):
 - bounds (`minLength`, `maxLength`, `minItems`, `maxItems`, a pattern's
-  `{m,n}`) over `MAX_REPEAT`: the converter spells a bound out as nested
+  `{m,n}`) over `GRAMMAR_REPEAT`: the converter spells a bound out as nested
   optional groups, so `"maxLength": 10**9` would build a grammar of gigabytes
   in the API, and a few thousand nest deep enough to overflow llama.cpp's
   recursive grammar parser in the worker; more than `MAX_PROPERTIES`
@@ -31,6 +31,12 @@ too, each error naming the part of the schema (`properties.age.maxLength`):
   grammar's rule count (`GRAMMAR_RULES`) are bounded (shared/defaults.py says
   why each value).
 
+Those bounds are `Limits`, one frozen value made from the settings at each
+entry point (`Limits.of`: the API's edge, the worker's engine) and passed to
+`check`; each refusal names its setting (`TOKENFAN_GRAMMAR_REPEAT_PRODUCT`),
+so whoever meets one knows what to raise. The API and the worker must agree:
+they are `CommonSettings`.
+
 Recursive schemas (`$ref` cycles: a tree) convert as llama.cpp converts them,
 into recursive rules; the walk here never follows a `$ref` (it checks `$defs`
 where they are), so it ends whatever the cycles, and the text's nesting is
@@ -48,15 +54,16 @@ import functools
 import json
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Final
 
 from tokenfan.shared import defaults as d
 from tokenfan.shared import jsongrammar
 
+if TYPE_CHECKING:
+    from tokenfan.shared.settings import CommonSettings
+
 JSON_OBJECT: Final[dict[str, Any]] = {"type": "object"}
-# The largest bound the converter may spell out (a string's length, an array's items, a pattern's {m,n}).
-MAX_REPEAT: Final = d.GRAMMAR_REPEAT
 # Schema nesting: far beyond any real response format, well within Python's and llama.cpp's recursion.
 MAX_DEPTH: Final = 32
 MAX_PATTERN: Final = 1000
@@ -65,13 +72,6 @@ MAX_PATTERN: Final = 1000
 MAX_PROPERTIES: Final = 200
 # The converted grammar, in characters: a schema of a few hundred properties fits.
 MAX_GRAMMAR: Final = 128 * 1024
-MAX_RULES: Final = d.GRAMMAR_RULES
-REPEAT_PRODUCT: Final = d.GRAMMAR_REPEAT_PRODUCT
-REPEAT_NESTING: Final = d.GRAMMAR_REPEAT_NESTING
-REPEAT_SPLITS: Final = d.GRAMMAR_REPEAT_SPLITS
-ALTERNATIVES: Final = d.GRAMMAR_ALTERNATIVES
-ENUM_VALUES: Final = d.GRAMMAR_ENUM_VALUES
-ENUM_BYTES: Final = d.GRAMMAR_ENUM_BYTES
 # What `*` and `+` count in the product of nested repeats: unbounded, but one stack walks them.
 UNBOUNDED_FACTOR: Final = 2
 
@@ -85,6 +85,33 @@ HEX_DIGITS: Final = {"x": 2, "u": 4, "U": 8}
 _QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The grammar bounds a schema is checked against; each field is the setting `grammar_<field>`
+    (`TOKENFAN_GRAMMAR_<FIELD>`), its default in shared/defaults.py with the figures."""
+
+    repeat: int = d.GRAMMAR_REPEAT  # the largest bound spelled out: a length, items, a pattern's {m,n}
+    repeat_product: int = d.GRAMMAR_REPEAT_PRODUCT
+    repeat_nesting: int = d.GRAMMAR_REPEAT_NESTING
+    repeat_splits: int = d.GRAMMAR_REPEAT_SPLITS
+    alternatives: int = d.GRAMMAR_ALTERNATIVES
+    enum_values: int = d.GRAMMAR_ENUM_VALUES
+    enum_bytes: int = d.GRAMMAR_ENUM_BYTES
+    rules: int = d.GRAMMAR_RULES
+
+    @classmethod
+    def of(cls, settings: CommonSettings) -> Limits:
+        return cls(**{f.name: getattr(settings, f"grammar_{f.name}") for f in fields(cls)})
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+def setting(limit: str) -> str:
+    """The environment variable of a `Limits` field, as refusals name it."""
+    return f"TOKENFAN_GRAMMAR_{limit.upper()}"
+
+
 class SchemaError(ValueError):
     """A schema the converter cannot turn into a grammar, or one too large; `where` names the part."""
 
@@ -93,11 +120,11 @@ class SchemaError(ValueError):
         self.where = where
 
 
-def check(schema: Any) -> str:
+def check(schema: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     """The grammar of a schema, after every check above; raises SchemaError naming the part."""
     if not isinstance(schema, dict):
         raise SchemaError("", "the schema must be a JSON object")
-    _walk(schema, "", 0)
+    _walk(schema, "", 0, limits)
     _check_cycles(schema)
     try:
         grammar = jsongrammar.json_schema_to_gbnf(json.dumps(schema))
@@ -105,25 +132,25 @@ def check(schema: Any) -> str:
         raise SchemaError("", "the schema nests too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise SchemaError("", f"llama.cpp's converter cannot turn it into a grammar: {_short(exc)}") from None
-    check_size(grammar, "its grammar")
+    check_size(grammar, "its grammar", limits)
     _lint(grammar)
     return grammar
 
 
-def check_size(grammar: str, what: str) -> None:
-    """A converted grammar's characters and rules are within MAX_GRAMMAR and MAX_RULES."""
+def check_size(grammar: str, what: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """A converted grammar's characters and rules are within MAX_GRAMMAR and `limits.rules`."""
     if len(grammar) > MAX_GRAMMAR:
         raise SchemaError("", f"{what} has {len(grammar)} characters; at most {MAX_GRAMMAR} are allowed")
     rules = grammar.count(" ::= ")
-    if rules > MAX_RULES:
-        raise SchemaError("", f"{what} has {rules} rules; at most {MAX_RULES} are allowed (GRAMMAR_RULES)")
+    if rules > limits.rules:
+        raise SchemaError("", f"{what} has {rules} rules; at most {limits.rules} are allowed ({setting('rules')})")
 
 
-def grammar(schema: dict[str, Any]) -> str:
+def grammar(schema: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> str:
     """The grammar of a schema the API checked (the worker's side); raises SchemaError like `check`."""
     if schema == JSON_OBJECT:
         return _json_object()
-    return check(schema)
+    return check(schema, limits)
 
 
 @functools.cache
@@ -140,15 +167,15 @@ def _join(where: str, key: str | int) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _walk(node: Any, where: str, depth: int) -> None:
+def _walk(node: Any, where: str, depth: int, limits: Limits) -> None:
     if not isinstance(node, dict):
         raise SchemaError(where, "a schema must be a JSON object")
     if depth > MAX_DEPTH:
         raise SchemaError(where, f"the schema nests deeper than {MAX_DEPTH} levels")
     _check_type(node.get("type"), _join(where, "type"))
-    _check_bounds(node, where)
+    _check_bounds(node, where, limits.repeat)
     if "pattern" in node:
-        _check_pattern(node["pattern"], _join(where, "pattern"))
+        _check_pattern(node["pattern"], _join(where, "pattern"), limits)
     ref = node.get("$ref")
     if ref is not None and (not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/"))):
         raise SchemaError(_join(where, "$ref"), "only local references (# or #/...) are supported")
@@ -156,12 +183,12 @@ def _walk(node: Any, where: str, depth: int) -> None:
                                    and all(isinstance(r, str) for r in node["required"])):
         raise SchemaError(_join(where, "required"), "must be a list of property names")
     if "enum" in node:
-        _check_enum(node["enum"], _join(where, "enum"))
-    for child, at in _children(node, where):
-        _walk(child, at, depth + 1)
+        _check_enum(node["enum"], _join(where, "enum"), limits)
+    for child, at in _children(node, where, limits.alternatives):
+        _walk(child, at, depth + 1, limits)
 
 
-def _children(node: dict[str, Any], where: str) -> list[tuple[Any, str]]:
+def _children(node: dict[str, Any], where: str, alternatives: int) -> list[tuple[Any, str]]:
     found: list[tuple[Any, str]] = []
     for key in SUBSCHEMA_MAPS:
         if key in node:
@@ -176,9 +203,9 @@ def _children(node: dict[str, Any], where: str) -> list[tuple[Any, str]]:
             value = node[key]
             if not isinstance(value, list) or not value:
                 raise SchemaError(_join(where, key), "must be a non-empty list of schemas")
-            if key in ("anyOf", "oneOf") and len(value) > ALTERNATIVES:
-                raise SchemaError(_join(where, key), f"has {len(value)} alternatives; at most {ALTERNATIVES} "
-                                                     "are allowed (GRAMMAR_ALTERNATIVES)")
+            if key in ("anyOf", "oneOf") and len(value) > alternatives:
+                raise SchemaError(_join(where, key), f"has {len(value)} alternatives; at most {alternatives} "
+                                                     f"are allowed ({setting('alternatives')})")
             found += [(v, _join(_join(where, key), i)) for i, v in enumerate(value)]
     return found + _item_children(node, where)
 
@@ -258,38 +285,39 @@ def _check_type(kind: Any, where: str) -> None:
             raise SchemaError(where, f"unknown type {json.dumps(k)[:40]}; one of {', '.join(sorted(TYPES))}")
 
 
-def _check_enum(values: Any, where: str) -> None:
+def _check_enum(values: Any, where: str, limits: Limits) -> None:
     if not (isinstance(values, list) and values):
         raise SchemaError(where, "must be a non-empty list")
-    if len(values) > ENUM_VALUES:
-        raise SchemaError(where, f"has {len(values)} values; at most {ENUM_VALUES} are allowed (GRAMMAR_ENUM_VALUES)")
+    if len(values) > limits.enum_values:
+        raise SchemaError(where, f"has {len(values)} values; at most {limits.enum_values} are allowed "
+                                 f"({setting('enum_values')})")
     size = len(json.dumps(values).encode())
-    if size > ENUM_BYTES:
-        raise SchemaError(where, f"its values take {size} bytes of JSON; at most {ENUM_BYTES} are allowed "
-                                 "(GRAMMAR_ENUM_BYTES)")
+    if size > limits.enum_bytes:
+        raise SchemaError(where, f"its values take {size} bytes of JSON; at most {limits.enum_bytes} are allowed "
+                                 f"({setting('enum_bytes')})")
 
 
-def _check_bounds(node: dict[str, Any], where: str) -> None:
+def _check_bounds(node: dict[str, Any], where: str, most: int) -> None:
     for key in BOUNDS:
         if key in node:
             v = node[key]
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_REPEAT:
-                raise SchemaError(_join(where, key), f"must be an integer from 0 to {MAX_REPEAT}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= most:
+                raise SchemaError(_join(where, key), f"must be an integer from 0 to {most} ({setting('repeat')})")
     for lo, hi in (("minLength", "maxLength"), ("minItems", "maxItems")):
         if lo in node and hi in node and node[lo] > node[hi]:
             raise SchemaError(_join(where, lo), f"is greater than {hi}")
 
 
-def _check_pattern(pattern: Any, where: str) -> None:
+def _check_pattern(pattern: Any, where: str, limits: Limits) -> None:
     if not isinstance(pattern, str):
         raise SchemaError(where, "must be a string")
     if len(pattern) > MAX_PATTERN:
         raise SchemaError(where, f"is longer than {MAX_PATTERN} characters")
     for m in _QUANTIFIER.finditer(pattern):
-        if any(g and int(g) > MAX_REPEAT for g in m.groups()):
-            raise SchemaError(where, f"the quantifier {m.group(0)} is over {MAX_REPEAT}")
+        if any(g and int(g) > limits.repeat for g in m.groups()):
+            raise SchemaError(where, f"the quantifier {m.group(0)} is over {limits.repeat} ({setting('repeat')})")
     _check_groups(pattern, where)
-    PatternCost(pattern, where).check()
+    PatternCost(pattern, where, limits).check()
     try:
         _lint(jsongrammar.pattern_to_gbnf(pattern))
     except SchemaError as exc:
@@ -353,7 +381,7 @@ def _in_class(char: str, klass: str) -> bool:
 
 
 class PatternCost:
-    """A pattern's nested repeats and alternations, against the GRAMMAR_* bounds.
+    """A pattern's nested repeats and alternations, against the bounds of its `Limits`.
 
     A small reader of what the converter takes (groups, classes, escapes, `|`, `* + ? {m,n}`), run
     after `_check_groups` balanced the parentheses: a group costs the most of its alternatives, a
@@ -362,8 +390,8 @@ class PatternCost:
     `([a-z]{0,8}){0,16}` 2.3 s, `([a-z]{0,16}){0,16}` over 20 s, while `([a-z]{0,16}-){0,16}`, whose
     `-` ends each repetition, takes 0.007 s; 8 `[a-z]*` in a row 0.012 s, 16 of them 0.33 s."""
 
-    def __init__(self, pattern: str, where: str) -> None:
-        self.p, self.where, self.i = pattern, where, 0
+    def __init__(self, pattern: str, where: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.p, self.where, self.i, self.limits = pattern, where, 0, limits
 
     def check(self) -> _Cost:
         cost = self._alternation()
@@ -378,16 +406,17 @@ class PatternCost:
             if self.p[self.i] in "^$|":
                 if self.p[self.i] == "|":
                     branches, run = branches + 1, 0
-                    self._check(branches <= ALTERNATIVES, f"a group has more than {ALTERNATIVES} alternatives "
-                                                          "(GRAMMAR_ALTERNATIVES)")
+                    most = self.limits.alternatives
+                    self._check(branches <= most, f"a group has more than {most} alternatives "
+                                                  f"({setting('alternatives')})")
                 self.i += 1
                 continue
             self._check(self._quantifier_at(self.i) is None, f"nothing to repeat before {self.p[self.i]!r} at "
                                                              f"{self.i}")
             part = self._repeated(*self._atom())
             run = run + part.splits if part.splits else 0
-            self._check(run <= REPEAT_SPLITS, f"text may be shared among {run} variable repeats in a row; at "
-                                              f"most {REPEAT_SPLITS} are allowed (GRAMMAR_REPEAT_SPLITS)")
+            self._check(run <= self.limits.repeat_splits, f"text may be shared among {run} variable repeats in a "
+                        f"row; at most {self.limits.repeat_splits} are allowed ({setting('repeat_splits')})")
             cost = cost.join(part)
             cost = _Cost(cost.product, cost.nesting, max(cost.splits, run), cost.chars, cost.classes)
         return cost
@@ -431,14 +460,20 @@ class PatternCost:
             if variable:  # a character that may be absent or repeated ends nothing: it is one more class
                 chars, classes = frozenset(), classes + tuple(re.escape(c) for c in sorted(chars))
             cost = _Cost(cost.product * factor, cost.nesting + 1, splits, chars, classes)
-            self._check(cost.nesting <= REPEAT_NESTING, f"repeats nest more than {REPEAT_NESTING} deep "
-                                                        "(GRAMMAR_REPEAT_NESTING)")
-            self._check(cost.product <= REPEAT_PRODUCT, f"nested repeats allow {cost.product} repetitions; at most "
-                                                        f"{REPEAT_PRODUCT} are allowed (GRAMMAR_REPEAT_PRODUCT)")
-            self._check(cost.splits <= REPEAT_SPLITS, f"text may be shared among {cost.splits} repetitions of a "
-                                                      f"group; at most {REPEAT_SPLITS} are allowed (a fixed "
-                                                      "character in the group ends each one) (GRAMMAR_REPEAT_SPLITS)")
+            self._check_cost(cost)
         return cost
+
+    def _check_cost(self, cost: _Cost) -> None:
+        lim = self.limits
+        self._check(cost.nesting <= lim.repeat_nesting, f"repeats nest more than {lim.repeat_nesting} deep "
+                                                        f"({setting('repeat_nesting')})")
+        self._check(cost.product <= lim.repeat_product, f"nested repeats allow {cost.product} repetitions; at "
+                                                        f"most {lim.repeat_product} are allowed "
+                                                        f"({setting('repeat_product')})")
+        self._check(cost.splits <= lim.repeat_splits, f"text may be shared among {cost.splits} repetitions of a "
+                                                      f"group; at most {lim.repeat_splits} are allowed (a fixed "
+                                                      f"character in the group ends each one) "
+                                                      f"({setting('repeat_splits')})")
 
     def _quantifier_at(self, i: int) -> str | None:
         """The quantifier that starts at `i`, if one does."""

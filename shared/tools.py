@@ -77,12 +77,12 @@ def grammar(tools: Sequence[dict[str, Any]], max_calls: int) -> str:
     return str(conv.format_grammar())
 
 
-def check(tools: Sequence[dict[str, Any]]) -> None:
+def check(tools: Sequence[dict[str, Any]], limits: structured.Limits = structured.DEFAULT_LIMITS) -> None:
     """Every tool's parameters convert within structured's bounds (SchemaError naming
     `{i}.function.parameters.{part}`), and the grammar of them all fits in its size and rule bounds."""
     for i, tool in enumerate(tools):
         try:
-            structured.check(parameters(tool))
+            structured.check(parameters(tool), limits)
         except structured.SchemaError as exc:
             raise structured.SchemaError(f"{i}.function.parameters" + (f".{exc.where}" if exc.where else ""),
                                          str(exc).removeprefix(f"{exc.where}: ")) from None
@@ -90,7 +90,7 @@ def check(tools: Sequence[dict[str, Any]]) -> None:
         text = grammar(tools, MAX_CALLS)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
         raise structured.SchemaError("", f"the tools' grammar cannot be built: {exc}") from None
-    structured.check_size(text, "the tools' grammar")
+    structured.check_size(text, "the tools' grammar", limits)
 
 
 def call_id(stream_id: str, index: int, k: int) -> str:

@@ -269,7 +269,8 @@ class LlamaBatchEngine:
 
     def __init__(self, model_path: Path, *, n_ctx: int, slots: int, threads: int, n_gpu_layers: int,
                  chunk: int = PROMPT_CHUNK, unified: bool = False, repack: cpu.Repack = "auto",
-                 grammar_budget_s: float = GRAMMAR_TOKEN_BUDGET_S) -> None:
+                 grammar_budget_s: float = GRAMMAR_TOKEN_BUDGET_S,
+                 grammar_limits: structured.Limits = structured.DEFAULT_LIMITS) -> None:
         import llama_cpp
         import numpy
 
@@ -290,6 +291,7 @@ class LlamaBatchEngine:
         self._load(model_path, n_gpu_layers, threads, unified, self._extra_bufts(repack, n_gpu_layers))
         self._formatter = self._chat_formatter()
         self.grammar_budget_s = grammar_budget_s
+        self.grammar_limits = grammar_limits  # a job's schema is checked again by the API's limits
         self.grammar_thread = GrammarThread()
         # The candidates a grammar stream's token is drawn from, made once (one thread samples them all).
         self._cand_full = (llama_cpp.llama_token_data * self.n_vocab)()
@@ -567,7 +569,7 @@ class LlamaBatchEngine:
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         try:
-            text = _schema_grammar(json.dumps(schema))
+            text = _schema_grammar(json.dumps(schema), self.grammar_limits)
         except structured.SchemaError as exc:
             raise InvalidRequest(f"response_format: {exc}", code="invalid_request") from None
         return self._grammar_of(text, "response_format")
@@ -866,5 +868,5 @@ def _tools_grammar(tools_json: str, max_calls: int) -> str:
 
 
 @functools.lru_cache(maxsize=GRAMMAR_CACHE)
-def _schema_grammar(schema_json: str) -> str:
-    return structured.grammar(json.loads(schema_json))
+def _schema_grammar(schema_json: str, limits: structured.Limits) -> str:
+    return structured.grammar(json.loads(schema_json), limits)

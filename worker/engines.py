@@ -355,7 +355,8 @@ def load_engine(settings: WorkerSettings, fake: FakeEngineSettings | None = None
 
         engine = LlamaBatchEngine(path, n_ctx=settings.n_ctx, slots=settings.slots, threads=settings.threads,
                                   n_gpu_layers=settings.n_gpu_layers, repack=settings.cpu_repack,
-                                  grammar_budget_s=settings.grammar_budget_s)
+                                  grammar_budget_s=settings.grammar_budget_s,
+                                  grammar_limits=structured.Limits.of(settings))
     prove(engine, settings.cpu_repack)
     return engine
 

@@ -52,7 +52,7 @@ def no_stream_left(engine: LlamaBatchEngine) -> Iterator[None]:
 @pytest.fixture
 def unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker converts a schema without the edge's bounds, as if they had let it through."""
-    monkeypatch.setattr(batch, "_schema_grammar", lambda text: jsongrammar.json_schema_to_gbnf(text))
+    monkeypatch.setattr(batch, "_schema_grammar", lambda text, limits: jsongrammar.json_schema_to_gbnf(text))
 
 
 def ask(content: str, max_tokens: int, **kw: object) -> GenRequest:

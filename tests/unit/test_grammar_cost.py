@@ -98,15 +98,15 @@ def test_enums_and_unions_are_bounded_by_count_and_size() -> None:
         structured.check({"type": "string", "pattern": pattern})
 
 
-def test_the_grammars_rules_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_grammars_rules_are_bounded() -> None:
     schema = SCHEMAS["invoice"]
     rules = structured.check(schema).count(" ::= ")
-    monkeypatch.setattr(structured, "MAX_RULES", rules - 1)
-    with pytest.raises(structured.SchemaError, match=f"{rules} rules"):
-        structured.check(schema)
+    fewer = structured.Limits(rules=rules - 1)
+    with pytest.raises(structured.SchemaError, match=f"{rules} rules.*TOKENFAN_GRAMMAR_RULES"):
+        structured.check(schema, fewer)
     with pytest.raises(structured.SchemaError, match=r"the tools' grammar has .* rules"):
         toolcalls.check([{"name": "t", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}]
-                        * 40)
+                        * 40, fewer)
 
 
 def test_a_tools_costly_pattern_names_the_tool_and_the_part() -> None:
