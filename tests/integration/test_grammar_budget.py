@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tokenfan.shared import jsongrammar
+from tokenfan.shared import jsongrammar, structured
 from tokenfan.shared.errors import InvalidRequest
 from tokenfan.worker import batch
 from tokenfan.worker.batch import GrammarTooSlow, LlamaBatchEngine
@@ -105,6 +105,20 @@ def test_the_worker_refuses_what_the_edge_refuses_before_llama_cpp_sees_it(engin
         engine.admit("old", ask("Answer.", 8, json_schema={"type": "string", "pattern": pattern}))
     assert not got.value.retryable and "GRAMMAR_REPEAT_" in got.value.message
     assert not engine.active()
+
+
+def test_the_worker_checks_a_job_by_its_own_limits(engine: LlamaBatchEngine,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's limits are its settings (load_engine passes them): lowered, a schema the defaults
+    take ends its stream with a non-retryable error naming the variable."""
+    colors = ask("A color.", 8, json_schema={"enum": ["red", "green", "blue"]})
+    monkeypatch.setattr(engine, "grammar_limits", structured.Limits(enum_values=2))
+    with pytest.raises(InvalidRequest) as got:
+        engine.admit("few", colors)
+    assert not got.value.retryable and "TOKENFAN_GRAMMAR_ENUM_VALUES" in got.value.message
+    monkeypatch.setattr(engine, "grammar_limits", structured.Limits())
+    engine.admit("some", colors)
+    assert engine.active()
 
 
 def test_a_cheap_grammar_within_the_budget_is_served(engine: LlamaBatchEngine) -> None:
