@@ -45,6 +45,16 @@ class Up:
         self.seen.update((p.pid, p) for p in found)
         return found
 
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, self.out.text()
+        try:
+            return httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self) -> None:
+        wait_for(self.ready, timeout=90, what="tokenfan up ready")
+
     def worker(self) -> psutil.Process | None:
         return next((p for p in self.children() if "tokenfan.ops worker" in " ".join(_cmdline(p))), None)
 
@@ -126,15 +136,7 @@ def test_up_stops_at_once_when_the_worker_fails_its_engine_check(make_up: type[U
 
 def test_up_restarts_a_worker_that_dies_mid_stream_and_the_stream_goes_on(make_up: type[Up]) -> None:
     up = make_up("--fake-rate", "20", TOKENFAN_KEEPER_INTERVAL_S="0.25", TOKENFAN_LEASE_TTL_S="1.5")
-
-    def ready() -> bool:
-        assert up.proc.poll() is None, up.out.text()
-        try:
-            return httpx.get(f"{up.base}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, timeout=90, what="tokenfan up ready")
+    up.wait_ready()
     first = up.worker()
     assert first is not None
     prompt = "a crash in the middle"
@@ -207,21 +209,13 @@ def test_a_model_file_llama_cpp_refuses_is_one_line_naming_it(redis_url: str, tm
 @pytest.mark.parametrize(("child", "named"), [("tokenfan.ops api", "API"), ("redis-server", "embedded Redis")])
 def test_up_restarts_the_api_and_the_embedded_redis_when_they_die(make_up: type[Up], child: str, named: str) -> None:
     up = make_up()
-
-    def ready() -> bool:
-        assert up.proc.poll() is None, up.out.text()
-        try:
-            return httpx.get(f"{up.base}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, timeout=90, what="tokenfan up ready")
+    up.wait_ready()
     victim = next(p for p in up.children() if child in " ".join(_cmdline(p)))
     victim.kill()
     wait_for(lambda: f"tokenfan: the {named} exited with SIGKILL; restarting it in" in up.out.text(), timeout=10,
              what=f"up to name the {named}'s exit")
     wait_for(lambda: f"tokenfan: starting the {named} again" in up.out.text(), timeout=10, what="the restart")
-    wait_for(ready, timeout=60, what="ready again")
+    wait_for(up.ready, timeout=60, what="ready again")
     prompt = f"after the {named} came back"
     resp = httpx.post(f"{up.base}/v1/chat/completions", timeout=30,
                       json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 5})
