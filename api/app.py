@@ -50,6 +50,7 @@ from tokenfan.shared.errors import (
     Unavailable,
     from_code,
 )
+from tokenfan.shared.events import CancelReason
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest, ParamError
 from tokenfan.shared.settings import ApiSettings
@@ -461,7 +462,7 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
                     elif e.type == events.ERROR:
                         return _error_event_response(e)
     except TimeoutError:
-        await cancel_stream(edge, follower.sid, owner, "timeout")
+        await cancel_stream(edge, follower.sid, owner, CancelReason.TIMEOUT)
         return error_response(Timeout("the answer took longer than the request timeout"))
     finally:
         if not follower.finished:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from tokenfan.api import sse
 from tokenfan.api.formats import Calls, ChunkWriter
 from tokenfan.shared.errors import InvalidRequest
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Event, FinishReason
 from tokenfan.shared.schema import MAX_N, Bool, ChatRequest, Int, Number, OpenAIRequest, StreamOptions, Text
 
 # OpenAI's own: the default length of a text completion, and its cap on `logprobs`.
@@ -126,7 +126,7 @@ class CompletionWriter(ChunkWriter):
     def _done(self, e: Event) -> bytes:
         choices = e.data.get("choices")
         ends = [(int(c.get("index", 0)), c.get("finish_reason")) for c in choices] if isinstance(choices, list) \
-            else [(0, e.data.get("finish_reason", "stop"))]
+            else [(0, e.data.get("finish_reason", FinishReason.STOP))]
         out = b"".join(sse.data_frame(self._chunk("", i, reason), e.seq) for i, reason in ends if i not in self.ended)
         if self.include_usage:
             out += sse.data_frame(self.head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}",
@@ -139,7 +139,7 @@ def text_completion(echo: str, logprobs: bool) -> Any:
     def build(stream_id: str, model: str, created: int, texts: dict[int, str], done: Event,
               lps: dict[int, list[Any]], calls: dict[int, Calls]) -> dict[str, Any]:
         ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
-        reason = done.data.get("finish_reason", "stop")
+        reason = done.data.get("finish_reason", FinishReason.STOP)
         return {
             "id": stream_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": echo + texts[i], "index": i, "finish_reason": ends.get(i, reason),

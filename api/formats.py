@@ -15,7 +15,7 @@ import orjson
 
 from tokenfan.api import sse
 from tokenfan.shared import events
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Event, FinishReason
 
 
 class Writer(Protocol):
@@ -100,7 +100,7 @@ class OpenAIWriter(ChunkWriter):
             out = b"".join(sse.data_frame(self._choice({}, c.get("finish_reason"), index=c.get("index", 0)), e.seq)
                            for c in choices if c.get("index") not in self.ended)
         else:
-            out = sse.data_frame(self._choice({}, e.data.get("finish_reason", "stop")), e.seq)
+            out = sse.data_frame(self._choice({}, e.data.get("finish_reason", FinishReason.STOP)), e.seq)
         if self.include_usage:
             usage = self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}"
             out += sse.data_frame(usage, e.seq)
@@ -152,7 +152,7 @@ def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str
     """chat.completion with a choice per index of `texts` (n > 1: the `done` event says each one's end);
     a choice that made calls has `tool_calls` (and `content` null when it wrote no text)."""
     ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
-    reason = done.data.get("finish_reason", "stop")
+    reason = done.data.get("finish_reason", FinishReason.STOP)
     calls = calls or {}
     return {
         "id": stream_id,

@@ -99,7 +99,7 @@ from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_strea
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
 from tokenfan.shared.errors import InvalidRequest, NotFound, Timeout, TokenfanError
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import CancelReason, Event, FinishReason
 from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, OpenAIRequest, ParamError, Role, Text
 from tokenfan.shared.state import StreamState, StreamStatus
 
@@ -471,9 +471,9 @@ def _final_status(end: Event) -> str:
     if end.type == events.ERROR:
         return "failed"
     reason = end.data.get("finish_reason")
-    if reason == "cancelled":
+    if reason == FinishReason.CANCELLED:
         return "cancelled"
-    return "incomplete" if reason == "length" else "completed"
+    return "incomplete" if reason == FinishReason.LENGTH else "completed"
 
 
 def _usage(end: Event | None) -> dict[str, Any] | None:
@@ -814,7 +814,7 @@ async def collect(edge: Edge, view: View, follower: Follower, owner: str) -> dic
             async for batch in batches:
                 logged += batch or ()
     except TimeoutError:
-        await cancel_stream(edge, view.sid, owner, "timeout")
+        await cancel_stream(edge, view.sid, owner, CancelReason.TIMEOUT)
         raise Timeout("the response took longer than the request timeout") from None
     finally:
         if not follower.finished:
@@ -873,7 +873,7 @@ async def cancel(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
             return now
         raise InvalidRequest(f"the response is already {now['status']}; only a queued or in-progress response "
                              "can be cancelled", code="response_already_finished")
-    await cancel_stream(edge, got.view.sid, owner, "client")
+    await cancel_stream(edge, got.view.sid, owner, CancelReason.CLIENT)
     follower = Follower(edge, got.view.sid, 0, got.state)
     logged: list[Event] = []
     try:
@@ -894,7 +894,7 @@ async def delete(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
     got = await load(edge, rid, owner)
     sid = got.view.sid
     if not got.state.ended:
-        await cancel_stream(edge, sid, owner, "client")
+        await cancel_stream(edge, sid, owner, CancelReason.CLIENT)
     pipe = edge.redis.pipeline(transaction=False)
     pipe.delete(keys.response(sid), keys.response_log(sid))
     if got.state.ended:  # nobody writes to it any more

@@ -45,7 +45,7 @@ from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import JOB_LOST_AFTER_S, MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import CancelReason, Event, FinishReason
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.reaper import requeue_lost
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
@@ -136,7 +136,7 @@ async def load_state(edge: Edge, sid: str, owner: str) -> StreamState:
     return state
 
 
-async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client") -> str:
+async def cancel_stream(edge: Edge, sid: str, owner: str, reason: CancelReason = CancelReason.CLIENT) -> str:
     state = await load_state(edge, sid, owner)
     if state.status is StreamStatus.FINISHED:
         return StreamStatus.FINISHED.value
@@ -146,7 +146,7 @@ async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client"
     return "cancelling"
 
 
-async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
+async def _end_queued(edge: Edge, sid: str, reason: CancelReason) -> None:
     """A stream nobody generates yet is ended here; its job is skipped later."""
     owner = f"{edge.name}:cancel"
     result, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
@@ -154,7 +154,7 @@ async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
         return
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     await edge.bus.publish(sid, owner, Event(seq + 1, events.DONE, {
-        "finish_reason": "cancelled", "cancel_reason": reason, "usage": usage,
+        "finish_reason": FinishReason.CANCELLED, "cancel_reason": reason, "usage": usage,
         "timings": {"queue_wait_ms": 0, "ttft_ms": 0, "gen_ms": 0, "tokens_per_s": 0, "worker": ""},
     }))
     await edge.redis.zrem(keys.active(), sid)
@@ -356,6 +356,7 @@ class Follower:
                 return
             now_ms = int(time.time() * 1000)
             if await r.zcount(keys.viewers(self.sid), now_ms, "+inf") == 0:
-                await r.set(keys.cancel(self.sid), "disconnect", nx=True, ex=self.edge.settings.log_active_ttl_s)
+                await r.set(keys.cancel(self.sid), CancelReason.DISCONNECT, nx=True,
+                            ex=self.edge.settings.log_active_ttl_s)
         except Exception as exc:  # the client is gone; nothing must escape a finally
             log.debug("API %s: leaving stream %s failed: %s", self.edge.name, self.sid, exc)

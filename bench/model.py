@@ -248,7 +248,8 @@ def versus_server(stack: Stack, threads: int, n_ctx: int, max_tokens: int, level
 def _chat_stats(got: dict[str, Any]) -> dict[str, Any]:
     recs = got["records"]
     failed = [r for r in recs if r["status"] != 200 or r["error"]]
-    completed = [r for r in recs if r not in failed and r["finish"] in ("stop", "length") and r["done"]]
+    ended = (events.FinishReason.STOP, events.FinishReason.LENGTH)
+    completed = [r for r in recs if r not in failed and r["finish"] in ended and r["done"]]
     tokens = sum(r["tokens"] for r in recs)
     wall = max(r["t_end"] for r in recs) - min(r["t_send"] for r in recs)
     return {

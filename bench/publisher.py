@@ -100,8 +100,8 @@ class Publisher:
     def finish(self) -> None:
         usage = {"prompt_tokens": 8, "completion_tokens": self.tokens, "total_tokens": 8 + self.tokens}
         timings = {"queue_wait_ms": 0, "ttft_ms": 0, "gen_ms": 0, "tokens_per_s": self.rate, "worker": self.owner}
-        self._send([(sid, events.DONE, {"finish_reason": "length", "usage": usage, "timings": timings})
-                    for sid in self.sids])
+        done = {"finish_reason": events.FinishReason.LENGTH, "usage": usage, "timings": timings}
+        self._send([(sid, events.DONE, done) for sid in self.sids])
 
 
 def main() -> int:

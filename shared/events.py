@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final
 
 import orjson
@@ -30,6 +31,33 @@ ERROR: Final = "error"
 QUEUED: Final = "queued"
 TERMINAL: Final = frozenset({DONE, ERROR})
 TYPES: Final = frozenset({META, DISCLOSURE, TOKEN, DONE, ERROR})
+
+
+class FinishReason(StrEnum):
+    """Why a stream (the `done` event's `finish_reason`) or one of its choices (a token event's) ended."""
+
+    STOP = "stop"  # the model's end of text, or a stop string
+    LENGTH = "length"  # max_tokens, or the end of the model's context
+    TOOL_CALLS = "tool_calls"  # an answer that made calls and stopped
+    CANCELLED = "cancelled"  # the cancel flag; the `done` event's `cancel_reason` says whose
+
+
+class CancelReason(StrEnum):
+    """Why a stream was cancelled: the value of its cancel flag, and the `done` event's `cancel_reason`."""
+
+    CLIENT = "client"  # DELETE /v1/streams/{id}, or the Responses API's cancel or delete
+    DISCONNECT = "disconnect"  # the last viewer of a `cancel_on_disconnect` stream left
+    ABANDONED = "abandoned"  # no viewer for `abandon_grace_s`
+    TIMEOUT = "timeout"  # a `"stream": false` request had no answer within `request_timeout_s`
+
+    @classmethod
+    def of_flag(cls, value: bytes | str | None) -> CancelReason:
+        """The reason a cancel flag holds; a value this code does not know (a newer API's) still
+        cancels, as a client's cancel."""
+        try:
+            return cls(value.decode() if isinstance(value, bytes) else value or "")
+        except ValueError:
+            return cls.CLIENT
 
 
 @dataclass(slots=True)

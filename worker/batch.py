@@ -75,6 +75,7 @@ from typing import Any
 from tokenfan.shared import structured, tools
 from tokenfan.shared.defaults import GRAMMAR_TOKEN_BUDGET_S
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest
+from tokenfan.shared.events import FinishReason
 from tokenfan.worker import cpu
 from tokenfan.worker.engines import CHATML, Admission, GenRequest, LogProb, Output, StepStats, choice_key
 from tokenfan.worker.llamalog import LlamaLog
@@ -463,7 +464,7 @@ class LlamaBatchEngine:
         slot.stream = stream
         self.streams[stream.key] = stream
         if budget <= 0:
-            self._ready.append(self._end(stream, "length", ""))
+            self._ready.append(self._end(stream, FinishReason.LENGTH, ""))
         return stream, Admission(len(tokens), cached)
 
     def _fork(self, first: Stream, index: int, req: GenRequest) -> None:
@@ -479,7 +480,7 @@ class LlamaBatchEngine:
         slot.stream = stream
         self.streams[stream.key] = stream
         if first.budget <= 0:
-            self._ready.append(self._end(stream, "length", ""))
+            self._ready.append(self._end(stream, FinishReason.LENGTH, ""))
         else:
             first.forks.append(stream)
 
@@ -614,9 +615,10 @@ class LlamaBatchEngine:
         """End a stream now (cancelled, fenced, handed back), every choice of it; what their slots decoded
         stays cached."""
         for stream in [s for s in self.streams.values() if s.owner == key]:
-            self._end(stream, "cancelled", "")
+            self._end(stream, FinishReason.CANCELLED, "")
 
-    def _end(self, stream: Stream, reason: str, text: str) -> Output:
+    def _end(self, stream: Stream, reason: FinishReason | None, text: str) -> Output:
+        """The stream leaves its slot; its last output (`reason` None: it ends in an error the caller sets)."""
         self._free(stream.sampler)
         self._free(stream.tool_sampler)
         stream.sampler = stream.tool_sampler = None
@@ -798,19 +800,19 @@ class LlamaBatchEngine:
             tok = self._decide(s, row) if s.tool_sampler is not None else self._draw(s.sampler, row)
         except GrammarTooSlow as exc:
             log.warning("Batch engine: stream %s ends: %s", s.key, exc)
-            out = self._end(s, "error", "")
-            out.finish, out.error = None, exc
+            out = self._end(s, None, "")
+            out.error = exc
             return out
         if self.ll.llama_vocab_is_eog(self.vocab, tok):
-            return self._with_logprobs(s, self._end(s, "stop", s.text.flush()))
+            return self._with_logprobs(s, self._end(s, FinishReason.STOP, s.text.flush()))
         s.generated += 1
         if s.logprobs is not None:
             s.held.append(self._logprob(row, tok, s.logprobs))
         text, stopped = s.text.push(self._piece(tok))
         if stopped:
-            return self._with_logprobs(s, self._end(s, "stop", text))
+            return self._with_logprobs(s, self._end(s, FinishReason.STOP, text))
         if s.generated >= s.budget:
-            return self._with_logprobs(s, self._end(s, "length", text + s.text.flush()))
+            return self._with_logprobs(s, self._end(s, FinishReason.LENGTH, text + s.text.flush()))
         s.next_token = tok
         return self._with_logprobs(s, Output(s.owner, text, index=s.index))
 
@@ -850,8 +852,8 @@ class LlamaBatchEngine:
         for s in self._touched + forks:
             self.ll.llama_memory_seq_rm(self.mem, s.slot.seq, -1, -1)
             s.slot.tokens.clear()
-            out = self._end(s, "error", "")
-            out.finish, out.error = None, EngineError(f"llama.cpp failed to decode (code {rc})")
+            out = self._end(s, None, "")
+            out.error = EngineError(f"llama.cpp failed to decode (code {rc})")
             outs.append(out)
         return outs
 

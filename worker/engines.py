@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from tokenfan.shared import defaults, structured
 from tokenfan.shared import tools as toolcalls
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, TokenfanError
+from tokenfan.shared.events import FinishReason
 from tokenfan.shared.settings import FakeEngineSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Output:
 
     key: str
     text: str
-    finish: str | None = None
+    finish: FinishReason | None = None
     error: TokenfanError | None = None
     logprobs: list[LogProb] | None = None  # the tokens behind `text`, when asked for
     index: int = 0  # the choice (n > 1)
@@ -205,7 +206,7 @@ def choice_key(key: str, index: int) -> str:
 @dataclass(eq=False)
 class _FakeStream:
     toks: list[str]
-    reason: str
+    reason: FinishReason
     next: int  # index of the next token
     start: float
     produced: int = 0
@@ -261,13 +262,13 @@ class FakeEngine:
             raise EngineError("no free slot", code="no_free_slot")
         n = self.prompt_tokens(req)
         total = min(req.max_tokens, self.length)
-        reason = "length" if req.max_tokens <= self.length else "stop"
+        reason = FinishReason.LENGTH if req.max_tokens <= self.length else FinishReason.STOP
         toks = fake_tokens(req.messages, total)
         call = fake_tool_tokens(req.messages, req.tools, req.tool_choice == "required") if req.tools else None
         if call is None and req.json_schema is not None:  # a JSON answer ends when its value is whole
             call = fake_json_tokens(req.messages, req.json_schema)
         if call is not None:  # unless cut short
-            toks, reason = call[:total], "stop" if len(call) <= total else "length"
+            toks, reason = call[:total], FinishReason.STOP if len(call) <= total else FinishReason.LENGTH
         choices = req.choices if req.choices is not None else [(i, "", req.prefix_tokens) for i in range(req.n)]
         for index, _, done in choices:  # every choice of the fake gives the same text
             self.streams[choice_key(key, index)] = _FakeStream(toks, reason, done, time.monotonic() + self.prefill_s,

@@ -43,7 +43,7 @@ import redis
 from tokenfan.shared import keys, registry
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.defaults import DURABLE_AFTER_S
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import CancelReason, Event
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.settings import WorkerSettings
 from tokenfan.shared.state import AcquireResult, PublishResult
@@ -61,7 +61,7 @@ class Watch:
     attempt: int = 0  # the job's attempt, and the log's last seq when it claimed the stream...
     base: int = 0
     last: int = 0  # ...and the last seq it made (the main thread's): what a reclaim may find in the log
-    cancel: str = ""
+    cancel: CancelReason | None = None
     lost: bool = False
     no_viewer_since: float = field(default_factory=time.time)
 
@@ -228,12 +228,12 @@ class Keeper(threading.Thread):
         pipe.zcount(keys.viewers(watch.stream_id), int(now * 1000), "+inf")
         reason, viewers = pipe.execute()
         if reason:
-            watch.cancel = reason.decode()
+            watch.cancel = CancelReason.of_flag(reason)
         elif viewers:
             watch.no_viewer_since = now
         elif now - watch.no_viewer_since >= self.settings.abandon_grace_s:
-            r.set(keys.cancel(watch.stream_id), "abandoned", nx=True, ex=self.settings.log_active_ttl_s)
-            watch.cancel = "abandoned"
+            r.set(keys.cancel(watch.stream_id), CancelReason.ABANDONED, nx=True, ex=self.settings.log_active_ttl_s)
+            watch.cancel = CancelReason.ABANDONED
 
     def _reclaim(self, watch: Watch) -> bool:
         """Our lease lapsed or Redis lost it: take it back unless the stream went on without us."""

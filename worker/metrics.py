@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tokenfan.shared.state import JobOutcome
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400, 1000)
 # A decode step: a few ms (a GPU, one stream) to a second (a prompt chunk on a busy CPU).
@@ -54,5 +56,5 @@ class WorkerMetrics:
         if decode:
             self.decode_tokens.inc(decode)
 
-    def job(self, outcome: str) -> None:
+    def job(self, outcome: JobOutcome) -> None:
         self._jobs.labels(self.model, outcome).inc()

@@ -51,6 +51,7 @@ from rq.timeouts import JobTimeoutException
 from tokenfan.shared import events, keys, tools
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
+from tokenfan.shared.events import CancelReason, FinishReason
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
@@ -132,7 +133,7 @@ class StreamJob:
         self.prompt_tokens = 0
         self.req = GenRequest([], 1)
         self.waiting = False  # for free slots, one per choice
-        self.choice_ends: dict[int, str] = {}  # the finish reason of each choice that ended (n > 1)
+        self.choice_ends: dict[int, FinishReason] = {}  # the finish reason of each choice that ended (n > 1)
         self.parsers: dict[int, tools.CallParser] = {}  # per choice, when the request offers tools
         self.raw_held: dict[int, str] = {}  # raw text of a choice's calls not yet in an event
         self.tokens_held: dict[int, int] = {}  # ... and the engine's tokens behind it
@@ -165,7 +166,7 @@ class StreamJob:
         if result is PublishResult.PUBLISHED or result is PublishResult.CANCELLED:
             self.confirmed = max(self.confirmed, event.seq)
             if result is PublishResult.CANCELLED and self.outcome is None:
-                self.finish("cancelled")
+                self.finish(FinishReason.CANCELLED)
             return False
         self.resync()  # GAP or FENCED
         return True
@@ -232,8 +233,8 @@ class StreamJob:
         })
         if not resumed and self.p.disclosure:
             self.emit(events.DISCLOSURE, {"text": self.p.disclosure})
-        if self.watch.cancel:
-            self.finish("cancelled")
+        if self.watch.cancel is not None:
+            self.finish(FinishReason.CANCELLED)
             return None
         if self.p.n > self.r.engine.slots:
             raise InvalidRequest(f"n is {self.p.n}, more than the {self.r.engine.slots} slots of the worker",
@@ -257,7 +258,7 @@ class StreamJob:
             self.req.choices = [(i, "".join(sent.get(i, [])), len(sent.get(i, [])))
                                 for i in range(self.p.n) if i not in self.choice_ends]
             if not self.req.choices:
-                self.finish(self.choice_ends.get(0, "stop"))
+                self.finish(self.choice_ends.get(0, FinishReason.STOP))
                 return None
         self.generated = sum(len(t) for t in sent.values())
         self._admit()
@@ -285,7 +286,7 @@ class StreamJob:
                 continue
             index = int(e.data.get("index", 0))
             if "finish_reason" in e.data:
-                self.choice_ends[index] = str(e.data["finish_reason"])
+                self.choice_ends[index] = FinishReason(e.data["finish_reason"])
             else:
                 _add_sent(sent.setdefault(index, []), e.data)
         created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
@@ -345,15 +346,15 @@ class StreamJob:
         if tokens:
             self.tokens_held[index] = tokens
 
-    def choice_done(self, index: int, reason: str) -> None:
+    def choice_done(self, index: int, reason: FinishReason) -> None:
         """One choice ended; the stream ends with its last. With several choices each end is a token
         event with no text and its `finish_reason`, so a takeover does not go on with it. An answer
         that made calls and stopped ends with `tool_calls`."""
         parser = self.parsers.get(index)
         if parser is not None and self.outcome is None and index not in self.choice_ends:
             self._pieces(parser.finish(), None, index, token=False)
-            if parser.calls and reason == "stop":
-                reason = "tool_calls"
+            if parser.calls and reason is FinishReason.STOP:
+                reason = FinishReason.TOOL_CALLS
         if self.p.n == 1:
             self.finish(reason)
             return
@@ -370,8 +371,8 @@ class StreamJob:
             raise Fenced(self.sid)
         if self.outcome is not None:  # ended; its last events wait for Redis to confirm them
             return None
-        if self.watch.cancel:
-            self.finish("cancelled")
+        if self.watch.cancel is not None:
+            self.finish(FinishReason.CANCELLED)
             return None
         if self.waiting:
             self._admit()
@@ -389,13 +390,12 @@ class StreamJob:
             log.warning("Worker %s: shutting down; handed stream %s back for continuation", self.r.name, self.sid)
         return JobOutcome.HANDED_OVER
 
-    def _cancel_reason(self) -> str:
-        if self.watch.cancel:
+    def _cancel_reason(self) -> CancelReason:
+        if self.watch.cancel is not None:
             return self.watch.cancel
-        raw = self.r.bus.redis.get(keys.cancel(self.sid))
-        return raw.decode() if raw else "client"
+        return CancelReason.of_flag(self.r.bus.redis.get(keys.cancel(self.sid)))
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: FinishReason) -> None:
         """Queue the `done` event (once); the job ends when Redis confirms it."""
         self.r.engine.drop(self.sid)
         if self.outcome is not None:
@@ -414,10 +414,10 @@ class StreamJob:
         if self.p.n > 1:
             data["choices"] = [{"index": i, "finish_reason": self.choice_ends.get(i, reason)}
                                for i in range(self.p.n)]
-        if reason == "cancelled":
+        if reason is FinishReason.CANCELLED:
             data["cancel_reason"] = self._cancel_reason()
         self.emit(events.DONE, data)
-        self.outcome = JobOutcome.CANCELLED if reason == "cancelled" else JobOutcome.DONE
+        self.outcome = JobOutcome.CANCELLED if reason is FinishReason.CANCELLED else JobOutcome.DONE
 
     def settle(self) -> None:
         """The terminal event is in the log: the bookkeeping around it (best effort, Redis may be away)."""

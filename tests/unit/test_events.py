@@ -23,3 +23,16 @@ def test_decode_round_trips_and_rejects_garbage() -> None:
 def test_terminal_types() -> None:
     assert Event(1, events.DONE).terminal and Event(1, events.ERROR).terminal
     assert not Event(1, events.TOKEN).terminal
+
+
+def test_a_cancel_flag_reads_as_its_reason_and_an_unknown_one_as_a_clients() -> None:
+    assert events.CancelReason.of_flag(b"abandoned") is events.CancelReason.ABANDONED
+    assert events.CancelReason.of_flag("timeout") is events.CancelReason.TIMEOUT
+    assert events.CancelReason.of_flag(b"a-reason-of-a-newer-api") is events.CancelReason.CLIENT
+    assert events.CancelReason.of_flag(None) is events.CancelReason.CLIENT
+
+
+def test_reasons_are_their_plain_values_in_json() -> None:
+    ev = Event(4, events.DONE, {"finish_reason": events.FinishReason.CANCELLED,
+                                "cancel_reason": events.CancelReason.DISCONNECT}, ts=1.0)
+    assert ev.encode() == b'{"seq":4,"type":"done","ts":1.0,"finish_reason":"cancelled","cancel_reason":"disconnect"}'
