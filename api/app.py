@@ -41,7 +41,6 @@ from tokenfan.api.streams import (
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import REDIS_RETRY_S
 from tokenfan.shared.errors import (
-    EngineError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -50,7 +49,7 @@ from tokenfan.shared.errors import (
     Unavailable,
     from_code,
 )
-from tokenfan.shared.events import CancelReason
+from tokenfan.shared.events import CancelReason, Done, Error, Queued, Token
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest, ParamError
 from tokenfan.shared.settings import ApiSettings
@@ -413,7 +412,7 @@ def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> b
 
 
 async def _queued_bytes(follower: Follower) -> bytes:
-    return sse.api_event(events.QUEUED, follower.last, {"position": await follower.queue_position()})
+    return sse.api_event(Queued(follower.last, await follower.queue_position()))
 
 
 def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
@@ -432,13 +431,12 @@ def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
         code, message, retryable = exc.code, exc.message, exc.retryable
     else:
         code, message, retryable = "redis_unavailable", "Redis is unreachable; reconnect to resume", True
-    data = {"code": code, "message": message, "retryable": retryable}
     if native:
-        return sse.api_event(events.ERROR, follower.last, data)
+        return sse.api_event(Error(follower.last, code, message, retryable))
     return openai_error(code, message)
 
 
-Answer = Callable[[str, str, int, dict[int, str], events.Event, dict[int, list[Any]], dict[int, Calls]],
+Answer = Callable[[str, str, int, dict[int, str], Done, dict[int, list[Any]], dict[int, Calls]],
                   dict[str, Any]]
 
 
@@ -452,14 +450,14 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
         async with asyncio.timeout(edge.settings.request_timeout_s):
             async for batch in follower.batches():
                 for e in batch or ():
-                    if e.type == events.TOKEN:
+                    if isinstance(e, Token):
                         _gather(e, parts, logprobs, calls)
-                    elif e.type == events.DONE:
-                        for c in e.data.get("choices") or []:  # a choice that said nothing is one too
-                            parts.setdefault(int(c.get("index", 0)), [])
+                    elif isinstance(e, Done):
+                        for c in e.choices or ():  # a choice that said nothing is one too
+                            parts.setdefault(c.index, [])
                         texts = {i: "".join(p) for i, p in parts.items()}
                         return JSONResponse(answer(follower.sid, model, created, texts, e, logprobs, calls))
-                    elif e.type == events.ERROR:
+                    elif isinstance(e, Error):
                         return _error_event_response(e)
     except TimeoutError:
         await cancel_stream(edge, follower.sid, owner, CancelReason.TIMEOUT)
@@ -470,16 +468,16 @@ async def _collect(edge: Edge, follower: Follower, model: str, created: int, own
     raise Unavailable("the stream ended without an answer", code="stream_lost")
 
 
-def _gather(e: events.Event, parts: dict[int, list[str]], logprobs: dict[int, list[Any]],
+def _gather(e: Token, parts: dict[int, list[str]], logprobs: dict[int, list[Any]],
             calls: dict[int, Calls]) -> None:
     """One token event into its choice's text, logprobs and calls."""
-    index = int(e.data.get("index", 0))
-    parts.setdefault(index, []).append(e.data.get("text", ""))
-    if "tool_call" in e.data:
-        calls.setdefault(index, Calls()).add(e.data["tool_call"])
-    if "logprobs" in e.data:
-        logprobs.setdefault(index, []).extend(e.data["logprobs"])
+    index = e.choice
+    parts.setdefault(index, []).append(e.text)
+    if e.tool_call is not None:
+        calls.setdefault(index, Calls()).add(e.tool_call)
+    if e.logprobs is not None:
+        logprobs.setdefault(index, []).extend(e.logprobs)
 
 
-def _error_event_response(e: events.Event) -> JSONResponse:
-    return error_response(from_code(str(e.data.get("code", EngineError.code)), str(e.data.get("message", ""))))
+def _error_event_response(e: Error) -> JSONResponse:
+    return error_response(from_code(e.code, e.message))

@@ -13,9 +13,9 @@ import orjson
 from pydantic import BaseModel, Field, ValidationError
 
 from tokenfan.api import sse
-from tokenfan.api.formats import Calls, ChunkWriter
+from tokenfan.api.formats import Calls, ChunkWriter, openai_usage
 from tokenfan.shared.errors import InvalidRequest
-from tokenfan.shared.events import Event, FinishReason
+from tokenfan.shared.events import Done, FinishReason, Meta, Token
 from tokenfan.shared.schema import MAX_N, Bool, ChatRequest, Int, Number, OpenAIRequest, StreamOptions, Text
 
 # OpenAI's own: the default length of a text completion, and its cap on `logprobs`.
@@ -105,46 +105,41 @@ class CompletionWriter(ChunkWriter):
         self.head = orjson.dumps({"id": stream_id, "object": "text_completion", "created": created,
                                   "model": model})[:-1]
 
-    def _chunk(self, text: str, index: int, finish: str | None, logprobs: Any = None) -> bytes:
+    def _chunk(self, text: str, index: int, finish: FinishReason | None, logprobs: Any = None) -> bytes:
         choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         return self.head + b',"choices":[' + orjson.dumps(choice) + b"]}"
 
-    def _meta(self, e: Event) -> bytes:
+    def _meta(self, e: Meta) -> bytes:
         return sse.data_frame(self._chunk(self.echo, 0, None), e.seq) if self.echo else b""
 
-    def _token(self, e: Event) -> bytes:
-        index = int(e.data.get("index", 0))
-        if "finish_reason" in e.data:
+    def _token(self, e: Token) -> bytes:
+        index = e.choice
+        if e.finish_reason is not None:
             self.ended.add(index)
-            return sse.data_frame(self._chunk("", index, str(e.data["finish_reason"])), e.seq)
-        text = str(e.data.get("text", ""))
+            return sse.data_frame(self._chunk("", index, e.finish_reason), e.seq)
         start = self.offsets.get(index, len(self.echo or ""))
-        self.offsets[index] = start + len(text)
-        lp = legacy_logprobs(e.data["logprobs"], start) if self.logprobs and "logprobs" in e.data else None
-        return sse.data_frame(self._chunk(text, index, None, lp), e.seq)
+        self.offsets[index] = start + len(e.text)
+        lp = legacy_logprobs(e.logprobs, start) if self.logprobs and e.logprobs is not None else None
+        return sse.data_frame(self._chunk(e.text, index, None, lp), e.seq)
 
-    def _done(self, e: Event) -> bytes:
-        choices = e.data.get("choices")
-        ends = [(int(c.get("index", 0)), c.get("finish_reason")) for c in choices] if isinstance(choices, list) \
-            else [(0, e.data.get("finish_reason", FinishReason.STOP))]
+    def _done(self, e: Done) -> bytes:
+        ends = [(c.index, c.finish_reason) for c in e.choices] if e.choices is not None else [(0, e.finish_reason)]
         out = b"".join(sse.data_frame(self._chunk("", i, reason), e.seq) for i, reason in ends if i not in self.ended)
         if self.include_usage:
-            out += sse.data_frame(self.head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}",
+            out += sse.data_frame(self.head + b',"choices":[],"usage":' + orjson.dumps(openai_usage(e)) + b"}",
                                   e.seq)
         return out + sse.DONE
 
 
 def text_completion(echo: str, logprobs: bool) -> Any:
     """How the collected events of a `stream: false` completion become its answer (app._collect)."""
-    def build(stream_id: str, model: str, created: int, texts: dict[int, str], done: Event,
+    def build(stream_id: str, model: str, created: int, texts: dict[int, str], done: Done,
               lps: dict[int, list[Any]], calls: dict[int, Calls]) -> dict[str, Any]:
-        ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
-        reason = done.data.get("finish_reason", FinishReason.STOP)
         return {
             "id": stream_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": echo + texts[i], "index": i, "finish_reason": ends.get(i, reason),
+            "choices": [{"text": echo + texts[i], "index": i, "finish_reason": done.finish_of(i),
                          "logprobs": legacy_logprobs(lps.get(i, []), len(echo)) if logprobs else None}
                         for i in sorted(texts)],
-            "usage": done.data.get("usage"),
+            "usage": openai_usage(done),
         }
     return build

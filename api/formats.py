@@ -14,8 +14,7 @@ from typing import Any, Protocol
 import orjson
 
 from tokenfan.api import sse
-from tokenfan.shared import events
-from tokenfan.shared.events import Event, FinishReason
+from tokenfan.shared.events import Done, Error, Event, FinishReason, Meta, Token, ToolCallPiece
 
 
 class Writer(Protocol):
@@ -35,23 +34,23 @@ class ChunkWriter:
         return b"".join(self.one(e) for e in batch)
 
     def one(self, e: Event) -> bytes:
-        if e.type == events.TOKEN:
+        if isinstance(e, Token):
             return self._token(e)
-        if e.type == events.META and not e.data.get("resumed"):
+        if isinstance(e, Meta) and not e.resumed:
             return self._meta(e)
-        if e.type == events.DONE:
+        if isinstance(e, Done):
             return self._done(e)
-        if e.type == events.ERROR:
-            return openai_error(e.data.get("code"), e.data.get("message", ""), e.seq)
+        if isinstance(e, Error):
+            return openai_error(e.code, e.message, e.seq)
         return b""
 
-    def _meta(self, e: Event) -> bytes:
+    def _meta(self, e: Meta) -> bytes:
         return b""
 
-    def _token(self, e: Event) -> bytes:
+    def _token(self, e: Token) -> bytes:
         raise NotImplementedError
 
-    def _done(self, e: Event) -> bytes:
+    def _done(self, e: Done) -> bytes:
         raise NotImplementedError
 
 
@@ -69,52 +68,55 @@ class OpenAIWriter(ChunkWriter):
             {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model}
         )[:-1]
 
-    def _choice(self, delta: dict[str, Any], finish: str | None, logprobs: Any = None, index: int = 0) -> bytes:
+    def _choice(self, delta: dict[str, Any], finish: FinishReason | None, logprobs: Any = None, index: int = 0
+                ) -> bytes:
         lp = None if logprobs is None else {"content": logprobs, "refusal": None}
         choice = orjson.dumps({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
         return self.head + choice + b"]}"
 
-    def _meta(self, e: Event) -> bytes:
+    def _meta(self, e: Meta) -> bytes:
         return sse.data_frame(self._choice({"role": "assistant", "content": ""}, None), e.seq)
 
-    def _token(self, e: Event) -> bytes:
+    def _token(self, e: Token) -> bytes:
         """A piece of choice `index` (0 unless n > 1); a choice's own end (n > 1) is a token with no text
         and its finish reason."""
-        index = int(e.data.get("index", 0))
+        index = e.choice
         out = b""
         if index not in self.started:  # a later choice's first chunk says its role, as the first's did
             self.started.add(index)
             out = sse.data_frame(self._choice({"role": "assistant", "content": ""}, None, index=index), e.seq)
-        if "finish_reason" in e.data:
+        if e.finish_reason is not None:
             self.ended.add(index)
-            return out + sse.data_frame(self._choice({}, str(e.data["finish_reason"]), index=index), e.seq)
-        call = e.data.get("tool_call")
-        if isinstance(call, dict):
-            return out + sse.data_frame(self._choice({"tool_calls": [tool_call_delta(call)]}, None, index=index), e.seq)
-        delta = {"content": e.data.get("text", "")}
-        return out + sse.data_frame(self._choice(delta, None, e.data.get("logprobs"), index), e.seq)
+            return out + sse.data_frame(self._choice({}, e.finish_reason, index=index), e.seq)
+        if e.tool_call is not None:
+            delta = {"tool_calls": [tool_call_delta(e.tool_call)]}
+            return out + sse.data_frame(self._choice(delta, None, index=index), e.seq)
+        return out + sse.data_frame(self._choice({"content": e.text}, None, e.logprobs, index), e.seq)
 
-    def _done(self, e: Event) -> bytes:
-        choices = e.data.get("choices")
-        if isinstance(choices, list):  # n > 1: the choices that did not end before the stream did
-            out = b"".join(sse.data_frame(self._choice({}, c.get("finish_reason"), index=c.get("index", 0)), e.seq)
-                           for c in choices if c.get("index") not in self.ended)
+    def _done(self, e: Done) -> bytes:
+        if e.choices is not None:  # n > 1: the choices that did not end before the stream did
+            out = b"".join(sse.data_frame(self._choice({}, c.finish_reason, index=c.index), e.seq)
+                           for c in e.choices if c.index not in self.ended)
         else:
-            out = sse.data_frame(self._choice({}, e.data.get("finish_reason", FinishReason.STOP)), e.seq)
+            out = sse.data_frame(self._choice({}, e.finish_reason), e.seq)
         if self.include_usage:
-            usage = self.usage_head + b',"choices":[],"usage":' + orjson.dumps(e.data.get("usage")) + b"}"
+            usage = self.usage_head + b',"choices":[],"usage":' + orjson.dumps(openai_usage(e)) + b"}"
             out += sse.data_frame(usage, e.seq)
         return out + sse.DONE
 
 
-def tool_call_delta(call: dict[str, Any]) -> dict[str, Any]:
+def openai_usage(done: Done) -> dict[str, Any]:
+    """A stream's usage as OpenAI's chat and legacy completions give it."""
+    return done.usage.wire()
+
+
+def tool_call_delta(call: ToolCallPiece) -> dict[str, Any]:
     """One piece of a call as OpenAI streams it: index, and id, type and name in the call's first piece."""
-    out: dict[str, Any] = {"index": call.get("index", 0)}
-    if "id" in call:
-        out |= {"id": call["id"], "type": "function",
-                "function": {"name": call.get("name", ""), "arguments": call.get("arguments", "")}}
+    out: dict[str, Any] = {"index": call.index}
+    if call.id is not None:
+        out |= {"id": call.id, "type": "function", "function": {"name": call.name or "", "arguments": call.arguments}}
     else:
-        out["function"] = {"arguments": call.get("arguments", "")}
+        out["function"] = {"arguments": call.arguments}
     return out
 
 
@@ -124,12 +126,12 @@ class Calls:
     def __init__(self) -> None:
         self.calls: dict[int, dict[str, Any]] = {}
 
-    def add(self, call: dict[str, Any]) -> None:
-        k = int(call.get("index", 0))
-        entry = self.calls.setdefault(k, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-        if "id" in call:
-            entry["id"], entry["function"]["name"] = call["id"], call.get("name", "")
-        entry["function"]["arguments"] += call.get("arguments", "")
+    def add(self, call: ToolCallPiece) -> None:
+        entry = self.calls.setdefault(call.index, {"id": "", "type": "function",
+                                                   "function": {"name": "", "arguments": ""}})
+        if call.id is not None:
+            entry["id"], entry["function"]["name"] = call.id, call.name or ""
+        entry["function"]["arguments"] += call.arguments
 
     def list(self) -> list[dict[str, Any]]:
         return [self.calls[k] for k in sorted(self.calls)]
@@ -141,18 +143,16 @@ def openai_error(code: str | None, message: str, seq: int | None = None) -> byte
     return sse.data_frame(orjson.dumps(err), seq) + sse.DONE
 
 
-def completion(stream_id: str, model: str, created: int, text: str, done: Event,
+def completion(stream_id: str, model: str, created: int, text: str, done: Done,
                logprobs: list[Any] | None = None) -> dict[str, Any]:
     """The non-streaming answer, OpenAI's chat.completion; `logprobs` every token's, when asked for."""
     return completion_of(stream_id, model, created, {0: text}, done, {0: logprobs} if logprobs is not None else {})
 
 
-def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str], done: Event,
+def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str], done: Done,
                   logprobs: dict[int, list[Any]], calls: dict[int, Calls] | None = None) -> dict[str, Any]:
     """chat.completion with a choice per index of `texts` (n > 1: the `done` event says each one's end);
     a choice that made calls has `tool_calls` (and `content` null when it wrote no text)."""
-    ends = {c.get("index"): c.get("finish_reason") for c in done.data.get("choices") or []}
-    reason = done.data.get("finish_reason", FinishReason.STOP)
     calls = calls or {}
     return {
         "id": stream_id,
@@ -163,10 +163,10 @@ def completion_of(stream_id: str, model: str, created: int, texts: dict[int, str
             "index": i,
             "message": _message(texts[i], calls.get(i)),
             "logprobs": {"content": logprobs[i], "refusal": None} if i in logprobs else None,
-            "finish_reason": ends.get(i, reason),
+            "finish_reason": done.finish_of(i),
         } for i in sorted(texts)],
-        "usage": done.data.get("usage"),
-        "tokenfan": {"timings": done.data.get("timings")},
+        "usage": openai_usage(done),
+        "tokenfan": {"timings": done.timings.wire()},
     }
 
 

@@ -99,7 +99,7 @@ from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_strea
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
 from tokenfan.shared.errors import InvalidRequest, NotFound, Timeout, TokenfanError
-from tokenfan.shared.events import CancelReason, Event, FinishReason
+from tokenfan.shared.events import CancelReason, Done, Error, Event, FinishReason, Meta, Token, ToolCallPiece
 from tokenfan.shared.schema import Bool, ChatRequest, Int, Number, OpenAIRequest, ParamError, Role, Text
 from tokenfan.shared.state import StreamState, StreamStatus
 
@@ -468,29 +468,26 @@ class View:
 
 
 def _final_status(end: Event) -> str:
-    if end.type == events.ERROR:
+    if not isinstance(end, Done):
         return "failed"
-    reason = end.data.get("finish_reason")
-    if reason == FinishReason.CANCELLED:
+    if end.finish_reason is FinishReason.CANCELLED:
         return "cancelled"
-    return "incomplete" if reason == FinishReason.LENGTH else "completed"
+    return "incomplete" if end.finish_reason is FinishReason.LENGTH else "completed"
 
 
 def _usage(end: Event | None) -> dict[str, Any] | None:
-    if end is None or end.type != events.DONE:
+    if not isinstance(end, Done):
         return None
-    u = end.data.get("usage") or {}
-    prompt, completion = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": int(u.get("total_tokens", prompt + completion))}
+    u = end.usage
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.total_tokens}
 
 
 def _error(end: Event | None) -> dict[str, Any] | None:
-    if end is None or end.type != events.ERROR:
+    if not isinstance(end, Error):
         return None
-    code = str(end.data.get("code", "engine_error"))
-    return {"code": ERROR_CODES.get(code, "server_error"), "message": f"{end.data.get('message', '')} ({code})"}
+    return {"code": ERROR_CODES.get(end.code, "server_error"), "message": f"{end.message} ({end.code})"}
 
 
 def _part(text: str) -> dict[str, Any]:
@@ -551,15 +548,15 @@ class Renderer:
 
     def render(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if e.seq == 1 and e.type == events.META:
+        if e.seq == 1 and isinstance(e, Meta):
             self.opened = True
             created = "queued" if self.view.rec.background else "in_progress"
             self._life(out, "response.created", created)
             self._life(out, "response.in_progress", "in_progress")
         elif e.type in (events.META, events.DISCLOSURE):  # the module's docstring says why not in_progress
             self._emit(out, {"type": KEEPALIVE})
-        elif e.type == events.TOKEN:
-            self._token(out, e.data)
+        elif isinstance(e, Token):
+            self._token(out, e)
         elif e.type in (events.DONE, events.ERROR):
             self._end(out, e)
         return out
@@ -570,12 +567,11 @@ class Renderer:
 
     # -- what each log event renders --
 
-    def _token(self, out: list[dict[str, Any]], data: dict[str, Any]) -> None:
-        call = data.get("tool_call")
-        if isinstance(call, dict):
-            self._call_piece(out, call)
+    def _token(self, out: list[dict[str, Any]], e: Token) -> None:
+        if e.tool_call is not None:
+            self._call_piece(out, e.tool_call)
             return
-        text = str(data.get("text", ""))
+        text = e.text
         writing = self.open is not None and self.items[self.open]["type"] == "message"
         if not text and not writing:
             return  # nothing to write (a choice's end, raw text held for the next piece)
@@ -584,25 +580,24 @@ class Renderer:
             self._open_message(out)
         idx = len(self.items) - 1  # the message being written is the last item
         part = self.items[idx]["content"][0]
-        lp = data.get("logprobs")
-        lp = lp if isinstance(lp, list) else []
+        lp = e.logprobs or []
         part["text"] += text
         part["logprobs"] = part["logprobs"] + lp
         self._emit(out, self._in_item("response.output_text.delta", idx, content_index=0, delta=text, logprobs=lp))
 
-    def _call_piece(self, out: list[dict[str, Any]], call: dict[str, Any]) -> None:
-        k = int(call.get("index", 0))
+    def _call_piece(self, out: list[dict[str, Any]], call: ToolCallPiece) -> None:
+        k = call.index
         if k not in self.calls:
             self._close(out)
             self.calls[k] = self.open = idx = len(self.items)
             item = {"id": f"{FC_PREFIX}{self.view.sid}_{k}", "type": "function_call", "status": "in_progress",
-                    "arguments": "", "call_id": str(call.get("id", "")), "name": str(call.get("name", ""))}
+                    "arguments": "", "call_id": call.id or "", "name": call.name or ""}
             self.items.append(item)
             self._emit(out, {"type": "response.output_item.added", "output_index": idx, "item": dict(item)})
         idx = self.calls[k]
         if self.open != idx:  # a piece of a call already closed: nothing a model writes
             return
-        args = str(call.get("arguments", ""))
+        args = call.arguments
         if args:
             self.items[idx]["arguments"] += args
             self._emit(out, self._in_item("response.function_call_arguments.delta", idx, delta=args))
@@ -612,9 +607,8 @@ class Renderer:
         status = _final_status(e)
         if not self.opened:  # ended before a worker took it (a cancel while queued): nothing was generated
             self._life(out, "response.created", "queued" if self.view.rec.background else "in_progress")
-        if e.type == events.ERROR:
-            self._emit(out, {"type": "error", "code": e.data.get("code"), "message": str(e.data.get("message", "")),
-                             "param": None})
+        if isinstance(e, Error):
+            self._emit(out, {"type": "error", "code": e.code, "message": e.message, "param": None})
             self._life(out, "response.failed", status, e)
             return
         self._close(out, status)

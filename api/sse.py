@@ -66,10 +66,8 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterable, Mapping, Sequence
-from typing import Any
 
 import anyio
-import orjson
 from anyio.abc import TaskGroup
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette._utils import collapse_excgroups
@@ -77,7 +75,7 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from tokenfan.shared.defaults import RECONNECT_RETRY_MS
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Event, Reconnect
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +131,15 @@ def event_frames(batch: Sequence[Event]) -> bytes:
     return out
 
 
-def api_event(kind: str, last_id: int, data: dict[str, Any], retry: int | None = None) -> bytes:
-    """An event the API makes (`queued`, `reconnect`, a local `error`): not logged, so it carries
-    the last seq sent as its id, and a client resuming from it misses nothing."""
-    return frame(orjson.dumps({"type": kind, **data}), id=last_id, event=kind, retry=retry)
+def api_event(e: Event, retry: int | None = None) -> bytes:
+    """An event the API makes (`queued`, `reconnect`, a local `error`): not logged, so its seq is
+    the last seq sent, its id, and a client resuming from it misses nothing."""
+    return frame(e.api_encode(), id=e.seq, event=e.type, retry=retry)
 
 
 def reconnect(last_id: int) -> bytes:
     """This API process is stopping: resume from `last_id` on another replica, soon (the stream goes on)."""
-    return api_event("reconnect", last_id, {"reason": "server_shutdown", "last_event_id": last_id},
-                     retry=RECONNECT_RETRY_MS)
+    return api_event(Reconnect(last_id), retry=RECONNECT_RETRY_MS)
 
 
 DONE = data_frame(b"[DONE]")

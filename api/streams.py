@@ -45,7 +45,7 @@ from tokenfan.api.hub import Subscription
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import JOB_LOST_AFTER_S, MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
-from tokenfan.shared.events import CancelReason, Event, FinishReason
+from tokenfan.shared.events import CancelReason, Done, Event, FinishReason
 from tokenfan.shared.jobs import enqueue
 from tokenfan.shared.reaper import requeue_lost
 from tokenfan.shared.schema import ChatRequest, JobPayload, check_caps
@@ -152,11 +152,8 @@ async def _end_queued(edge: Edge, sid: str, reason: CancelReason) -> None:
     result, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
     if not result.claimed:  # claimed while "running" too: its worker's lease had lapsed
         return
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    await edge.bus.publish(sid, owner, Event(seq + 1, events.DONE, {
-        "finish_reason": FinishReason.CANCELLED, "cancel_reason": reason, "usage": usage,
-        "timings": {"queue_wait_ms": 0, "ttft_ms": 0, "gen_ms": 0, "tokens_per_s": 0, "worker": ""},
-    }))
+    # the worker's constructor: no usage, no timings (no worker ever had it)
+    await edge.bus.publish(sid, owner, Done(seq + 1, FinishReason.CANCELLED, cancel_reason=reason))
     await edge.redis.zrem(keys.active(), sid)
 
 
@@ -248,7 +245,7 @@ class Follower:
         for raw in raws:
             e = events.decode(raw)
             if e.seq <= last:
-                if e.type in events.TERMINAL:  # it ended at or before the client's id
+                if e.terminal:  # it ended at or before the client's id
                     raise self._ended_before(e.seq)
                 continue
             if e.seq != expect + 1:

@@ -77,18 +77,18 @@ def _ttft_rows(stack: Stack, records: list[dict[str, Any]]) -> list[dict[str, fl
     try:
         for rec in records:
             logged = bus.read_log(rec["stream_id"]) if rec.get("stream_id") else []
-            first = next((e for e in logged if e.type == events.TOKEN), None)
-            done = next((e for e in logged if e.type == events.DONE), None)
+            first = next((e for e in logged if isinstance(e, events.Token)), None)
+            done = next((e for e in logged if isinstance(e, events.Done)), None)
             if not rec.get("t_first") or first is None or done is None:
                 rows.append({"failed": 1.0})
                 continue
-            ttft = float(done.data["timings"]["ttft_ms"])
+            ttft = done.timings.ttft_ms
             rows.append({
                 "failed": 0.0,
                 "overhead_ms": (rec["t_first"] - rec["t_send"]) * 1000 - ttft,
                 "to_publish_ms": (first.ts - rec["t_send"]) * 1000 - ttft,
                 "relay_ms": (rec["t_first"] - first.ts) * 1000,
-                "queue_wait_ms": float(done.data["timings"]["queue_wait_ms"]),
+                "queue_wait_ms": done.timings.queue_wait_ms,
                 "engine_ttft_ms": ttft,
                 "total_ms": (rec["t_first"] - rec["t_send"]) * 1000,
             })

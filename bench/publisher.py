@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
 
 from tokenfan.bench.client import emit
 from tokenfan.shared import defaults as d
-from tokenfan.shared import events
 from tokenfan.shared.bus import PUBLISH_LUA, BusConfig, SyncBus, _publish_args
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Disclosure, Done, Event, FinishReason, Meta, Timings, Token, Usage
 from tokenfan.shared.redisconn import sync_client
 
 # Events per pipelined round trip at most (flat-out mode and catching up).
@@ -39,6 +40,10 @@ MAX_BATCH = 256
 LEASE_TTL_S = 3600.0
 # The bench's owner name in leases and `meta`.
 OWNER = "bench-publisher"
+
+# One event of a stream, given its seq.
+Make = Callable[[int], Event]
+TOKEN: Make = partial(Token, text=" tok")
 
 
 class Publisher:
@@ -64,17 +69,18 @@ class Publisher:
                 mine.append(sid)
                 self.seqs[sid] = seq
         self.sids = mine
-        meta = {"model": d.MODEL_NAME, "worker": self.owner, "created": time.time(), "resumed": False}
-        self._send([(sid, events.META, {"stream_id": sid, **meta}) for sid in mine])
-        self._send([(sid, events.DISCLOSURE, {"text": d.DISCLOSURE}) for sid in mine])
+        created = time.time()
+        self._send([(sid, partial(Meta, stream_id=sid, model=d.MODEL_NAME, worker=self.owner, created=created,
+                                  resumed=False)) for sid in mine])
+        self._send([(sid, partial(Disclosure, text=d.DISCLOSURE)) for sid in mine])
         return len(mine)
 
-    def _send(self, batch: list[tuple[str, str, dict[str, Any]]]) -> None:
+    def _send(self, batch: list[tuple[str, Make]]) -> None:
         for start in range(0, len(batch), MAX_BATCH):
             pipe = self.bus.redis.pipeline(transaction=False)
-            for sid, kind, data in batch[start:start + MAX_BATCH]:
+            for sid, make in batch[start:start + MAX_BATCH]:
                 self.seqs[sid] += 1
-                ks, args = _publish_args(sid, self.owner, Event(self.seqs[sid], kind, data), self.bus.cfg)
+                ks, args = _publish_args(sid, self.owner, make(self.seqs[sid]), self.bus.cfg)
                 pipe.evalsha(self.sha, len(ks), *ks, *args)
             results = pipe.execute()
             self.fenced += sum(1 for r in results if r == -1)
@@ -93,15 +99,14 @@ class Publisher:
                 time.sleep(max(0.0, min(0.001, sent / per_s - (time.time() - t0))))
                 continue
             upto = min(due, sent + MAX_BATCH)
-            self._send([(self.sids[j % n], events.TOKEN, {"text": " tok"}) for j in range(sent, upto)])
+            self._send([(self.sids[j % n], TOKEN) for j in range(sent, upto)])
             sent = upto
         return t0, time.time()
 
     def finish(self) -> None:
-        usage = {"prompt_tokens": 8, "completion_tokens": self.tokens, "total_tokens": 8 + self.tokens}
-        timings = {"queue_wait_ms": 0, "ttft_ms": 0, "gen_ms": 0, "tokens_per_s": self.rate, "worker": self.owner}
-        done = {"finish_reason": events.FinishReason.LENGTH, "usage": usage, "timings": timings}
-        self._send([(sid, events.DONE, done) for sid in self.sids])
+        done = partial(Done, finish_reason=FinishReason.LENGTH, usage=Usage(8, self.tokens),
+                       timings=Timings(tokens_per_s=self.rate, worker=self.owner))
+        self._send([(sid, done) for sid in self.sids])
 
 
 def main() -> int:

@@ -195,8 +195,7 @@ def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq:
 
 def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, message: str,
                    retryable: bool) -> PublishResult:
-    ev = events.Event(seq + 1, events.ERROR, {"code": code, "message": message, "retryable": retryable})
-    result = bus.publish(sid, owner, ev)
+    result = bus.publish(sid, owner, events.Error(seq + 1, code, message, retryable))
     record_error(bus, sid, code, message)
     if result is not PublishResult.FENCED:
         bus.redis.zrem(keys.LEASES, sid)  # finished: only now may its index entry go

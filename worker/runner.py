@@ -51,7 +51,19 @@ from rq.timeouts import JobTimeoutException
 from tokenfan.shared import events, keys, tools
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
-from tokenfan.shared.events import CancelReason, FinishReason
+from tokenfan.shared.events import (
+    CancelReason,
+    ChoiceEnd,
+    Disclosure,
+    Done,
+    Error,
+    FinishReason,
+    Meta,
+    Timings,
+    Token,
+    ToolCallPiece,
+    Usage,
+)
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
@@ -93,24 +105,18 @@ class Runner:
         result, seq = self.bus.acquire(sid, self.name, self.settings.lease_ttl_s, self.name)
         if result.claimed:
             msg = "the job's payload is not valid; it was not executed"
-            self.bus.publish(sid, self.name, _error(seq + 1, "invalid_job", msg, False))
+            self.bus.publish(sid, self.name, Error(seq + 1, "invalid_job", msg, False))
             record_error(self.bus, sid, "invalid_job", msg)
 
 
-def _add_sent(sent: list[str], data: dict[str, Any]) -> None:
+def _add_sent(sent: list[str], e: Token) -> None:
     """One token event into a choice's sent text, one entry per engine token: an event of a tool call
     may stand for several tokens (`tokens`; literal text the parser held back) or none (a second piece
     of the same token)."""
-    raw = str(data.get("raw", data.get("text", "")))
-    count = int(data.get("tokens", 1))
-    if count == 0 and sent:
-        sent[-1] += raw
+    if e.tokens == 0 and sent:
+        sent[-1] += e.model_text
     else:
-        sent += [raw, *[""] * (count - 1)]
-
-
-def _error(seq: int, code: str, message: str, retryable: bool) -> events.Event:
-    return events.Event(seq, events.ERROR, {"code": code, "message": message, "retryable": retryable})
+        sent += [e.model_text, *[""] * (e.tokens - 1)]
 
 
 class StreamJob:
@@ -143,12 +149,15 @@ class StreamJob:
         """The seq of the last event this attempt made (sent or not)."""
         return self.base + len(self.history)
 
-    def emit(self, kind: str, data: dict[str, Any]) -> events.Event:
-        """Queue the next event; the scheduler sends it."""
-        ev = events.Event(self.seq + 1, kind, data)
+    @property
+    def next_seq(self) -> int:
+        """The seq of the next event: what `emit` takes."""
+        return self.seq + 1
+
+    def emit(self, ev: events.Event) -> None:
+        """Queue the next event (made with `next_seq`); the scheduler sends it."""
         self.history.append(ev)
         self.watch.last = ev.seq
-        return ev
 
     def unsent(self) -> list[events.Event]:
         """The events Redis has not confirmed, oldest first."""
@@ -219,7 +228,7 @@ class StreamJob:
         """Queue the terminal error (once); the job ends when Redis confirms it."""
         self.r.engine.drop(self.sid)
         if self.outcome is None:
-            self.emit(events.ERROR, {"code": code, "message": message, "retryable": retryable})
+            self.emit(Error(self.next_seq, code, message, retryable))
             self.outcome, self.error = JobOutcome.ERROR, (code, message)
 
     def start(self) -> JobOutcome | None:
@@ -227,12 +236,9 @@ class StreamJob:
         None while it runs."""
         sent, created = self._history()
         resumed = self.seq > 0
-        self.emit(events.META, {
-            "stream_id": self.sid, "model": self.p.model, "worker": self.r.name,
-            "created": created, "resumed": resumed,
-        })
+        self.emit(Meta(self.next_seq, self.sid, self.p.model, self.r.name, created, resumed))
         if not resumed and self.p.disclosure:
-            self.emit(events.DISCLOSURE, {"text": self.p.disclosure})
+            self.emit(Disclosure(self.next_seq, self.p.disclosure))
         if self.watch.cancel is not None:
             self.finish(FinishReason.CANCELLED)
             return None
@@ -282,14 +288,13 @@ class StreamJob:
         done = self.r.bus.read_log(self.sid)
         sent: dict[int, list[str]] = {}
         for e in done:
-            if e.type != events.TOKEN:
+            if not isinstance(e, Token):
                 continue
-            index = int(e.data.get("index", 0))
-            if "finish_reason" in e.data:
-                self.choice_ends[index] = FinishReason(e.data["finish_reason"])
+            if e.finish_reason is not None:
+                self.choice_ends[e.choice] = e.finish_reason
             else:
-                _add_sent(sent.setdefault(index, []), e.data)
-        created = next((e.data.get("created", 0.0) for e in done if e.type == events.META), self.p.enqueued_at)
+                _add_sent(sent.setdefault(e.choice, []), e)
+        created = next((e.created for e in done if isinstance(e, Meta)), self.p.enqueued_at)
         return sent, created
 
     def mark_served(self) -> None:
@@ -308,13 +313,12 @@ class StreamJob:
             self._pieces(parser.feed(text), logprobs, index)
             self.generated += 1
             return
-        data: dict[str, Any] = {"text": text}
-        if self.p.n > 1:
-            data["index"] = index
-        if logprobs is not None:
-            data["logprobs"] = logprobs
-        self.emit(events.TOKEN, data)
+        self.emit(Token(self.next_seq, text, index=self._index(index), logprobs=logprobs))
         self.generated += 1
+
+    def _index(self, index: int) -> int | None:
+        """A token event's `index`: only when there are several choices."""
+        return index if self.p.n > 1 else None
 
     def _pieces(self, pieces: list[tools.Piece], logprobs: list[dict[str, Any]] | None, index: int,
                 token: bool = True) -> None:
@@ -324,27 +328,26 @@ class StreamJob:
         tokens = self.tokens_held.pop(index, 0) + token  # what the first event stands for (`tokens` when not 1)
         for piece in pieces:
             raw = self.raw_held.pop(index, "") + piece.raw
-            data: dict[str, Any] = {"text": piece.text}
-            if piece.call is not None and (piece.name is not None or piece.arguments):
-                call: dict[str, Any] = {"index": piece.call}
-                if piece.name is not None:
-                    call |= {"id": tools.call_id(self.sid, index, piece.call), "name": piece.name}
-                data["tool_call"] = call | {"arguments": piece.arguments}
-            elif not piece.text:
+            call = self._call(piece, index)
+            if call is None and not piece.text:
                 self.raw_held[index] = raw  # literal text of the block: it goes with the next event
                 continue
-            if raw != piece.text:
-                data["raw"] = raw
-            if tokens != 1:
-                data["tokens"] = tokens
-            tokens = 0
-            if self.p.n > 1:
-                data["index"] = index
+            lp = None
             if logprobs is not None and piece.text:
-                data["logprobs"], logprobs = logprobs, None
-            self.emit(events.TOKEN, data)
+                lp, logprobs = logprobs, None
+            self.emit(Token(self.next_seq, piece.text, tool_call=call, raw_text=None if raw == piece.text else raw,
+                            tokens=tokens, index=self._index(index), logprobs=lp))
+            tokens = 0
         if tokens:
             self.tokens_held[index] = tokens
+
+    def _call(self, piece: tools.Piece, index: int) -> ToolCallPiece | None:
+        """A piece of a call as the token event's `tool_call`; None when it is text, or says nothing."""
+        if piece.call is None or (piece.name is None and not piece.arguments):
+            return None
+        if piece.name is None:
+            return ToolCallPiece(piece.call, piece.arguments)
+        return ToolCallPiece(piece.call, piece.arguments, tools.call_id(self.sid, index, piece.call), piece.name)
 
     def choice_done(self, index: int, reason: FinishReason) -> None:
         """One choice ended; the stream ends with its last. With several choices each end is a token
@@ -361,7 +364,7 @@ class StreamJob:
         if self.outcome is not None or index in self.choice_ends:
             return
         self.choice_ends[index] = reason
-        self.emit(events.TOKEN, {"text": "", "index": index, "finish_reason": reason})
+        self.emit(Token(self.next_seq, "", index=index, finish_reason=reason))
         if len(self.choice_ends) == self.p.n:
             self.finish(self.choice_ends.get(0, reason))
 
@@ -402,21 +405,10 @@ class StreamJob:
             return
         now = time.time()
         gen_s = now - (self.first_token_at or now)
-        data: dict[str, Any] = {
-            "finish_reason": reason,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.generated,
-                "total_tokens": self.prompt_tokens + self.generated,
-            },
-            "timings": self._timings(now, gen_s, self.generated),
-        }
-        if self.p.n > 1:
-            data["choices"] = [{"index": i, "finish_reason": self.choice_ends.get(i, reason)}
-                               for i in range(self.p.n)]
-        if reason is FinishReason.CANCELLED:
-            data["cancel_reason"] = self._cancel_reason()
-        self.emit(events.DONE, data)
+        choices = [ChoiceEnd(i, self.choice_ends.get(i, reason)) for i in range(self.p.n)] if self.p.n > 1 else None
+        cancel = self._cancel_reason() if reason is FinishReason.CANCELLED else None
+        self.emit(Done(self.next_seq, reason, Usage(self.prompt_tokens, self.generated),
+                       self._timings(now, gen_s, self.generated), choices=choices, cancel_reason=cancel))
         self.outcome = JobOutcome.CANCELLED if reason is FinishReason.CANCELLED else JobOutcome.DONE
 
     def settle(self) -> None:
@@ -432,7 +424,7 @@ class StreamJob:
         except redis.RedisError:
             log.warning("Worker %s: could not clear the records of finished stream %s", self.r.name, self.sid)
 
-    def _timings(self, now: float, gen_s: float, tokens: int) -> dict[str, Any]:
+    def _timings(self, now: float, gen_s: float, tokens: int) -> Timings:
         m = self.r.metrics
         queue_wait = max(0.0, self.started - self.p.enqueued_at)
         ttft = (self.first_token_at - self.started) if self.first_token_at else 0.0
@@ -444,10 +436,5 @@ class StreamJob:
         m.tokens.inc(tokens)
         if tps:
             m.tps.observe(tps)
-        return {
-            "queue_wait_ms": round(queue_wait * 1000, 2),
-            "ttft_ms": round(ttft * 1000, 2),
-            "gen_ms": round((now - self.started) * 1000, 2),
-            "tokens_per_s": round(tps, 2),
-            "worker": self.r.name,
-        }
+        return Timings(round(queue_wait * 1000, 2), round(ttft * 1000, 2), round((now - self.started) * 1000, 2),
+                       round(tps, 2), self.r.name)

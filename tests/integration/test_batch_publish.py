@@ -26,12 +26,12 @@ def running(r: redis.Redis, sid: str, owner: str) -> None:
     StreamState(status=StreamStatus.RUNNING, worker=owner).create(r, sid, d.LOG_ACTIVE_TTL_S)
 
 
-def token(seq: int, text: str) -> events.Event:
-    return events.Event(seq, events.TOKEN, {"text": text})
+def token(seq: int, text: str) -> events.Token:
+    return events.Token(seq, text)
 
 
 def texts(bus: SyncBus, sid: str) -> list[str]:
-    return [e.data["text"] for e in bus.read_log(sid)]
+    return [e.text for e in bus.read_log(sid) if isinstance(e, events.Token)]
 
 
 def test_each_event_is_fenced_and_cancelled_by_its_own_stream(bus: SyncBus, r: redis.Redis) -> None:

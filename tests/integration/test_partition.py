@@ -26,7 +26,7 @@ import redis
 from tests import netns
 from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, sse_events, wait_for
 from tokenfan.shared import keys, registry
-from tokenfan.shared.events import Event, decode
+from tokenfan.shared.events import Event, Token, decode
 from tokenfan.shared.state import StreamState
 
 HOSTS = ["redis", "api1", "api2", "w1", "w2"]
@@ -102,7 +102,7 @@ def _assert_exact(evs: list[SSE], content: str) -> None:
 def _assert_log_exact(r: redis.Redis, sid: str, content: str) -> None:
     log = _log(r, sid)
     assert [e.seq for e in log] == list(range(1, len(log) + 1)), [e.seq for e in log]
-    assert "".join(e.data["text"] for e in log if e.type == "token") == expected_text(content, TOKENS)
+    assert "".join(e.text for e in log if isinstance(e, Token)) == expected_text(content, TOKENS)
     assert [e.type for e in log].count("done") == 1 and log[-1].type == "done"
 
 

@@ -225,8 +225,8 @@ def _running(bus: SyncBus, worker: str = "w1") -> None:
     assert bus.acquire(SID, worker, 5.0, worker)[0] is AcquireResult.QUEUED
 
 
-def _tok(seq: int) -> events.Event:
-    return events.Event(seq, events.TOKEN, {"text": f"t{seq}"})
+def _tok(seq: int) -> events.Token:
+    return events.Token(seq, f"t{seq}")
 
 
 def test_a_re_sent_event_is_written_once_and_a_hole_is_refused(bus: SyncBus) -> None:

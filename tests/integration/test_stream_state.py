@@ -35,15 +35,15 @@ def test_a_stream_goes_queued_running_queued_running_finished(bus: SyncBus) -> N
     assert bus.acquire("s1", "w2", 5.0) == (AcquireResult.TAKEN, 0)  # w1 holds the lease
     running = bus.state("s1")
     assert running is not None and running.status is StreamStatus.RUNNING and running.worker == "w1"
-    assert bus.publish("s1", "w1", events.Event(1, events.META, {})) is PublishResult.PUBLISHED
-    assert bus.publish("s1", "w2", events.Event(2, events.TOKEN, {"text": "x"})) is PublishResult.FENCED
+    assert bus.publish("s1", "w1", events.Meta(1, "s1", "m", "w1", 0.0, False)) is PublishResult.PUBLISHED
+    assert bus.publish("s1", "w2", events.Token(2, "x")) is PublishResult.FENCED
 
     assert bus.handback("s1", "w1", attempt=1)
     back = bus.state("s1")
     assert back is not None and (back.status, back.worker, back.attempt) == (StreamStatus.QUEUED, "", 1)
 
     assert bus.acquire("s1", "w2", 5.0) == (AcquireResult.QUEUED, 1)  # continued after the logged event
-    assert bus.publish("s1", "w2", events.Event(2, events.DONE, {})) is PublishResult.PUBLISHED
+    assert bus.publish("s1", "w2", events.Done(2, events.FinishReason.STOP)) is PublishResult.PUBLISHED
     assert status(bus, "s1") is StreamStatus.FINISHED
     assert bus.acquire("s1", "w3", 5.0) == (AcquireResult.FINISHED, 0)
     assert StreamState.load(bus.redis, "s1", with_request=False) == StreamState(

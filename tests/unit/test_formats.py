@@ -4,19 +4,18 @@ import orjson
 
 from tests.procs import SSE, parse_sse
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
-from tokenfan.shared import events
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Disclosure, Done, Error, Event, FinishReason, Meta, Token, Usage
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
 def _stream() -> list[Event]:
     return [
-        Event(1, events.META, {"stream_id": "s", "model": "m", "resumed": False}, ts=1.0),
-        Event(2, events.DISCLOSURE, {"text": "AI"}, ts=1.0),
-        Event(3, events.TOKEN, {"text": "Hel"}, ts=1.0),
-        Event(4, events.TOKEN, {"text": "lo"}, ts=1.0),
-        Event(5, events.DONE, {"finish_reason": "stop", "usage": USAGE}, ts=1.0),
+        Meta(1, "s", "m", "w", 1.0, False, ts=1.0),
+        Disclosure(2, "AI", ts=1.0),
+        Token(3, "Hel", ts=1.0),
+        Token(4, "lo", ts=1.0),
+        Done(5, FinishReason.STOP, Usage(3, 2), ts=1.0),
     ]
 
 
@@ -46,14 +45,14 @@ def test_openai_without_usage_has_no_usage_chunk() -> None:
 
 
 def test_openai_error_becomes_error_object_then_done() -> None:
-    err = Event(3, events.ERROR, {"code": "engine_error", "message": "boom", "retryable": True}, ts=1.0)
+    err = Error(3, "engine_error", "boom", True, ts=1.0)
     out = _frames(OpenAIWriter("s", "m", 1, False).write([err]))
     assert orjson.loads(out[0].data)["error"]["code"] == "engine_error"
     assert out[1].data == "[DONE]"
 
 
 def test_resumed_meta_does_not_repeat_the_role_chunk() -> None:
-    meta = Event(9, events.META, {"resumed": True}, ts=1.0)
+    meta = Meta(9, "s", "m", "w2", 1.0, True, ts=1.0)
     assert OpenAIWriter("s", "m", 1, False).write([meta]) == b""
 
 
@@ -64,7 +63,9 @@ def test_native_writer_coalesces_a_batch_into_one_write_of_separate_frames() -> 
 
 
 def test_non_streaming_completion() -> None:
-    body = completion("s", "m", 5, "Hello", _stream()[-1])
+    done = _stream()[-1]
+    assert isinstance(done, Done)
+    body = completion("s", "m", 5, "Hello", done)
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
     assert body["usage"] == USAGE

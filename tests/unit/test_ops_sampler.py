@@ -27,9 +27,9 @@ class Edge:
 
 async def _log(r: Any, sid: str, created: float, tokens: int) -> None:
     """A stream's log as a worker writes it: meta, disclosure, then tokens a tenth of a second apart."""
-    kinds = [events.META, events.DISCLOSURE] + [events.TOKEN] * tokens
-    for seq, kind in enumerate(kinds, start=1):
-        e = events.Event(seq, kind, {"text": "x"} if kind == events.TOKEN else {}, ts=created + 0.1 * seq)
+    first: list[events.Event] = [events.Meta(1, sid, "m", "w", created, False), events.Disclosure(2, "AI")]
+    for e in first + [events.Token(seq, "x") for seq in range(3, 3 + tokens)]:
+        e.ts = created + 0.1 * e.seq
         await r.xadd(keys.log(sid), {"e": e.encode()})
 
 

@@ -19,7 +19,7 @@ from tokenfan.api.app import relay
 from tokenfan.api.formats import NativeWriter, OpenAIWriter
 from tokenfan.api.metrics import ApiMetrics
 from tokenfan.shared import events
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Event, Token
 from tokenfan.shared.state import StreamStatus
 
 
@@ -45,7 +45,7 @@ class _Follower:
 
 
 def _tokens(first: int, n: int) -> list[Event]:
-    return [Event(seq, events.TOKEN, {"text": f"t{seq} "}, ts=0.0) for seq in range(first, first + n)]
+    return [Token(seq, f"t{seq} ", ts=0.0) for seq in range(first, first + n)]
 
 
 async def _run(native: bool) -> tuple[bytes, _Follower]:

@@ -10,8 +10,7 @@ from pydantic import ValidationError
 
 from tests.procs import parse_sse
 from tokenfan.api.formats import OpenAIWriter, completion
-from tokenfan.shared import events
-from tokenfan.shared.events import Event
+from tokenfan.shared.events import Done, FinishReason, Meta, Token
 from tokenfan.shared.schema import ChatRequest, JobPayload
 from tokenfan.shared.settings import ApiSettings
 from tokenfan.worker.engines import FakeEngine, GenRequest, fake_logprobs, fake_tokens
@@ -82,18 +81,19 @@ def _lp(token: str) -> dict[str, Any]:
 
 
 def test_chunks_and_the_final_message_carry_openai_shaped_logprobs() -> None:
-    evs = [Event(1, events.META, {"resumed": False}, ts=1.0),
-           Event(2, events.TOKEN, {"text": "Hi", "logprobs": [_lp("Hi")]}, ts=1.0),
-           Event(3, events.TOKEN, {"text": " you", "logprobs": [_lp(" yo"), _lp("u")]}, ts=1.0),
-           Event(4, events.DONE, {"finish_reason": "stop", "usage": {}}, ts=1.0)]
+    done = Done(4, FinishReason.STOP, ts=1.0)
+    evs = [Meta(1, "s", "m", "w", 1.0, False, ts=1.0),
+           Token(2, "Hi", logprobs=[_lp("Hi")], ts=1.0),
+           Token(3, " you", logprobs=[_lp(" yo"), _lp("u")], ts=1.0),
+           done]
     frames = parse_sse(OpenAIWriter("s", "m", 1, False).write(evs))
     chunks = [orjson.loads(f.data) for f in frames[:-1]]
     assert chunks[0]["choices"][0]["logprobs"] is None
     assert chunks[1]["choices"][0]["logprobs"] == {"content": [_lp("Hi")], "refusal": None}
     assert [c["token"] for c in chunks[2]["choices"][0]["logprobs"]["content"]] == [" yo", "u"]
-    body = completion("s", "m", 1, "Hi you", evs[-1], [_lp("Hi"), _lp(" yo"), _lp("u")])
+    body = completion("s", "m", 1, "Hi you", done, [_lp("Hi"), _lp(" yo"), _lp("u")])
     assert [c["token"] for c in body["choices"][0]["logprobs"]["content"]] == ["Hi", " yo", "u"]
-    assert completion("s", "m", 1, "Hi", evs[-1])["choices"][0]["logprobs"] is None
+    assert completion("s", "m", 1, "Hi", done)["choices"][0]["logprobs"] is None
 
 
 def test_the_fake_engine_gives_deterministic_logprobs_only_when_asked() -> None:

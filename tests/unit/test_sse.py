@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -24,12 +24,21 @@ from tests.procs import parse_sse
 from tokenfan.api import sse
 from tokenfan.bench.client import SSEParser
 from tokenfan.shared import events
-from tokenfan.shared.events import Event, decode
+from tokenfan.shared.events import Event, Token, decode
 
 # Generous bounds only, so a wedged response fails the test instead of hanging it; nothing is timed.
 HANG_S = 20.0
 
 kinds = st.sampled_from(sorted(events.TYPES))
+# An event of each logged type with a piece of model (or any) text in it.
+WITH_TEXT: dict[str, Callable[[int, str], Event]] = {
+    events.META: lambda seq, text: events.Meta(seq, "s", text, "w", 1.0, False, ts=1.0),
+    events.DISCLOSURE: lambda seq, text: events.Disclosure(seq, text, ts=1.0),
+    events.TOKEN: lambda seq, text: events.Token(seq, text, ts=1.0),
+    events.DONE: lambda seq, text: events.Done(seq, events.FinishReason.STOP, timings=events.Timings(worker=text),
+                                               ts=1.0),
+    events.ERROR: lambda seq, text: events.Error(seq, "engine_error", text, True, ts=1.0),
+}
 
 
 def _library(data: str, id: int | None = None, event: str | None = None) -> bytes:
@@ -38,17 +47,17 @@ def _library(data: str, id: int | None = None, event: str | None = None) -> byte
 
 @given(st.text(), st.integers(min_value=1, max_value=2**53), kinds)
 def test_event_frame_is_the_librarys_and_round_trips_any_model_text(text: str, seq: int, kind: str) -> None:
-    e = Event(seq, kind, {"text": text}, ts=1.0)
+    e = WITH_TEXT[kind](seq, text)
     out = sse.event_frames([e])
     assert out == _library(e.encode().decode(), id=seq, event=kind)
     (got,) = parse_sse(out)
     assert (got.id, got.event) == (str(seq), kind)
-    assert orjson.loads(got.data)["text"] == text
+    assert decode(got.data) == e
 
 
 @given(st.lists(st.text(), min_size=1, max_size=8))
 def test_a_batch_is_one_write_of_one_frame_per_event(texts: list[str]) -> None:
-    batch = [Event(i + 1, events.TOKEN, {"text": t}, ts=1.0) for i, t in enumerate(texts)]
+    batch = [Token(i + 1, t, ts=1.0) for i, t in enumerate(texts)]
     got = parse_sse(sse.event_frames(batch))
     assert [(g.id, g.event) for g in got] == [(str(e.seq), "token") for e in batch]
     assert [orjson.loads(g.data)["text"] for g in got] == texts
@@ -57,7 +66,7 @@ def test_a_batch_is_one_write_of_one_frame_per_event(texts: list[str]) -> None:
 def test_a_payload_with_line_breaks_is_split_into_data_lines_not_new_events() -> None:
     # Valid JSON from elsewhere than orjson may hold raw newlines between tokens.
     forged = decode(b'{"seq": 2,\n"type": "token",\r\n"text": "x"}')
-    plain = Event(3, events.TOKEN, {"text": "y"}, ts=1.0)
+    plain = Token(3, "y", ts=1.0)
     out = sse.event_frames([forged, plain])
     assert out == _library(forged.encode().decode(), 2, "token") + _library(plain.encode().decode(), 3, "token")
     got = parse_sse(out)
@@ -75,7 +84,7 @@ def test_data_frame_is_the_librarys(data: bytes, seq: int | None) -> None:
 @given(st.lists(st.text(), min_size=1, max_size=6), st.data())
 def test_the_bench_parser_reads_the_same_events_however_the_bytes_are_split(texts: list[str], data: st.DataObject
                                                                              ) -> None:
-    batch = [Event(i + 1, events.TOKEN, {"text": t}, ts=1.0) for i, t in enumerate(texts)]
+    batch = [Token(i + 1, t, ts=1.0) for i, t in enumerate(texts)]
     raw = sse.event_frames(batch) + sse.PING_BYTES + sse.data_frame(b"[DONE]")
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=12)))
     parser = SSEParser()
@@ -87,7 +96,7 @@ def test_the_bench_parser_reads_the_same_events_however_the_bytes_are_split(text
 def test_a_ping_between_events_is_no_event_to_any_parser() -> None:
     # Issue 26: `: ping\n\n` after an `id:` made httpx-sse and openai-python's decoder dispatch an empty
     # event (the SDK then failed on its JSON). Read with no filter: every event has data, none is lost.
-    batch = [Event(i + 1, events.TOKEN, {"text": str(i)}, ts=1.0) for i in range(3)]
+    batch = [Token(i + 1, str(i), ts=1.0) for i in range(3)]
     raw = (sse.PING_BYTES + sse.event_frames(batch[:1]) + sse.PING_BYTES + sse.PING_BYTES
            + sse.event_frames(batch[1:]) + sse.PING_BYTES + sse.DONE + sse.PING_BYTES)
     resp = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
@@ -98,7 +107,7 @@ def test_a_ping_between_events_is_no_event_to_any_parser() -> None:
 def test_api_events_ping_and_done() -> None:
     assert sse.PING_BYTES == b": ping\n"  # no blank line: no parser dispatches an event for it
     assert sse.DONE == b"data: [DONE]\n\n"
-    (q,) = parse_sse(sse.api_event(events.QUEUED, 4, {"position": 2}))
+    (q,) = parse_sse(sse.api_event(events.Queued(4, 2)))
     assert (q.id, q.event, q.json()) == ("4", "queued", {"type": "queued", "position": 2})
     (r,) = parse_sse(sse.reconnect(7))
     assert (r.id, r.event, r.retry) == ("7", "reconnect", 250)
