@@ -23,8 +23,9 @@ import sys
 import time
 
 import httpx
-import orjson
 from httpx_sse import connect_sse
+
+from tokenfan.shared import events
 
 RECONNECT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 # Seconds a connection may take to open.
@@ -72,32 +73,38 @@ def _follow(client: httpx.Client, sid: str, timeout: float) -> int:
                     last = ev.id or last
                     failures = 0
                     progress = time.monotonic()
-                    if _show(ev.event, orjson.loads(ev.data)):
-                        return 0 if ev.event == "done" else 1
+                    e = _event(ev.data, last)
+                    if e is not None and _show(e):
+                        return 0 if isinstance(e, events.Done) else 1
         except httpx.TransportError:
             pass
         failures += 1
         time.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
 
 
-def _show(kind: str, ev: dict[str, object]) -> bool:
+def _event(data: str, last: str) -> events.Event | None:
+    """One frame's event; None for one this version does not know (a newer API's): skipped."""
+    try:
+        return events.decode_frame(data, int(last))
+    except ValueError:
+        return None
+
+
+def _show(e: events.Event) -> bool:
     """Print one event; True when it ends the stream."""
-    if kind == "token":
-        sys.stdout.write(str(ev.get("text", "")))
+    if isinstance(e, events.Token):
+        sys.stdout.write(e.text)
         sys.stdout.flush()
-    elif kind == "disclosure":
-        print(f"[{ev.get('text')}]", file=sys.stderr)
-    elif kind == "queued":
-        print(f"[queued, position {ev.get('position')}]", file=sys.stderr)
-    elif kind == "done":
-        t = ev.get("timings") or {}
-        u = ev.get("usage") or {}
-        assert isinstance(t, dict) and isinstance(u, dict)
-        print(f"\n[{ev.get('finish_reason')}: {u.get('completion_tokens')} tokens, "
-              f"first token {t.get('ttft_ms')} ms, {t.get('tokens_per_s')} tokens/s, worker {t.get('worker')}]",
-              file=sys.stderr)
+    elif isinstance(e, events.Disclosure):
+        print(f"[{e.text}]", file=sys.stderr)
+    elif isinstance(e, events.Queued):
+        print(f"[queued, position {e.position}]", file=sys.stderr)
+    elif isinstance(e, events.Done):
+        t = e.timings
+        print(f"\n[{e.finish_reason}: {e.usage.completion_tokens} tokens, "
+              f"first token {t.ttft_ms} ms, {t.tokens_per_s} tokens/s, worker {t.worker}]", file=sys.stderr)
         return True
-    elif kind == "error":
-        print(f"\n[error {ev.get('code')}: {ev.get('message')}]", file=sys.stderr)
+    elif isinstance(e, events.Error):
+        print(f"\n[error {e.code}: {e.message}]", file=sys.stderr)
         return True
     return False
