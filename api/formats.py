@@ -106,8 +106,11 @@ class OpenAIWriter(ChunkWriter):
 
 
 def openai_usage(done: Done) -> dict[str, Any]:
-    """A stream's usage as OpenAI's chat and legacy completions give it."""
-    return done.usage.wire()
+    """A stream's usage as OpenAI's chat and legacy completions give it: the prompt tokens a slot's
+    cache held are its `prompt_tokens_details.cached_tokens`."""
+    u = done.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def tool_call_delta(call: ToolCallPiece) -> dict[str, Any]:

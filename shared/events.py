@@ -117,22 +117,28 @@ class ToolCallPiece:
 
 @dataclass(slots=True, frozen=True)
 class Usage:
-    """Tokens of a stream: the prompt's and the answer's."""
+    """Tokens of a stream: the prompt's (of which `cached_tokens` came from a slot's prompt cache
+    instead of being decoded; left out of the JSON when none did) and the answer's."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def wire(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
+        out = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+               "total_tokens": self.total_tokens}
+        if self.cached_tokens:
+            out["cached_tokens"] = self.cached_tokens
+        return out
 
     @classmethod
     def read(cls, obj: Mapping[str, Any]) -> Usage:
-        return cls(int(obj.get("prompt_tokens", 0)), int(obj.get("completion_tokens", 0)))
+        return cls(int(obj.get("prompt_tokens", 0)), int(obj.get("completion_tokens", 0)),
+                   int(obj.get("cached_tokens", 0)))
 
 
 @dataclass(slots=True, frozen=True)

@@ -285,7 +285,6 @@ class LlamaBatchEngine:
         self.slot_list = [Slot(i) for i in range(slots)]
         self.streams: dict[str, Stream] = {}
         self.last = StepStats()
-        self.reused_tokens = 0  # prompt tokens taken from a slot's cache instead of decoded
         self.prefilled_tokens = 0
         self._ready: list[Output] = []
         self._touched: list[Stream] = []
@@ -491,7 +490,6 @@ class LlamaBatchEngine:
         ll.llama_memory_seq_rm(self.mem, fork.slot.seq, -1, -1)
         ll.llama_memory_seq_cp(self.mem, first.slot.seq, fork.slot.seq, -1, -1)
         fork.slot.tokens = list(first.slot.tokens)
-        self.reused_tokens += len(first.slot.tokens)
         return self._sample(fork, row)
 
     def _reuse(self, slot: Slot, tokens: list[int]) -> int:
@@ -501,7 +499,6 @@ class LlamaBatchEngine:
             self.ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
             keep = 0
         del slot.tokens[keep:]
-        self.reused_tokens += keep
         return keep
 
     def _samplers(self, req: GenRequest) -> tuple[Any, Any]:

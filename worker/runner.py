@@ -137,6 +137,7 @@ class StreamJob:
         self.first_token_at = 0.0
         self.generated = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of the prompt, taken from a slot's cache instead of decoded
         self.req = GenRequest([], 1)
         self.waiting = False  # for free slots, one per choice
         self.choice_ends: dict[int, FinishReason] = {}  # the finish reason of each choice that ended (n > 1)
@@ -278,6 +279,8 @@ class StreamJob:
             return
         admission = self.r.engine.admit(self.sid, self.req)
         self.prompt_tokens = admission.prompt_tokens
+        # the usage counts one prompt (a continued n > 1 stream's choices reuse a cache each)
+        self.cached_tokens = min(admission.cached_tokens, admission.prompt_tokens)
         self.r.metrics.cached_tokens.inc(admission.cached_tokens)
 
     def _history(self) -> tuple[dict[int, list[str]], float]:
@@ -407,7 +410,7 @@ class StreamJob:
         gen_s = now - (self.first_token_at or now)
         choices = [ChoiceEnd(i, self.choice_ends.get(i, reason)) for i in range(self.p.n)] if self.p.n > 1 else None
         cancel = self._cancel_reason() if reason is FinishReason.CANCELLED else None
-        self.emit(Done(self.next_seq, reason, Usage(self.prompt_tokens, self.generated),
+        self.emit(Done(self.next_seq, reason, Usage(self.prompt_tokens, self.generated, self.cached_tokens),
                        self._timings(now, gen_s, self.generated), choices=choices, cancel_reason=cancel))
         self.outcome = JobOutcome.CANCELLED if reason is FinishReason.CANCELLED else JobOutcome.DONE
 

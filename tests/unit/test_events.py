@@ -98,7 +98,8 @@ EVERY_TYPE: list[Event] = [
     Done(5, FinishReason.CANCELLED, Usage(3, 4), Timings(1.0, 2.0, 3.0, 4.0, "w"),
          choices=[ChoiceEnd(0, FinishReason.STOP)], cancel_reason=CancelReason.TIMEOUT),
     Done(6, FinishReason.STOP),
-    Error(7, "engine_error", "boom", False),
+    Done(7, FinishReason.LENGTH, Usage(40, 2, cached_tokens=31)),
+    Error(8, "engine_error", "boom", False),
 ]
 
 
@@ -168,3 +169,9 @@ def test_a_done_says_each_choices_end() -> None:
     done = Done(9, FinishReason.LENGTH, choices=[ChoiceEnd(0, FinishReason.STOP), ChoiceEnd(1, FinishReason.LENGTH)])
     assert [done.finish_of(i) for i in (0, 1)] == [FinishReason.STOP, FinishReason.LENGTH]
     assert Done(9, FinishReason.TOOL_CALLS).finish_of(0) is FinishReason.TOOL_CALLS
+
+
+def test_cached_prompt_tokens_are_in_the_usage_only_when_there_are_some() -> None:
+    assert "cached_tokens" not in Usage(5, 1).wire()
+    assert Usage(5, 1, cached_tokens=4).wire() == {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
+                                                    "cached_tokens": 4}

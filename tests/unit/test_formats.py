@@ -3,10 +3,12 @@ from __future__ import annotations
 import orjson
 
 from tests.procs import SSE, parse_sse
+from tokenfan.api.completions import text_completion
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
+from tokenfan.api.responses import Record, View, response_object
 from tokenfan.shared.events import Disclosure, Done, Error, Event, FinishReason, Meta, Token, Usage
 
-USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def _stream() -> list[Event]:
@@ -69,3 +71,19 @@ def test_non_streaming_completion() -> None:
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
     assert body["usage"] == USAGE
+
+
+def test_the_prompt_tokens_a_slot_had_cached_are_openais_cached_tokens() -> None:
+    done = Done(5, FinishReason.STOP, Usage(30, 2, cached_tokens=24), ts=1.0)
+    stream = [*_stream()[:-1], done]
+    chunks = [orjson.loads(f.data) for f in _frames(OpenAIWriter("s", "m", 1, True).write(stream))[:-1]]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32,
+                                   "prompt_tokens_details": {"cached_tokens": 24}}
+    assert completion("s", "m", 5, "Hello", done)["usage"] == chunks[-1]["usage"]
+    legacy = text_completion("", logprobs=False)("s", "m", 5, {0: "Hello"}, done, {}, {})
+    assert legacy["usage"] == chunks[-1]["usage"]
+    view = View("s", Record(model="m", created_at=1.0, background=False, store=True, instructions=None, metadata={},
+                            max_output_tokens=None, temperature=1.0, top_p=1.0, text_format={"type": "text"},
+                            user=None))
+    usage = response_object(view, "completed", [], done)["usage"]
+    assert (usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]) == (30, 24)
