@@ -7,19 +7,24 @@ where no Redis is installed as a service and never disturbs one that is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.procs import Cluster
+from tests import ports
+from tests.procs import Cluster, log_name
+from tokenfan.ops import embedded
 from tokenfan.ops.embedded import EmbeddedRedis
+
+# In-process code that picks a port through tokenfan's own helper (EmbeddedRedis, the benchmark's
+# clusters that the smoke tests run) takes it from this pytest worker's block too (tests/ports.py).
+embedded.free_port = ports.free_port
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(port=ports.free_port()) as server:
         yield server
 
 
@@ -38,7 +43,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def cluster(r: redis.Redis, redis_url: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(redis_url, test_name=re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
+    c = Cluster(redis_url, test_name=log_name(request))
     yield c
     c.stop_all()
 
@@ -46,5 +51,6 @@ def cluster(r: redis.Redis, redis_url: str, request: pytest.FixtureRequest) -> I
 @pytest.fixture
 def own_redis() -> Iterator[EmbeddedRedis]:
     """A Redis for tests that stop, restart or fill it."""
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(port=ports.free_port()) as server:
         yield server
+
