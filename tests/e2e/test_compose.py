@@ -129,6 +129,8 @@ class Stack:
         return found
 
 
+pytestmark = pytest.mark.docker
+
 @pytest.fixture(scope="module")
 def docker() -> Iterator[dk.Docker]:
     try:

@@ -116,7 +116,7 @@ def _idle_and_live(r: redis.Redis, w: Proc) -> bool:
 LONG_CUT_S = 30.0
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("hold_s", [0.0, LONG_CUT_S], ids=["blip", "long"])
 def test_partitioned_worker_streams_go_on_elsewhere_fenced_and_it_rejoins(

@@ -400,7 +400,7 @@ def _sigkill_with_a_gap(s: SentinelSet, sids: list[str]) -> dict[str, int]:
     return {sid: at_kill[sid] - int(kept[sid]) for sid in sids}
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("how", ["sentinel_failover", "sigkill_primary"])
 def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -> None:
     s = sentinel_set
