@@ -1,9 +1,10 @@
-"""The Redis event bus: publish, log, lease, read back.
+"""The Redis event bus: publish, log, read back; the owner of a stream's log.
 
 Every write a worker makes for one event is one Lua script call, so the
 log append, the channel publish, the fencing check against the lease and
 the cancel check cost one round trip. Scripts touch only one stream's keys
-(one hash slot), so they run unchanged on Redis Cluster.
+(one hash slot), so they run unchanged on Redis Cluster; their keys and
+arguments are named (shared/scripts.py).
 
 The log is a Redis Stream whose entry ids are `seq-0`: Redis itself refuses
 an id that does not grow, and "events after N" is `XRANGE log (N-0 +`.
@@ -32,123 +33,114 @@ from redis.asyncio import Redis as AsyncRedis
 from tokenfan.shared import keys
 from tokenfan.shared.defaults import LOG_TTL_REFRESH_EVERY
 from tokenfan.shared.events import Event, decode
-from tokenfan.shared.state import AcquireResult, Field, PublishResult, StreamState, StreamStatus
-
-# The scripts are the only code that changes a stream's status: its field
-# names, status values and the replies they return come from shared/state.py.
-_NAMES = {
-    "status": Field.STATUS.value, "worker": Field.WORKER.value, "attempt": Field.ATTEMPT.value,
-    "queued": StreamStatus.QUEUED.value, "running": StreamStatus.RUNNING.value,
-    "finished": StreamStatus.FINISHED.value,
-    "missing": AcquireResult.MISSING.value, "taken": AcquireResult.TAKEN.value,
-    "fenced": int(PublishResult.FENCED), "gap": int(PublishResult.GAP), "refresh_every": LOG_TTL_REFRESH_EVERY,
-}
-
-# The log's last seq, as `last` (0 for an empty or missing log); KEYS[n] is the log.
-_LAST_SEQ = """
-local top = redis.call('XREVRANGE', KEYS[%d], '+', '-', 'COUNT', 1)
-local last = 0
-if #top > 0 then last = tonumber(string.match(top[1][1], '^(%%d+)')) end
-"""
+from tokenfan.shared.scripts import LAST_SEQ, STATE_NAMES, Script
+from tokenfan.shared.state import AcquireResult, PublishResult, StreamState
 
 # The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
 # with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
-# (keys.response_log) when that outlives the log; a record without one goes with the log.
-PUBLISH_LUA = Template("""
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end
-""" + _LAST_SEQ % 1 + """
-local seq = tonumber(ARGV[2])
-if seq <= last then return redis.call('EXISTS', KEYS[5]) end
+# (keys.response_log) when that outlives the log; a record without one goes with the log. It ends the
+# lease and expires the cancel flag and the viewer set with the log.
+PUBLISH = Script(
+    ("log", "channel", "lease", "state", "cancel", "viewers", "response", "response_log"),
+    ("owner", "seq", "event", "maxlen", "active_ttl_s", "terminal", "ttl_s", "sharded"),
+    Template("""
+if redis.call('GET', k_lease) ~= a_owner then return $fenced end
+""" + LAST_SEQ + """
+local seq = tonumber(a_seq)
+if seq <= last then return redis.call('EXISTS', k_cancel) end
 if seq > last + 1 then return $gap end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2] .. '-0', 'e', ARGV[3])
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[4], '$status', '$finished')
-  redis.call('DEL', KEYS[3])
-  for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
-  redis.call('EXPIRE', KEYS[6], ARGV[7])
-  local rec = redis.call('GET', KEYS[7])
+redis.call('XADD', k_log, 'MAXLEN', '~', a_maxlen, a_seq .. '-0', 'e', a_event)
+if a_terminal == '1' then
+  redis.call('HSET', k_state, '$status', '$finished')
+  redis.call('DEL', k_lease)
+  for _, k in ipairs({k_log, k_state, k_cancel, k_viewers}) do redis.call('EXPIRE', k, a_ttl_s) end
+  local rec = redis.call('GET', k_response)
   local kept = rec and tonumber(string.match(rec, '^{"ttl_s":(%d+)'))
   if kept and kept > 0 then
-    if kept > tonumber(ARGV[7]) then
-      redis.call('COPY', KEYS[1], KEYS[8], 'REPLACE')
-      redis.call('EXPIRE', KEYS[8], kept)
+    if kept > tonumber(a_ttl_s) then
+      redis.call('COPY', k_log, k_response_log, 'REPLACE')
+      redis.call('EXPIRE', k_response_log, kept)
     end
-    redis.call('EXPIRE', KEYS[7], kept)
+    redis.call('EXPIRE', k_response, kept)
   else
-    redis.call('EXPIRE', KEYS[7], ARGV[7])
+    redis.call('EXPIRE', k_response, a_ttl_s)
   end
-elseif tonumber(ARGV[2]) % $refresh_every == 1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+elseif tonumber(a_seq) % $refresh_every == 1 then
+  redis.call('EXPIRE', k_log, a_active_ttl_s)
 end
-if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call('PUBLISH', KEYS[2], ARGV[3]) end
-return redis.call('EXISTS', KEYS[5])
-""").substitute(_NAMES)
+if a_sharded == '1' then redis.call('SPUBLISH', k_channel, a_event) else redis.call('PUBLISH', k_channel, a_event) end
+return redis.call('EXISTS', k_cancel)
+""").substitute(STATE_NAMES, fenced=int(PublishResult.FENCED), gap=int(PublishResult.GAP),
+                refresh_every=LOG_TTL_REFRESH_EVERY))
 
-# ARGV[4] and ARGV[5], a reaper's: claim only if the stream is still as the reaper saw it (that status
-# and attempt), so one that another reaper handed over a moment ago is not taken for one nobody took.
-ACQUIRE_LUA = Template("""
-local st = redis.call('HMGET', KEYS[2], '$status', '$attempt')
+LAST_SEQ_SCRIPT = Script(("log",), (), LAST_SEQ + "return last")
+
+# Raise a model's served mark to `ticket` (never lower it).
+MAX_SET = Script(("queue_served",), ("ticket",), """
+local cur = tonumber(redis.call('GET', k_queue_served) or '0')
+if tonumber(a_ticket) > cur then redis.call('SET', k_queue_served, a_ticket) end
+return 1
+""")
+
+# Claim the lease for `owner`. `seen_status` and `seen_attempt`, a reaper's: claim only if the stream
+# is still as the reaper saw it, so one that another reaper handed over a moment ago is not taken for
+# one nobody took.
+ACQUIRE = Script(("lease", "state", "log"), ("owner", "ttl_ms", "worker", "seen_status", "seen_attempt"),
+                 Template("""
+local st = redis.call('HMGET', k_state, '$status', '$attempt')
 local status = st[1]
 if not status then return {'$missing', 0} end
 if status == '$finished' then return {'$finished', 0} end
-if ARGV[4] and (status ~= ARGV[4] or (tonumber(st[2] or '0') or 0) ~= tonumber(ARGV[5])) then
+if a_seen_status and (status ~= a_seen_status or (tonumber(st[2] or '0') or 0) ~= tonumber(a_seen_attempt)) then
   return {'$taken', 0}
 end
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {'$taken', 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
-""" + _LAST_SEQ % 3 + """
+local cur = redis.call('GET', k_lease)
+if cur and cur ~= a_owner then return {'$taken', 0} end
+redis.call('SET', k_lease, a_owner, 'PX', a_ttl_ms)
+redis.call('HSET', k_state, '$status', '$running', '$worker', a_worker)
+""").substitute(STATE_NAMES) + LAST_SEQ + """
 return {status, last}
-""").substitute(_NAMES)
+""")
 
 # The worker that was generating a stream takes its lease back (after Redis restarted, failed over, or
 # was out of reach past the lease): only while nobody else has taken the stream on, and only while the
-# log ends inside what this worker generated (ARGV[5] <= last seq <= ARGV[6]), so it can re-send the rest.
+# log ends inside what this worker generated (a_first <= last seq <= a_last), so it can re-send the rest.
 # A stream still `queued` is ours only when its attempt is ours (the restart lost our claim, and our job
 # may be back in the queue: it will find the stream taken and skip it); one a reaper handed over is not,
 # even if no worker took it yet: once anyone has taken a worker for lost, it stays fenced. The log's
 # last seq comes back with every answer: `finished` with our terminal event in it is our own success.
-RECLAIM_LUA = Template("""
-""" + _LAST_SEQ % 3 + """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {'$taken', last} end
-local st = redis.call('HMGET', KEYS[2], '$status', '$worker', '$attempt')
+RECLAIM = Script(("lease", "state", "log"), ("owner", "ttl_ms", "worker", "attempt", "first", "last"),
+                 LAST_SEQ + Template("""
+local cur = redis.call('GET', k_lease)
+if cur and cur ~= a_owner then return {'$taken', last} end
+local st = redis.call('HMGET', k_state, '$status', '$worker', '$attempt')
 if not st[1] then return {'$missing', last} end
 if st[1] == '$finished' then return {'$finished', last} end
-local mine, attempt = tonumber(ARGV[4]), tonumber(st[3] or '0') or 0
+local mine, attempt = tonumber(a_attempt), tonumber(st[3] or '0') or 0
 if not cur then
-  if st[1] == '$running' and (st[2] ~= ARGV[3] or attempt ~= mine) then return {'$taken', last} end
+  if st[1] == '$running' and (st[2] ~= a_worker or attempt ~= mine) then return {'$taken', last} end
   if st[1] == '$queued' and attempt ~= mine then return {'$taken', last} end
 end
 -- a log past our last seq was written by someone else, unless we hold the lease already: then our
 -- other thread (keeper or main loop) took it back first and sent on past the seq this caller read
-if last < tonumber(ARGV[5]) or (last > tonumber(ARGV[6]) and cur ~= ARGV[1]) then return {'$taken', last} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
+if last < tonumber(a_first) or (last > tonumber(a_last) and cur ~= a_owner) then return {'$taken', last} end
+redis.call('SET', k_lease, a_owner, 'PX', a_ttl_ms)
+redis.call('HSET', k_state, '$status', '$running', '$worker', a_worker)
 return {st[1], last}
-""").substitute(_NAMES)
+""").substitute(STATE_NAMES))
 
-LAST_SEQ_LUA = _LAST_SEQ % 1 + "return last"
-
-RENEW_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+RENEW = Script(("lease",), ("owner", "ttl_ms"), """
+if redis.call('GET', k_lease) ~= a_owner then return 0 end
+redis.call('PEXPIRE', k_lease, a_ttl_ms)
 return 1
-"""
+""")
 
-HANDBACK_LUA = Template("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], '$status', '$queued', '$worker', '', '$attempt', ARGV[2])
+HANDBACK = Script(("lease", "state"), ("owner", "attempt"), Template("""
+if redis.call('GET', k_lease) ~= a_owner then return 0 end
+redis.call('DEL', k_lease)
+redis.call('HSET', k_state, '$status', '$queued', '$worker', '', '$attempt', a_attempt)
 return 1
-""").substitute(_NAMES)
-
-MAX_SET_LUA = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
-return 1
-"""
+""").substitute(STATE_NAMES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,27 +154,10 @@ class BusConfig:
 
 
 def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[list[str], list[Any]]:
-    ks = [
-        keys.log(stream_id),
-        keys.channel(stream_id),
-        keys.lease(stream_id),
-        keys.state(stream_id),
-        keys.cancel(stream_id),
-        keys.viewers(stream_id),
-        keys.response(stream_id),
-        keys.response_log(stream_id),
-    ]
-    args = [
-        owner,
-        event.seq,
-        event.encode(),
-        cfg.log_maxlen,
-        cfg.log_active_ttl_s,
-        "1" if event.terminal else "0",
-        cfg.log_ttl_s,
-        "1" if cfg.sharded else "0",
-    ]
-    return ks, args
+    """The publish script's KEYS and ARGV for one event (bench/publisher.py sends them too)."""
+    return PUBLISH.keys_for(stream_id), PUBLISH.args_for(
+        owner=owner, seq=event.seq, event=event.encode(), maxlen=cfg.log_maxlen, active_ttl_s=cfg.log_active_ttl_s,
+        terminal="1" if event.terminal else "0", ttl_s=cfg.log_ttl_s, sharded="1" if cfg.sharded else "0")
 
 
 def _entries_to_events(entries: list[Any]) -> list[Event]:
@@ -215,13 +190,13 @@ class SyncBus:
         self.redis = redis
         self.queue = queue if queue is not None else redis  # where RQ's queues live
         self.cfg = cfg
-        self._publish = redis.register_script(PUBLISH_LUA)
-        self._acquire = redis.register_script(ACQUIRE_LUA)
-        self._reclaim = redis.register_script(RECLAIM_LUA)
-        self._last_seq = redis.register_script(LAST_SEQ_LUA)
-        self._renew = redis.register_script(RENEW_LUA)
-        self._handback = redis.register_script(HANDBACK_LUA)
-        self._max_set = redis.register_script(MAX_SET_LUA)
+        self._publish = redis.register_script(PUBLISH.lua)
+        self._acquire = redis.register_script(ACQUIRE.lua)
+        self._reclaim = redis.register_script(RECLAIM.lua)
+        self._last_seq = redis.register_script(LAST_SEQ_SCRIPT.lua)
+        self._renew = redis.register_script(RENEW.lua)
+        self._handback = redis.register_script(HANDBACK.lua)
+        self._max_set = redis.register_script(MAX_SET.lua)
         self._server: str | None = None  # what back_since() saw last: the run_id, when it came back, the
         self._back_at = float("-inf")  # last failure
         self._unreachable_at = float("-inf")
@@ -243,7 +218,7 @@ class SyncBus:
             ks, args = _publish_args(sid, owner, event, self.cfg)
             client = self.redis
             if hasattr(client, "get_node_from_key"):  # Redis Cluster: the node that owns the stream's slot
-                client = client.get_node_from_key(ks[0]).redis_connection
+                client = client.get_node_from_key(keys.log(sid)).redis_connection
             if id(client) not in pipes:
                 pipes[id(client)] = (client.pipeline(transaction=False), [])
             pipe, rows = pipes[id(client)]
@@ -259,11 +234,9 @@ class SyncBus:
                 seen: StreamState | None = None) -> tuple[AcquireResult, int]:
         """Claim the stream's lease (a reaper: only while its status and attempt are still those it
         `seen`, else TAKEN); the result, and the last seq in its log."""
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        args: list[Any] = [owner, int(ttl_s * 1000), worker or owner]
-        if seen is not None:
-            args += [seen.status.value, seen.attempt]
-        return _acquired(self._acquire(keys=ks, args=args))
+        seen_status, seen_attempt = (seen.status.value, seen.attempt) if seen is not None else (None, None)
+        return _acquired(ACQUIRE.run(self._acquire, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000),
+                                     worker=worker or owner, seen_status=seen_status, seen_attempt=seen_attempt))
 
     def back_since(self, stall_s: float = math.inf) -> float:
         """How long Redis has answered this process without a break: seconds since its run_id changed
@@ -296,17 +269,17 @@ class SyncBus:
 
     def reclaim(self, stream_id: str, owner: str, ttl_s: float, worker: str, attempt: int, first: int,
                 last: int) -> tuple[AcquireResult, int]:
-        """Take back the lease of a stream this worker was generating (RECLAIM_LUA says when it may);
+        """Take back the lease of a stream this worker was generating (RECLAIM says when it may);
         the result, and the log's last seq, from which the worker re-sends. The lease index entry is
         written first, so a claim that lands is always one a reaper can find (never moved earlier: a
         stream handed over keeps its deadline when the claim is refused)."""
         self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)}, gt=True)
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        return _acquired(self._reclaim(keys=ks, args=[owner, int(ttl_s * 1000), worker, attempt, first, last]))
+        return _acquired(RECLAIM.run(self._reclaim, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000), worker=worker,
+                                     attempt=attempt, first=first, last=last))
 
     def last_seq(self, stream_id: str) -> int:
         """The seq of the log's last event (0: empty or gone)."""
-        return int(self._last_seq(keys=[keys.log(stream_id)]))
+        return int(LAST_SEQ_SCRIPT.run(self._last_seq, stream_id))
 
     def server_id(self) -> str:
         """Which Redis process answers (its run_id): it changes when Redis restarts or fails over.
@@ -316,7 +289,7 @@ class SyncBus:
         return str(self.redis.info("server").get("run_id", ""))
 
     def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])
+        ok = RENEW.run(self._renew, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000))
         if ok:
             self.set_deadline(stream_id, ttl_s)
         return bool(ok)
@@ -326,11 +299,10 @@ class SyncBus:
         self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + seconds) * 1000)})
 
     def handback(self, stream_id: str, owner: str, attempt: int) -> bool:
-        ks = [keys.lease(stream_id), keys.state(stream_id)]
-        return bool(self._handback(keys=ks, args=[owner, attempt]))
+        return bool(HANDBACK.run(self._handback, stream_id, owner=owner, attempt=attempt))
 
     def mark_served(self, model: str, ticket: int) -> None:
-        self._max_set(keys=[keys.queue_served(model)], args=[ticket])
+        MAX_SET.run(self._max_set, model, ticket=ticket)
 
     def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         return _entries_to_events(self.redis.xrange(keys.log(stream_id), f"({after}-0" if after else "-", "+"))
@@ -345,8 +317,8 @@ class AsyncBus:
     def __init__(self, redis: AsyncRedis, cfg: BusConfig) -> None:
         self.redis = redis
         self.cfg = cfg
-        self._acquire = redis.register_script(ACQUIRE_LUA)
-        self._publish = redis.register_script(PUBLISH_LUA)
+        self._acquire = redis.register_script(ACQUIRE.lua)
+        self._publish = redis.register_script(PUBLISH.lua)
 
     async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         start = f"({after}-0" if after else "-"
@@ -356,8 +328,8 @@ class AsyncBus:
         return await StreamState.aload(self.redis, stream_id, with_request=with_request)
 
     async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[AcquireResult, int]:
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        return _acquired(await self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), owner]))
+        return _acquired(await ACQUIRE.run(self._acquire, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000),
+                                           worker=owner, seen_status=None, seen_attempt=None))
 
     async def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)
