@@ -149,7 +149,7 @@ async def cancel_stream(edge: Edge, sid: str, owner: str, reason: str = "client"
 async def _end_queued(edge: Edge, sid: str, reason: str) -> None:
     """A stream nobody generates yet is ended here; its job is skipped later."""
     owner = f"{edge.name}:cancel"
-    result, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
+    result, seq = await edge.bus.leases.claim_to_end(sid, owner, edge.settings.lease_ttl_s)
     if not result.claimed:  # claimed while "running" too: its worker's lease had lapsed
         return
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -312,17 +312,12 @@ class Follower:
     async def _check_owner(self, state: StreamState) -> None:
         """A silent stream must have someone on it: a running one a live lease, a handed-over one a
         deadline in the lease index. Otherwise the index gets the entry it lacks, and a reaper acts."""
-        r = self.edge.redis
-        if state.status is StreamStatus.RUNNING and not await r.exists(keys.lease(self.sid)):
-            if await r.zadd(keys.LEASES, {self.sid: int(time.time() * 1000)}, lt=True, ch=True):
-                log.warning("API %s: stream %s says running but has no lease and no due index entry; "
-                            "reaping it", self.edge.name, self.sid)
-        elif state.status is StreamStatus.QUEUED:
-            if state.attempt > 0:
-                deadline = int((time.time() + self.edge.settings.failover_wait_s) * 1000)
-                await r.zadd(keys.LEASES, {self.sid: deadline}, nx=True)
-            if time.time() - state.created > JOB_LOST_AFTER_S:  # a restart may have kept it but not its job
-                await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
+        if await self.edge.bus.leases.repair(self.sid, state, self.edge.settings.failover_wait_s):
+            log.warning("API %s: stream %s says running but has no lease and no due index entry; "
+                        "reaping it", self.edge.name, self.sid)
+        elif state.status is StreamStatus.QUEUED and time.time() - state.created > JOB_LOST_AFTER_S:
+            # a restart may have kept it but not its job
+            await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
 
     async def _last_seq(self) -> int:
         last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)

@@ -3,7 +3,7 @@
 A real worker serves one stream at a time, so a thousand concurrent
 streams would take a thousand worker processes on a two-core machine.
 This process does what those workers would do to Redis, through the same
-code: it takes each stream's lease with `SyncBus.acquire` (the stream was
+code: it takes each stream's lease with `Leases.claim` (the stream was
 created through the API, its RQ job removed by the bench), then writes
 every event with the worker's own publish script (`PUBLISH`, the keys
 and arguments of `SyncBus.publish`): `meta` and `disclosure`, tokens at a
@@ -59,7 +59,7 @@ class Publisher:
         """Take every lease and publish `meta` and `disclosure`; returns how many streams are ours."""
         mine = []
         for sid in self.sids:
-            status, seq = self.bus.acquire(sid, self.owner, LEASE_TTL_S, self.owner)
+            status, seq = self.bus.leases.claim(sid, self.owner, LEASE_TTL_S)
             if status.claimed:
                 mine.append(sid)
                 self.seqs[sid] = seq

@@ -4,7 +4,8 @@ Every write a worker makes for one event is one Lua script call, so the
 log append, the channel publish, the fencing check against the lease and
 the cancel check cost one round trip. Scripts touch only one stream's keys
 (one hash slot), so they run unchanged on Redis Cluster; their keys and
-arguments are named (shared/scripts.py).
+arguments are named (shared/scripts.py). The lease and the lease index are
+shared/leases.py's (`SyncBus.leases`, `AsyncBus.leases`).
 
 The log is a Redis Stream whose entry ids are `seq-0`: Redis itself refuses
 an id that does not grow, and "events after N" is `XRANGE log (N-0 +`.
@@ -15,8 +16,8 @@ a replica promoted with the last writes missing, cannot silently drop or
 double an event: an event already in the log is not written again (a retry
 after a lost reply), and one that would leave a hole is refused with GAP,
 upon which the worker re-sends from the log's end (docs/faults.md).
-`reclaim` lets the worker that was generating a stream take its lease back
-after such a restart, when nobody else has taken the stream on.
+`Leases.reclaim` lets the worker that was generating a stream take its
+lease back after such a restart, when nobody else has taken the stream on.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from redis.asyncio import Redis as AsyncRedis
 from tokenfan.shared import keys
 from tokenfan.shared.defaults import LOG_TTL_REFRESH_EVERY
 from tokenfan.shared.events import Event, decode
+from tokenfan.shared.leases import AsyncLeases, Leases
 from tokenfan.shared.scripts import LAST_SEQ, STATE_NAMES, Script
-from tokenfan.shared.state import AcquireResult, PublishResult, StreamState
+from tokenfan.shared.state import PublishResult, StreamState
 
 # The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
 # with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
 # (keys.response_log) when that outlives the log; a record without one goes with the log. It ends the
-# lease and expires the cancel flag and the viewer set with the log.
+# lease (shared/leases.py) and expires the cancel flag and the viewer set with the log.
 PUBLISH = Script(
     ("log", "channel", "lease", "state", "cancel", "viewers", "response", "response_log"),
     ("owner", "seq", "event", "maxlen", "active_ttl_s", "terminal", "ttl_s", "sharded"),
@@ -82,66 +84,6 @@ if tonumber(a_ticket) > cur then redis.call('SET', k_queue_served, a_ticket) end
 return 1
 """)
 
-# Claim the lease for `owner`. `seen_status` and `seen_attempt`, a reaper's: claim only if the stream
-# is still as the reaper saw it, so one that another reaper handed over a moment ago is not taken for
-# one nobody took.
-ACQUIRE = Script(("lease", "state", "log"), ("owner", "ttl_ms", "worker", "seen_status", "seen_attempt"),
-                 Template("""
-local st = redis.call('HMGET', k_state, '$status', '$attempt')
-local status = st[1]
-if not status then return {'$missing', 0} end
-if status == '$finished' then return {'$finished', 0} end
-if a_seen_status and (status ~= a_seen_status or (tonumber(st[2] or '0') or 0) ~= tonumber(a_seen_attempt)) then
-  return {'$taken', 0}
-end
-local cur = redis.call('GET', k_lease)
-if cur and cur ~= a_owner then return {'$taken', 0} end
-redis.call('SET', k_lease, a_owner, 'PX', a_ttl_ms)
-redis.call('HSET', k_state, '$status', '$running', '$worker', a_worker)
-""").substitute(STATE_NAMES) + LAST_SEQ + """
-return {status, last}
-""")
-
-# The worker that was generating a stream takes its lease back (after Redis restarted, failed over, or
-# was out of reach past the lease): only while nobody else has taken the stream on, and only while the
-# log ends inside what this worker generated (a_first <= last seq <= a_last), so it can re-send the rest.
-# A stream still `queued` is ours only when its attempt is ours (the restart lost our claim, and our job
-# may be back in the queue: it will find the stream taken and skip it); one a reaper handed over is not,
-# even if no worker took it yet: once anyone has taken a worker for lost, it stays fenced. The log's
-# last seq comes back with every answer: `finished` with our terminal event in it is our own success.
-RECLAIM = Script(("lease", "state", "log"), ("owner", "ttl_ms", "worker", "attempt", "first", "last"),
-                 LAST_SEQ + Template("""
-local cur = redis.call('GET', k_lease)
-if cur and cur ~= a_owner then return {'$taken', last} end
-local st = redis.call('HMGET', k_state, '$status', '$worker', '$attempt')
-if not st[1] then return {'$missing', last} end
-if st[1] == '$finished' then return {'$finished', last} end
-local mine, attempt = tonumber(a_attempt), tonumber(st[3] or '0') or 0
-if not cur then
-  if st[1] == '$running' and (st[2] ~= a_worker or attempt ~= mine) then return {'$taken', last} end
-  if st[1] == '$queued' and attempt ~= mine then return {'$taken', last} end
-end
--- a log past our last seq was written by someone else, unless we hold the lease already: then our
--- other thread (keeper or main loop) took it back first and sent on past the seq this caller read
-if last < tonumber(a_first) or (last > tonumber(a_last) and cur ~= a_owner) then return {'$taken', last} end
-redis.call('SET', k_lease, a_owner, 'PX', a_ttl_ms)
-redis.call('HSET', k_state, '$status', '$running', '$worker', a_worker)
-return {st[1], last}
-""").substitute(STATE_NAMES))
-
-RENEW = Script(("lease",), ("owner", "ttl_ms"), """
-if redis.call('GET', k_lease) ~= a_owner then return 0 end
-redis.call('PEXPIRE', k_lease, a_ttl_ms)
-return 1
-""")
-
-HANDBACK = Script(("lease", "state"), ("owner", "attempt"), Template("""
-if redis.call('GET', k_lease) ~= a_owner then return 0 end
-redis.call('DEL', k_lease)
-redis.call('HSET', k_state, '$status', '$queued', '$worker', '', '$attempt', a_attempt)
-return 1
-""").substitute(STATE_NAMES))
-
 
 @dataclass(frozen=True, slots=True)
 class BusConfig:
@@ -169,18 +111,9 @@ def _entries_to_events(entries: list[Any]) -> list[Event]:
     return out
 
 
-def _as_str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _published(reply: Any) -> PublishResult:
     """The publish script's integer reply, as the enum (the one place it is converted)."""
     return PublishResult(int(reply))
-
-
-def _acquired(reply: Any) -> tuple[AcquireResult, int]:
-    status, seq = reply
-    return AcquireResult(_as_str(status)), int(seq)
 
 
 class SyncBus:
@@ -190,12 +123,9 @@ class SyncBus:
         self.redis = redis
         self.queue = queue if queue is not None else redis  # where RQ's queues live
         self.cfg = cfg
+        self.leases = Leases(redis)
         self._publish = redis.register_script(PUBLISH.lua)
-        self._acquire = redis.register_script(ACQUIRE.lua)
-        self._reclaim = redis.register_script(RECLAIM.lua)
         self._last_seq = redis.register_script(LAST_SEQ_SCRIPT.lua)
-        self._renew = redis.register_script(RENEW.lua)
-        self._handback = redis.register_script(HANDBACK.lua)
         self._max_set = redis.register_script(MAX_SET.lua)
         self._server: str | None = None  # what back_since() saw last: the run_id, when it came back, the
         self._back_at = float("-inf")  # last failure
@@ -230,14 +160,6 @@ class SyncBus:
         return [self.publish(sid, owner, event) if isinstance(reply, Exception) else _published(reply)
                 for (sid, owner, event), reply in zip(items, replies, strict=True)]
 
-    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "",
-                seen: StreamState | None = None) -> tuple[AcquireResult, int]:
-        """Claim the stream's lease (a reaper: only while its status and attempt are still those it
-        `seen`, else TAKEN); the result, and the last seq in its log."""
-        seen_status, seen_attempt = (seen.status.value, seen.attempt) if seen is not None else (None, None)
-        return _acquired(ACQUIRE.run(self._acquire, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000),
-                                     worker=worker or owner, seen_status=seen_status, seen_attempt=seen_attempt))
-
     def back_since(self, stall_s: float = math.inf) -> float:
         """How long Redis has answered this process without a break: seconds since its run_id changed
         (a restart, a failover), since a `mark_unreachable` call was followed by an answer, or since an
@@ -267,16 +189,6 @@ class SyncBus:
     def mark_unreachable(self) -> None:
         self._unreachable_at = time.monotonic()
 
-    def reclaim(self, stream_id: str, owner: str, ttl_s: float, worker: str, attempt: int, first: int,
-                last: int) -> tuple[AcquireResult, int]:
-        """Take back the lease of a stream this worker was generating (RECLAIM says when it may);
-        the result, and the log's last seq, from which the worker re-sends. The lease index entry is
-        written first, so a claim that lands is always one a reaper can find (never moved earlier: a
-        stream handed over keeps its deadline when the claim is refused)."""
-        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)}, gt=True)
-        return _acquired(RECLAIM.run(self._reclaim, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000), worker=worker,
-                                     attempt=attempt, first=first, last=last))
-
     def last_seq(self, stream_id: str) -> int:
         """The seq of the log's last event (0: empty or gone)."""
         return int(LAST_SEQ_SCRIPT.run(self._last_seq, stream_id))
@@ -287,19 +199,6 @@ class SyncBus:
         if hasattr(self.redis, "get_node_from_key"):
             return ""
         return str(self.redis.info("server").get("run_id", ""))
-
-    def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        ok = RENEW.run(self._renew, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000))
-        if ok:
-            self.set_deadline(stream_id, ttl_s)
-        return bool(ok)
-
-    def set_deadline(self, stream_id: str, seconds: float) -> None:
-        """When reapers should look at this stream again (the lease set's score)."""
-        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + seconds) * 1000)})
-
-    def handback(self, stream_id: str, owner: str, attempt: int) -> bool:
-        return bool(HANDBACK.run(self._handback, stream_id, owner=owner, attempt=attempt))
 
     def mark_served(self, model: str, ticket: int) -> None:
         MAX_SET.run(self._max_set, model, ticket=ticket)
@@ -317,7 +216,7 @@ class AsyncBus:
     def __init__(self, redis: AsyncRedis, cfg: BusConfig) -> None:
         self.redis = redis
         self.cfg = cfg
-        self._acquire = redis.register_script(ACQUIRE.lua)
+        self.leases = AsyncLeases(redis)
         self._publish = redis.register_script(PUBLISH.lua)
 
     async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
@@ -326,10 +225,6 @@ class AsyncBus:
 
     async def state(self, stream_id: str, *, with_request: bool = True) -> StreamState | None:
         return await StreamState.aload(self.redis, stream_id, with_request=with_request)
-
-    async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[AcquireResult, int]:
-        return _acquired(await ACQUIRE.run(self._acquire, stream_id, owner=owner, ttl_ms=int(ttl_s * 1000),
-                                           worker=owner, seen_status=None, seen_attempt=None))
 
     async def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)

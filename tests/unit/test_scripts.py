@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from tokenfan.shared import bus, events, keys
+from tokenfan.shared import bus, events, keys, leases
 from tokenfan.shared.bus import BusConfig
 from tokenfan.shared.scripts import ARG_PREFIX, KEY_PREFIX, Script
 
 SCRIPTS = {"publish": bus.PUBLISH, "last_seq": bus.LAST_SEQ_SCRIPT, "max_set": bus.MAX_SET,
-           "acquire": bus.ACQUIRE, "reclaim": bus.RECLAIM, "renew": bus.RENEW, "handback": bus.HANDBACK}
+           "acquire": leases.ACQUIRE, "reclaim": leases.RECLAIM, "renew": leases.RENEW, "handback": leases.HANDBACK}
 
 
 def test_the_names_are_bound_in_order_above_the_body() -> None:
