@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from tokenfan.shared import keys, registry
+from tokenfan.shared import cancel, registry, viewers
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.defaults import DURABLE_AFTER_S
 from tokenfan.shared.events import Event
@@ -225,15 +225,15 @@ class Keeper(threading.Thread):
         r = self.bus.redis
         now = time.time()
         pipe = r.pipeline(transaction=False)
-        pipe.get(keys.cancel(watch.stream_id))
-        pipe.zcount(keys.viewers(watch.stream_id), int(now * 1000), "+inf")
-        reason, viewers = pipe.execute()
+        cancel.queue_reason(pipe, watch.stream_id)
+        viewers.queue_count(pipe, watch.stream_id, now)
+        reason, watching = pipe.execute()
         if reason:
-            watch.cancel = reason.decode()
-        elif viewers:
+            watch.cancel = cancel.parse_reason(reason)
+        elif watching:
             watch.no_viewer_since = now
         elif now - watch.no_viewer_since >= self.settings.abandon_grace_s:
-            r.set(keys.cancel(watch.stream_id), "abandoned", nx=True, ex=self.settings.log_active_ttl_s)
+            cancel.request(r, watch.stream_id, "abandoned", self.settings.log_active_ttl_s)
             watch.cancel = "abandoned"
 
     def _reclaim(self, watch: Watch) -> bool:

@@ -48,7 +48,7 @@ import redis
 from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
-from tokenfan.shared import events, keys, tools
+from tokenfan.shared import cancel, events, keys, tools
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
 from tokenfan.shared.leases import Leases
@@ -393,8 +393,7 @@ class StreamJob:
     def _cancel_reason(self) -> str:
         if self.watch.cancel:
             return self.watch.cancel
-        raw = self.r.bus.redis.get(keys.cancel(self.sid))
-        return raw.decode() if raw else "client"
+        return cancel.reason(self.r.bus.redis, self.sid) or "client"
 
     def finish(self, reason: str) -> None:
         """Queue the `done` event (once); the job ends when Redis confirms it."""

@@ -1,6 +1,6 @@
-"""The owner of a stream's lease and the lease index (shared/leases.py) on the suite's real Redis:
-each operation's writes, in the order the lease index's rule asks (an entry before the claim it
-covers, removed only at the end)."""
+"""The owners of a stream's lease and lease index, cancel flag and viewer set (shared/leases.py,
+shared/cancel.py, shared/viewers.py) on the suite's real Redis: each operation's writes, in the
+order the lease index's rule asks (an entry before the claim it covers, removed only at the end)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
+from tokenfan.shared import cancel, events, keys, viewers
 from tokenfan.shared import defaults as d
-from tokenfan.shared import events, keys
 from tokenfan.shared.bus import PUBLISH, BusConfig, SyncBus
 from tokenfan.shared.leases import ACQUIRE, HANDBACK, RECLAIM, RENEW, AsyncLeases, Leases
 from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
@@ -170,3 +170,47 @@ async def test_the_api_claims_a_queued_stream_only_to_end_it(r: redis.Redis, are
     StreamState(model="m", owner="k", request=b"{}").create(r, SID, 3600)
     assert await AsyncLeases(arec).claim_to_end(SID, "api:cancel", 5.0) == (AcquireResult.QUEUED, 0)
     assert r.get(keys.lease(SID)) == b"api:cancel" and deadline(r) is None
+
+
+# --- the cancel flag ----------------------------------------------------------------------------
+
+async def test_the_first_cancel_reason_stays(r: redis.Redis, arec: aredis.Redis) -> None:
+    assert cancel.reason(r, SID) == ""
+    assert await cancel.arequest(arec, SID, "client", 60)
+    assert not cancel.request(r, SID, "abandoned", 60)
+    assert cancel.reason(r, SID) == "client" and 0 < r.ttl(keys.cancel(SID)) <= 60
+    pipe = r.pipeline(transaction=False)
+    cancel.queue_reason(pipe, SID)
+    assert [cancel.parse_reason(raw) for raw in pipe.execute()] == ["client"]
+
+
+def test_the_publish_script_answers_cancelled_while_the_flag_is_set(rec: Recording, leases: Leases) -> None:
+    bus = SyncBus(rec, BusConfig(d.LOG_MAXLEN, d.LOG_ACTIVE_TTL_S, d.LOG_TTL_S))
+    leases.claim(SID, "w1", 5.0)
+    assert bus.publish(SID, "w1", events.Event(1, events.META, {})) is PublishResult.PUBLISHED
+    cancel.request(rec, SID, "client", 10 * d.LOG_TTL_S)
+    assert bus.publish(SID, "w1", events.Event(2, events.TOKEN, {"text": "x"})) is PublishResult.CANCELLED
+    assert bus.publish(SID, "w1", events.Event(3, events.DONE, {})) is PublishResult.CANCELLED
+    assert 0 < rec.ttl(keys.cancel(SID)) <= d.LOG_TTL_S  # expires with the log, not later
+
+
+# --- the viewer set -----------------------------------------------------------------------------
+
+async def test_viewers_the_placeholder_and_a_background_response(r: redis.Redis, arec: aredis.Redis) -> None:
+    pipe = r.pipeline(transaction=False)
+    viewers.queue_create(pipe, SID, 600)
+    pipe.execute()
+    assert r.zrange(keys.viewers(SID), 0, -1) == [viewers.PLACEHOLDER.encode()]
+    assert 0 < r.ttl(keys.viewers(SID)) <= 600 and await viewers.acount(arec, SID) == 1
+    await viewers.atouch(arec, SID, "v1")
+    pipe = r.pipeline(transaction=False)
+    viewers.queue_touch(pipe, SID, "v2", now_ms() - 1)  # expired: not counted
+    viewers.queue_count(pipe, SID, time.time())
+    assert pipe.execute()[-1] == 2
+    await viewers.aleave(arec, SID, "v1")  # the first to leave takes the placeholder with it
+    assert await viewers.acount(arec, SID) == 0
+    pipe = r.pipeline(transaction=False)
+    viewers.queue_background(pipe, SID, 600)
+    pipe.execute()
+    assert await viewers.acount(arec, SID) == 1
+    assert r.zscore(keys.viewers(SID), viewers.BACKGROUND) > now_ms() + 500_000
