@@ -95,7 +95,7 @@ class BusConfig:
     sharded: bool = False
 
 
-def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[list[str], list[Any]]:
+def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[tuple[str, ...], list[Any]]:
     """The publish script's KEYS and ARGV for one event (bench/publisher.py sends them too)."""
     return PUBLISH.keys_for(stream_id), PUBLISH.args_for(
         owner=owner, seq=event.seq, event=event.encode(), maxlen=cfg.log_maxlen, active_ttl_s=cfg.log_active_ttl_s,

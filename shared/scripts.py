@@ -13,17 +13,20 @@ keys so share its hash slot, as Redis Cluster requires of a script.
 An argument passed as None at the end is left off ARGV, so an optional
 argument reads as nil in the body.
 
-The publish script is called for every token, so ARGV is picked from the
-names in one C call.
+The publish script is called for every token, so the names must add
+nothing to its cost: a stream's KEYS are built once and kept (a tuple,
+shared by its calls), and ARGV is picked from the names in one C call.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
 
 from tokenfan.shared import keys
+from tokenfan.shared.defaults import SCRIPT_KEYS_CACHED
 from tokenfan.shared.state import AcquireResult, Field, StreamStatus
 
 KEY_PREFIX = "k_"
@@ -62,12 +65,14 @@ class Script:
         self.arg_names = arg_names
         self._arg_set = frozenset(arg_names)
         self._pick = operator.itemgetter(*arg_names) if len(arg_names) > 1 else None
-        self._key_fns: tuple[Callable[[str], str], ...] = tuple(getattr(keys, n) for n in key_names)
+        key_fns: tuple[Callable[[str], str], ...] = tuple(getattr(keys, n) for n in key_names)
+        self._keys: Callable[[str], tuple[str, ...]] = functools.lru_cache(maxsize=SCRIPT_KEYS_CACHED)(
+            lambda ident: tuple(fn(ident) for fn in key_fns))
         self.lua = _bind(KEY_PREFIX, key_names, "KEYS") + _bind(ARG_PREFIX, arg_names, "ARGV") + body
 
-    def keys_for(self, ident: str) -> list[str]:
+    def keys_for(self, ident: str) -> tuple[str, ...]:
         """KEYS for one stream (or model): each named key function of `ident`, in order."""
-        return [fn(ident) for fn in self._key_fns]
+        return self._keys(ident)
 
     def args_for(self, **named: Any) -> list[Any]:
         """ARGV from every argument by name (trailing Nones left off); a missing or unknown name is an error."""

@@ -17,7 +17,7 @@ SCRIPTS = {"publish": bus.PUBLISH, "last_seq": bus.LAST_SEQ_SCRIPT, "max_set": b
 def test_the_names_are_bound_in_order_above_the_body() -> None:
     s = Script(("log", "lease"), ("owner", "ttl_ms"), "return 1\n")
     assert s.lua == "local k_log, k_lease = KEYS[1], KEYS[2]\nlocal a_owner, a_ttl_ms = ARGV[1], ARGV[2]\nreturn 1\n"
-    assert s.keys_for("S") == [keys.log("S"), keys.lease("S")]
+    assert s.keys_for("S") == (keys.log("S"), keys.lease("S"))
     assert s.args_for(ttl_ms=5, owner="w") == ["w", 5]
 
 
@@ -51,6 +51,6 @@ def test_the_publish_call_sends_what_it_always_sent() -> None:
     """The per-token call: the same KEYS and ARGV, in the same order, as before they had names."""
     ev = events.Event(7, events.DONE, {"finish_reason": "stop"})
     ks, args = bus._publish_args("S", "w1", ev, BusConfig(100, 60, 30, sharded=True))
-    assert ks == [keys.log("S"), keys.channel("S"), keys.lease("S"), keys.state("S"), keys.cancel("S"),
-                  keys.viewers("S"), keys.response("S"), keys.response_log("S")]
+    assert ks == (keys.log("S"), keys.channel("S"), keys.lease("S"), keys.state("S"), keys.cancel("S"),
+                  keys.viewers("S"), keys.response("S"), keys.response_log("S"))
     assert args == ["w1", 7, ev.encode(), 100, 60, "1", 30, "1"]
