@@ -96,7 +96,7 @@ from tokenfan.api import sse
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_stream
-from tokenfan.shared import events, keys
+from tokenfan.shared import events, keys, viewers
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
 from tokenfan.shared.errors import InvalidRequest, NotFound, Timeout, TokenfanError
 from tokenfan.shared.events import Event
@@ -111,8 +111,6 @@ ITEM_PREFIX = "item_"
 # What `include` names to have each output text's logprobs (also given by `top_logprobs`).
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 FC_PREFIX = "fc_"
-# The viewer entry that keeps a background response from being stopped as abandoned: nobody watches it.
-BACKGROUND_VIEWER = "background"
 # A cancel answers with the response as it ended; a worker ends it within two tokens, a queued one at once.
 CANCEL_WAIT_S = 5.0
 # OpenAI's bounds on `metadata`.
@@ -699,7 +697,7 @@ async def save(edge: Edge, view: View) -> None:
     pipe = edge.redis.pipeline(transaction=False)
     pipe.set(keys.response(view.sid), view.rec.model_dump_json(), ex=ttl)
     if view.rec.background:
-        pipe.zadd(keys.viewers(view.sid), {BACKGROUND_VIEWER: int((time.time() + ttl) * 1000)})
+        viewers.queue_background(pipe, view.sid, ttl)
     await pipe.execute()
 
 

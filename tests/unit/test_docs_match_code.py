@@ -177,14 +177,16 @@ def _finish_reasons(tree: ast.AST) -> set[str]:
 
 
 def _cancel_reasons(tree: ast.AST) -> set[str]:
-    """`cancel_stream(..., "x")` and its default, `.set(keys.cancel(..), "x")`, `watch.cancel = "x"`."""
+    """`cancel_stream(..., "x")` and its default, `cancel.request(.., .., "x", ..)` (or `arequest`),
+    `watch.cancel = "x"`."""
     found = _dict_values(tree, "cancel_reason")
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _called(node) == "cancel_stream":
             found |= {s for a in node.args[3:] for s in _strings(a)}
-        if (isinstance(node, ast.Call) and _called(node) == "set" and node.args
-                and isinstance(node.args[0], ast.Call) and _called(node.args[0]) == "cancel"):
-            found |= {s for a in node.args[1:] for s in _strings(a)}
+        if (isinstance(node, ast.Call) and _called(node) in ("request", "arequest")
+                and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "cancel"):
+            found |= {s for a in node.args[2:3] for s in _strings(a)}
         if isinstance(node, ast.AsyncFunctionDef) and node.name == "cancel_stream":
             found |= {s for d in node.args.defaults for s in _strings(d)}
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "cancel"
