@@ -38,7 +38,7 @@ from tokenfan.api.streams import (
     seq_bound,
     start_stream,
 )
-from tokenfan.shared import events, keys
+from tokenfan.shared import events
 from tokenfan.shared.defaults import REDIS_RETRY_S
 from tokenfan.shared.errors import (
     EngineError,
@@ -262,7 +262,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
             raise InvalidRequest("format must be 'native' or 'openai'", code="invalid_value", param="format")
         last = parse_last_id(request.headers.get("last-event-id"), last_event_id, seq_bound(edge.settings))
         state = await load_state(edge, stream_id, who.owner)
-        if state.ended and last >= await _terminal_seq(edge, stream_id):
+        if state.ended and last >= await edge.bus.last_seq(stream_id):
             return Response(status_code=204)
         if last:
             edge.metrics.resumes.inc()
@@ -341,13 +341,6 @@ def _writer(fmt: str, sid: str, state: StreamState, request: Request) -> NativeW
         return NativeWriter()
     include_usage = request.query_params.get("include_usage", "") in ("1", "true")
     return OpenAIWriter(sid, state.model, int(state.created), include_usage)
-
-
-async def _terminal_seq(edge: Edge, sid: str) -> int:
-    last = await edge.redis.xrevrange(keys.log(sid), "+", "-", count=1)
-    if not last:
-        return 0
-    return int(last[0][0].split(b"-")[0])
 
 
 def _sse(edge: Edge, body: AsyncIterator[bytes], sid: str) -> sse.SSEResponse:

@@ -347,6 +347,11 @@ class AsyncBus:
         self.cfg = cfg
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._publish = redis.register_script(PUBLISH_LUA)
+        self._last_seq = redis.register_script(LAST_SEQ_LUA)
+
+    async def last_seq(self, stream_id: str) -> int:
+        """The seq of the log's last event (0: empty or gone), read as `SyncBus.last_seq` reads it."""
+        return int(await self._last_seq(keys=[keys.log(stream_id)]))
 
     async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         start = f"({after}-0" if after else "-"
