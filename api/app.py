@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -13,20 +12,19 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.api import discovery, ops, responses, sse
 from tokenfan.api.auth import DocsGate, Principal
 from tokenfan.api.bodies import CheckedBodyRoute
 from tokenfan.api.completions import CompletionRequest, CompletionWriter, text_completion
 from tokenfan.api.edge import Edge
+from tokenfan.api.errors import add_handlers, error_response
 from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, Writer, completion_of, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.requestid import RequestIds
@@ -39,11 +37,9 @@ from tokenfan.api.streams import (
     start_stream,
 )
 from tokenfan.shared import events
-from tokenfan.shared.defaults import REDIS_RETRY_S
 from tokenfan.shared.errors import (
     EngineError,
     InvalidRequest,
-    MethodNotAllowed,
     NotFound,
     Timeout,
     TokenfanError,
@@ -51,14 +47,12 @@ from tokenfan.shared.errors import (
     from_code,
 )
 from tokenfan.shared.redisconn import redacted
-from tokenfan.shared.schema import ChatRequest, ParamError
+from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import ApiSettings
 from tokenfan.shared.state import StreamState, StreamStatus
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-# Starlette's own HTTP errors, as our classes (which carry the status).
-ROUTE_ERRORS: dict[int, type[TokenfanError]] = {404: NotFound, 405: MethodNotAllowed}
 
 
 class ErrorDetail(BaseModel):
@@ -99,15 +93,6 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def error_body(exc: TokenfanError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-
-
-def error_response(exc: TokenfanError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
-
-
 def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,7 +116,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_middleware(DocsGate, public=settings.public_docs)
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestIds)
-    _errors(app)
+    add_handlers(app)
     _routes(app)
     ops.install(app)
     discovery.install(app)
@@ -140,59 +125,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-# Pydantic names the member of a union (or the validator) it tried in an error's location:
-# `messages.0.content.function-after[_unicode(), str]`. A client needs only the field.
-_TYPE_TAG = re.compile(r"^(?:[\w-]+\[.*\]|str|int|float|bool)$")
-
-
-# ... and, in a list of a tagged union, the tag it chose, right after the item's index: the message's
-# role in `messages.0.user.content`. By position, whatever the tag's value.
-_TAGGED_LISTS = frozenset({"messages", "input"})
-
-
-def _field_path(loc: Any) -> list[str]:
-    parts = [p for p in loc if p != "body" and not _TYPE_TAG.match(str(p))]
-    tag = 2 if len(parts) > 2 and parts[0] in _TAGGED_LISTS and isinstance(parts[1], int) else -1
-    return [str(p) for i, p in enumerate(parts) if i != tag]
-
-
-def _errors(app: FastAPI) -> None:
-    @app.exception_handler(TokenfanError)
-    async def tokenfan_error(request: Request, exc: TokenfanError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # The deepest error is the most specific: for a union (a string or a list of parts) it is
-        # the member that got furthest, not "Input should be a valid string".
-        first: dict[str, Any] = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
-        loc = _field_path(first.get("loc", ()))
-        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest("the body is not valid JSON", code="invalid_json"))
-        cause = first.get("ctx", {}).get("error")
-        param: str | None
-        if isinstance(cause, ParamError):  # a check of the whole request, about one field: named by it
-            param = ".".join([*loc, cause.param])
-            text = f"{'.'.join(loc)}.{msg}" if loc else msg
-        else:
-            param = ".".join(loc) or None
-            text = f"{param}: {msg}" if param else msg
-        return error_response(InvalidRequest(text, code="invalid_value", param=param))
-
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("API: Redis failed during %s %s: %s", request.method, request.url.path, exc)
-        return error_response(Unavailable("Redis is unreachable; try again shortly", code="redis_unavailable",
-                                          retry_after=REDIS_RETRY_S))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Starlette's routing raises these (unknown path, wrong method); our own code raises ours.
-        cls = ROUTE_ERRORS.get(exc.status_code, InvalidRequest if exc.status_code < 500 else TokenfanError)
-        return error_response(cls(str(exc.detail)))
 
 
 def edge_of(request: Request) -> Edge:
