@@ -8,25 +8,25 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import redis
-from fastapi import Depends, FastAPI, Request
-from fastapi.openapi.utils import get_openapi
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
 
 from tokenfan.api import discovery, ops, responses, sse
-from tokenfan.api.auth import DocsGate, Principal
+from tokenfan.api.auth import DocsGate
 from tokenfan.api.bodies import CheckedBodyRoute
 from tokenfan.api.completions import CompletionRequest, CompletionWriter, text_completion
 from tokenfan.api.edge import Edge
+from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.errors import add_handlers, error_response
 from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, Writer, completion_of, openai_error
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
+from tokenfan.api.openapi import COMMON_ERRORS, SSE_DOC, SSE_EVENT, errors_doc, openapi_without_422
 from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
     Follower,
@@ -55,42 +55,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ErrorBody} for s in statuses}
-
-
-COMMON_ERRORS = (401, 403, 503)
-# One SSE event as OpenAPI tools read a text/event-stream body: id, event name, data (a JSON line).
-SSE_EVENT: dict[str, Any] = {"type": "object", "properties": {
-    "id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}, "retry": {"type": "integer"}}}
-SSE_DOC: dict[str, Any] = {"content": {"text/event-stream": {"schema": SSE_EVENT}}}
 CHAT_DOC = {200: {"content": {"application/json": {"schema": {"type": "object"}},
                               "text/event-stream": {"schema": SSE_EVENT}}},
-            **_errors_doc(400, 404, 413, 429, 504, 502, *COMMON_ERRORS)}
-
-
-def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """We answer bad input with 400 in OpenAI's shape, never FastAPI's 422."""
-    def build() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            for ops in schema.get("paths", {}).values():
-                for op in ops.values():
-                    op.get("responses", {}).pop("422", None)
-            app.openapi_schema = schema
-        return app.openapi_schema
-    return build
+            **errors_doc(400, 404, 413, 429, 504, 502, *COMMON_ERRORS)}
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -121,23 +88,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     ops.install(app)
     discovery.install(app)
     responses.install(app)
-    app.openapi = _openapi_without_422(app)  # type: ignore[method-assign]
+    app.openapi = openapi_without_422(app)  # type: ignore[method-assign]
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def edge_of(request: Request) -> Edge:
-    edge: Edge = request.app.state.edge
-    return edge
-
-
-async def caller(request: Request) -> Principal:
-    """Every protected route's dependency: who calls, or 401/403."""
-    return await edge_of(request).auth.principal(request)
-
-
-Caller = Annotated[Principal, Depends(caller)]
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -172,7 +126,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
                                   echo or None, req.logprobs is not None)
         return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
 
-    @app.post("/v1/streams", status_code=201, responses=_errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
+    @app.post("/v1/streams", status_code=201, responses=errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
     async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
         edge = edge_of(request)
         started = await start_stream(edge, req, who)
@@ -186,7 +140,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
 
     @app.get("/v1/streams/{stream_id}", response_model=None,
              responses={200: SSE_DOC, 204: {"description": "the stream ended at or before Last-Event-ID"},
-                        **_errors_doc(400, 404, *COMMON_ERRORS)})
+                        **errors_doc(400, 404, *COMMON_ERRORS)})
     async def follow_stream(stream_id: str, request: Request, who: Caller, format: str = "native",
                             last_event_id: str | None = None) -> Response:
         edge = edge_of(request)
@@ -202,17 +156,17 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         writer = _writer(format, stream_id, state, request)
         return _sse(edge, relay(edge, follower, writer, t0=time.time(), native=format == "native"), stream_id)
 
-    @app.delete("/v1/streams/{stream_id}", status_code=202, responses=_errors_doc(404, *COMMON_ERRORS))
+    @app.delete("/v1/streams/{stream_id}", status_code=202, responses=errors_doc(404, *COMMON_ERRORS))
     async def delete_stream(stream_id: str, request: Request, who: Caller) -> JSONResponse:
         status = await cancel_stream(edge_of(request), stream_id, who.owner)
         return JSONResponse({"id": stream_id, "status": status}, status_code=202)
 
-    @app.get("/v1/models", responses=_errors_doc(*COMMON_ERRORS))
+    @app.get("/v1/models", responses=errors_doc(*COMMON_ERRORS))
     async def list_models(request: Request, who: Caller) -> dict[str, Any]:
         names = await edge_of(request).models()
         return {"object": "list", "data": [_model_object(n) for n in names]}
 
-    @app.get("/v1/models/{model_id:path}", responses=_errors_doc(404, *COMMON_ERRORS))
+    @app.get("/v1/models/{model_id:path}", responses=errors_doc(404, *COMMON_ERRORS))
     async def retrieve_model(model_id: str, request: Request, who: Caller) -> dict[str, Any]:
         """One model of the list (`client.models.retrieve`); an id may hold a slash (`org/name`)."""
         if model_id not in await edge_of(request).models():
@@ -241,7 +195,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-                                     **_errors_doc(*COMMON_ERRORS)})
+                                     **errors_doc(*COMMON_ERRORS)})
     async def metrics(request: Request) -> Response:
         edge = edge_of(request)
         if await edge.auth.enabled():

@@ -33,6 +33,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from tokenfan.api.openapi import COMMON_ERRORS, described_errors
 from tokenfan.shared import keys, registry
 from tokenfan.shared.defaults import API_ANNOUNCE_S, API_LIVE_S
 from tokenfan.shared.errors import InvalidRequest
@@ -49,7 +50,7 @@ PATH = "/metrics/targets"
 
 def install(app: FastAPI) -> None:
     @app.get(PATH, responses={200: {"content": {"application/json": {"schema": {"type": "array"}}}},
-                              **{s: {"description": "error, OpenAI's shape"} for s in (400, 401, 403, 503)}})
+                              **described_errors(400, *COMMON_ERRORS)})
     async def metrics_targets(request: Request, role: str | None = None) -> Response:
         edge: Edge = request.app.state.edge
         if await edge.auth.enabled():

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, Response
 from redis.asyncio import Redis as AsyncRedis
 
 from tokenfan.api import sse
+from tokenfan.api.openapi import COMMON_ERRORS, described_errors
 from tokenfan.shared import events, keys, registry
 from tokenfan.shared.defaults import (
     ERRORS_SHOWN,
@@ -51,10 +52,8 @@ def install(app: FastAPI) -> None:
     async def ops_page() -> Response:
         return FileResponse(STATIC / "ops.html")
 
-    errors: dict[int | str, dict[str, Any]] = {s: {"description": "error, OpenAI's shape"} for s in (401, 403, 503)}
-
     @app.get("/v1/ops/snapshot", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                                            **errors})
+                                            **described_errors(*COMMON_ERRORS)})
     async def ops_snapshot(request: Request) -> Response:
         await request.app.state.edge.auth.admin(request)
         return Response(orjson.dumps(await snapshot(request.app.state.edge)), media_type="application/json")

@@ -78,7 +78,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import (
     BaseModel,
@@ -94,7 +94,9 @@ from pydantic import (
 
 from tokenfan.api import sse
 from tokenfan.api.auth import Principal
+from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.edge import Edge
+from tokenfan.api.openapi import EVENTS, OBJECT, responses_doc
 from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_stream
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
@@ -987,32 +989,6 @@ async def relay(edge: Edge, view: View, follower: Follower, after: int, t0: floa
 
 # --- the routes -----------------------------------------------------------------------------------
 
-def _edge(request: Request) -> Edge:
-    edge: Edge = request.app.state.edge
-    return edge
-
-
-async def _caller(request: Request) -> Principal:
-    return await _edge(request).auth.principal(request)
-
-
-Caller = Annotated[Principal, Depends(_caller)]
-_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"}}}}}
-_OBJECT: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-_EVENTS: dict[str, Any] = {"text/event-stream": {"schema": {"type": "object", "properties": {
-    "id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}}}}}
-
-
-def _doc(ok: dict[str, Any], *errors: int) -> dict[int | str, dict[str, Any]]:
-    doc: dict[int | str, dict[str, Any]] = {200: {"description": "OK", "content": ok}}
-    for status in (*errors, 401, 403, 503):
-        doc[status] = {"description": "error, OpenAI's shape", "content": {
-            "application/json": {"schema": _ERROR_SCHEMA}}}
-    return doc
-
-
 def _flag(name: str, raw: str | None) -> bool:
     if raw is None or raw in ("false", "0", ""):
         return False
@@ -1022,29 +998,29 @@ def _flag(name: str, raw: str | None) -> bool:
 
 
 def install(app: FastAPI) -> None:
-    @app.post("/v1/responses", response_model=None, responses=_doc({**_OBJECT, **_EVENTS}, 400, 404, 413, 429, 504))
+    @app.post("/v1/responses", response_model=None, responses=responses_doc({**OBJECT, **EVENTS}, 400, 404, 413, 429, 504))
     async def create_response(req: ResponsesRequest, request: Request, who: Caller) -> Response:
-        return await create(_edge(request), req, who)
+        return await create(edge_of(request), req, who)
 
     @app.get("/v1/responses/{response_id}", response_model=None,
-             responses=_doc({**_OBJECT, **_EVENTS}, 400, 404))
+             responses=responses_doc({**OBJECT, **EVENTS}, 400, 404))
     async def retrieve_response(response_id: str, request: Request, who: Caller, stream: str | None = None,
                                 starting_after: str | None = None) -> Response:
-        edge = _edge(request)
+        edge = edge_of(request)
         streamed = _flag("stream", stream)
         after = parse_after(starting_after, request.headers.get("last-event-id"),
                             (seq_bound(edge.settings) + 1) * SN_PER_EVENT)
         return await retrieve(edge, response_id, who.owner, streamed, after)
 
-    @app.get("/v1/responses/{response_id}/input_items", responses=_doc(_OBJECT, 400, 404))
+    @app.get("/v1/responses/{response_id}/input_items", responses=responses_doc(OBJECT, 400, 404))
     async def list_input_items(response_id: str, request: Request, who: Caller, order: str = "desc",
                                limit: int = INPUT_ITEMS_LIMIT, after: str | None = None) -> dict[str, Any]:
-        return await input_items(_edge(request), response_id, who.owner, order, limit, after)
+        return await input_items(edge_of(request), response_id, who.owner, order, limit, after)
 
-    @app.post("/v1/responses/{response_id}/cancel", responses=_doc(_OBJECT, 400, 404))
+    @app.post("/v1/responses/{response_id}/cancel", responses=responses_doc(OBJECT, 400, 404))
     async def cancel_response(response_id: str, request: Request, who: Caller) -> dict[str, Any]:
-        return await cancel(_edge(request), response_id, who.owner)
+        return await cancel(edge_of(request), response_id, who.owner)
 
-    @app.delete("/v1/responses/{response_id}", responses=_doc(_OBJECT, 404))
+    @app.delete("/v1/responses/{response_id}", responses=responses_doc(OBJECT, 404))
     async def delete_response(response_id: str, request: Request, who: Caller) -> dict[str, Any]:
-        return await delete(_edge(request), response_id, who.owner)
+        return await delete(edge_of(request), response_id, who.owner)
