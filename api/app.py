@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,17 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tokenfan.api import discovery, ops, responses, sse
+from tokenfan.api import discovery, ops, responses
 from tokenfan.api.auth import DocsGate
 from tokenfan.api.bodies import CheckedBodyRoute
 from tokenfan.api.completions import CompletionRequest, CompletionWriter, text_completion
 from tokenfan.api.edge import Edge
 from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.errors import add_handlers, error_response
-from tokenfan.api.formats import Calls, NativeWriter, OpenAIWriter, Writer, completion_of, openai_error
+from tokenfan.api.formats import Calls, OpenAIWriter, completion_of
 from tokenfan.api.middleware import BodyLimit, RequestMetrics
 from tokenfan.api.openapi import COMMON_ERRORS, SSE_DOC, SSE_EVENT, errors_doc, openapi_without_422
+from tokenfan.api.relay import ChunkSurface, NativeSurface, relay, sse_response
 from tokenfan.api.requestid import RequestIds
 from tokenfan.api.streams import (
     Follower,
@@ -49,7 +50,7 @@ from tokenfan.shared.errors import (
 from tokenfan.shared.redisconn import redacted
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import ApiSettings
-from tokenfan.shared.state import StreamState, StreamStatus
+from tokenfan.shared.state import StreamState
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -108,7 +109,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         if not req.stream:
             return await _collect(edge, follower, started.model, started.created, who.owner)
         writer = OpenAIWriter(started.stream_id, started.model, started.created, req.include_usage())
-        return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
+        return sse_response(edge, relay(edge, follower, ChunkSurface(writer), t0=t0), started.stream_id)
 
     @app.post("/v1/completions", response_model=None, responses=CHAT_DOC)
     async def completions(req: CompletionRequest, request: Request, who: Caller) -> Response:
@@ -124,7 +125,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
                                   text_completion(echo, req.logprobs is not None))
         writer = CompletionWriter(started.stream_id, started.model, started.created, chat.include_usage(),
                                   echo or None, req.logprobs is not None)
-        return _sse(edge, relay(edge, follower, writer, t0=t0, native=False), started.stream_id)
+        return sse_response(edge, relay(edge, follower, ChunkSurface(writer), t0=t0), started.stream_id)
 
     @app.post("/v1/streams", status_code=201, responses=errors_doc(400, 404, 413, 429, *COMMON_ERRORS))
     async def create_stream(req: ChatRequest, request: Request, who: Caller) -> JSONResponse:
@@ -153,8 +154,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every ro
         if last:
             edge.metrics.resumes.inc()
         follower = Follower(edge, stream_id, last, state)
-        writer = _writer(format, stream_id, state, request)
-        return _sse(edge, relay(edge, follower, writer, t0=time.time(), native=format == "native"), stream_id)
+        surface = _surface(format, stream_id, state, request)
+        return sse_response(edge, relay(edge, follower, surface, t0=time.time()), stream_id)
 
     @app.delete("/v1/streams/{stream_id}", status_code=202, responses=errors_doc(404, *COMMON_ERRORS))
     async def delete_stream(stream_id: str, request: Request, who: Caller) -> JSONResponse:
@@ -222,98 +223,11 @@ async def _admin_asks(edge: Edge, request: Request) -> bool:
         return False
 
 
-def _writer(fmt: str, sid: str, state: StreamState, request: Request) -> NativeWriter | OpenAIWriter:
+def _surface(fmt: str, sid: str, state: StreamState, request: Request) -> NativeSurface | ChunkSurface:
     if fmt == "native":
-        return NativeWriter()
+        return NativeSurface()
     include_usage = request.query_params.get("include_usage", "") in ("1", "true")
-    return OpenAIWriter(sid, state.model, int(state.created), include_usage)
-
-
-def _sse(edge: Edge, body: AsyncIterator[bytes], sid: str) -> sse.SSEResponse:
-    """A stream's response: sse-starlette pings and times out sends; our drain ends it (api/sse.py says why
-    the library's own shutdown waits out the whole grace)."""
-    s = edge.settings
-    return sse.SSEResponse(body, ping_s=s.heartbeat_s, send_timeout_s=s.send_timeout_s, grace_s=s.shutdown_grace_s,
-                           headers={"X-Tokenfan-Stream-Id": sid})
-
-
-async def relay(edge: Edge, follower: Follower, writer: Writer, *, t0: float,
-                native: bool) -> AsyncIterator[bytes]:
-    """The body of every streaming response: one flushed write per batch of events.
-
-    sse-starlette ends it on a disconnect or a send timeout: cancelled in an await, or closed at a
-    `yield` (GeneratorExit). Either way the follower is closed here, not whenever the garbage
-    collector gets to it, so the viewer is freed at once."""
-    m = edge.metrics
-    m.active.inc()
-    first = follower.last == 0
-    try:
-        async with aclosing(follower.batches()) as batches:
-            async for batch in batches:
-                data = b""
-                if batch:
-                    first = _observe(edge, batch, first, t0)
-                    data = writer.write(batch)
-                    m.relayed.inc(len(batch))
-                if edge.draining and (native or edge.closing.is_set()) and not follower.finished:
-                    # follower.last already counts this batch: write it first, so the resume point
-                    # named is the last event the client has, and no token falls between the two
-                    follower.handed_off = True
-                    yield data + _shutdown_bytes(follower, native)
-                    return
-                if batch is None:  # an idle tick; sse-starlette sends the pings
-                    if native and follower.state.status is StreamStatus.QUEUED:
-                        yield await _queued_bytes(follower)
-                    continue
-                if data:
-                    yield data
-    except (TokenfanError, redis.RedisError) as exc:
-        yield _local_error(follower, native, exc)
-    except (asyncio.CancelledError, GeneratorExit):
-        m.disconnects.inc()
-        raise
-    finally:
-        m.active.dec()
-        if not follower.finished and not follower.handed_off:
-            await follower.leave()
-
-
-def _observe(edge: Edge, batch: list[events.Event], first: bool, t0: float) -> bool:
-    """Relay lag per write, time to first token once; returns whether the first token is still ahead."""
-    m = edge.metrics
-    now = time.time()
-    if batch:  # one observation per write: its oldest event, the worst lag in it
-        m.relay_lag.observe(max(0.0, now - batch[0].ts))
-    if first and any(e.type == events.TOKEN for e in batch):
-        m.first_token.observe(now - t0)
-        return False
-    return first
-
-
-async def _queued_bytes(follower: Follower) -> bytes:
-    return sse.api_event(events.QUEUED, follower.last, {"position": await follower.queue_position()})
-
-
-def _shutdown_bytes(follower: Follower, native: bool) -> bytes:
-    """This API process is stopping: tell the client to resume elsewhere (the stream goes on)."""
-    if native:
-        return sse.reconnect(follower.last)
-    return openai_error("server_shutdown", "this API process is shutting down; resume with GET "
-                        f"/v1/streams/{follower.sid}?format=openai and Last-Event-ID: {follower.last}")
-
-
-def _local_error(follower: Follower, native: bool, exc: Exception) -> bytes:
-    """Redis failed, lost the stream, or the client's Last-Event-ID was past its end: end it with an
-    error, never silence (retryable as its class says: a bad id stays bad)."""
-    follower.finished = True
-    if isinstance(exc, TokenfanError):
-        code, message, retryable = exc.code, exc.message, exc.retryable
-    else:
-        code, message, retryable = "redis_unavailable", "Redis is unreachable; reconnect to resume", True
-    data = {"code": code, "message": message, "retryable": retryable}
-    if native:
-        return sse.api_event(events.ERROR, follower.last, data)
-    return openai_error(code, message)
+    return ChunkSurface(OpenAIWriter(sid, state.model, int(state.created), include_usage))
 
 
 Answer = Callable[[str, str, int, dict[int, str], events.Event, dict[int, list[Any]], dict[int, Calls]],

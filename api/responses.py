@@ -97,6 +97,7 @@ from tokenfan.api.auth import Principal
 from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.edge import Edge
 from tokenfan.api.openapi import EVENTS, OBJECT, responses_doc
+from tokenfan.api.relay import relay, sse_response
 from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_stream
 from tokenfan.shared import events, keys
 from tokenfan.shared.defaults import MAX_STREAM_ID_CHARS
@@ -801,7 +802,7 @@ async def create(edge: Edge, req: ResponsesRequest, who: Principal) -> Response:
         raise
     follower = Follower(edge, view.sid, 0, started.state, started.sub)
     if req.stream:
-        return _sse(edge, relay(edge, view, follower, -1, t0), view.sid)
+        return sse_response(edge, relay(edge, follower, ResponsesSurface(view, -1), t0=t0), view.sid)
     if req.background:
         await edge.hub.unsubscribe(started.sub)
         return JSONResponse(response_object(view, "queued", []))
@@ -839,9 +840,10 @@ async def retrieve(edge: Edge, rid: str, owner: str, stream: bool, after: int) -
     if after >= 0:
         edge.metrics.resumes.inc()
     if got.archived:  # nothing live to follow: the kept events are the whole response
-        return _sse(edge, _replay(got.view, logged, after), got.view.sid)
+        return sse_response(edge, _replay(got.view, logged, after), got.view.sid)
     follower = Follower(edge, got.view.sid, 0, got.state)
-    return _sse(edge, relay(edge, got.view, follower, after, time.time()), got.view.sid)
+    return sse_response(edge, relay(edge, follower, ResponsesSurface(got.view, after), t0=time.time()),
+                        got.view.sid)
 
 
 async def input_items(edge: Edge, rid: str, owner: str, order: str, limit: int, after: str | None
@@ -905,12 +907,6 @@ async def delete(edge: Edge, rid: str, owner: str) -> dict[str, Any]:
     return {"id": rid, "object": "response", "deleted": True}
 
 
-def _sse(edge: Edge, body: AsyncIterator[bytes], sid: str) -> sse.SSEResponse:
-    s = edge.settings
-    return sse.SSEResponse(body, ping_s=s.heartbeat_s, send_timeout_s=s.send_timeout_s, grace_s=s.shutdown_grace_s,
-                           headers={"X-Tokenfan-Stream-Id": sid})
-
-
 class _Written:
     """One streamed read: the stream rendered from its start, what is above `after` written."""
 
@@ -931,17 +927,6 @@ class _Written:
         return b"".join(out)
 
 
-def _observe(edge: Edge, batch: list[Event], first: bool, t0: float) -> bool:
-    """Relay lag per write, time to first token once; returns whether the first token is still ahead."""
-    now = time.time()
-    edge.metrics.relayed.inc(len(batch))
-    edge.metrics.relay_lag.observe(max(0.0, now - batch[0].ts))
-    if first and any(e.type == events.TOKEN for e in batch):
-        edge.metrics.first_token.observe(now - t0)
-        return False
-    return first
-
-
 async def _replay(view: View, logged: list[Event], after: int) -> AsyncIterator[bytes]:
     """The streamed read of a response kept past its log: its events rendered, what is above `after`."""
     data = _Written(view, after).frames(logged)
@@ -949,42 +934,38 @@ async def _replay(view: View, logged: list[Event], after: int) -> AsyncIterator[
         yield data
 
 
-async def relay(edge: Edge, view: View, follower: Follower, after: int, t0: float) -> AsyncIterator[bytes]:
-    """The body of a streamed response. sse-starlette ends it on a disconnect or a send timeout (a
-    cancel in an await, or GeneratorExit at a yield); the follower is closed here either way."""
-    m = edge.metrics
-    m.active.inc()
-    w = _Written(view, after)
-    first = after < 0
-    try:
-        async with aclosing(follower.batches()) as batches:
-            async for batch in batches:
-                data = b""
-                if batch:
-                    first = _observe(edge, batch, first, t0)
-                    data = w.frames(batch)
-                if follower.finished and w.top < after:  # it ended before the event the client claims to have
-                    data += local_error(w.top, "invalid_starting_after",
-                                        f"the response ended at event {w.top}, before starting_after {after}")
-                if edge.closing.is_set() and not follower.finished:
-                    follower.handed_off = True
-                    yield data + local_error(w.sent, "server_shutdown", "this API process is shutting down; resume "
-                                             f"with GET /v1/responses/{view.rid}?stream=true&starting_after={w.sent}")
-                    return
-                if data:
-                    yield data
-    except (TokenfanError, redis.RedisError) as exc:
-        follower.finished = True
+class ResponsesSurface:
+    """The Responses API's events on the relay (api/relay.py): the stream rendered from its start, what
+    is above `after` written; its own ends are `error` events numbered as the last event sent."""
+
+    reconnects = False
+
+    def __init__(self, view: View, after: int) -> None:
+        self.view = view
+        self.after = after
+        self.w = _Written(view, after)
+
+    def fresh(self, follower: Follower) -> bool:
+        return self.after < 0
+
+    def write(self, batch: list[Event], follower: Follower) -> bytes:
+        data = self.w.frames(batch)
+        if follower.finished and self.w.top < self.after:  # it ended before the event the client claims to have
+            data += local_error(self.w.top, "invalid_starting_after",
+                                f"the response ended at event {self.w.top}, before starting_after {self.after}")
+        return data
+
+    async def idle(self, follower: Follower) -> bytes:
+        return b""
+
+    def handoff(self, follower: Follower) -> bytes:
+        return local_error(self.w.sent, "server_shutdown", "this API process is shutting down; resume with GET "
+                           f"/v1/responses/{self.view.rid}?stream=true&starting_after={self.w.sent}")
+
+    def failed(self, follower: Follower, exc: TokenfanError | redis.RedisError) -> bytes:
         code, message = ((exc.code, exc.message) if isinstance(exc, TokenfanError) else
                          ("redis_unavailable", "Redis is unreachable; resume with starting_after"))
-        yield local_error(w.sent, code, message)
-    except (asyncio.CancelledError, GeneratorExit):
-        m.disconnects.inc()
-        raise
-    finally:
-        m.active.dec()
-        if not follower.finished and not follower.handed_off:
-            await follower.leave()
+        return local_error(self.w.sent, code, message)
 
 
 # --- the routes -----------------------------------------------------------------------------------
