@@ -78,7 +78,6 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import redis
-from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import (
     BaseModel,
@@ -94,9 +93,7 @@ from pydantic import (
 
 from tokenfan.api import sse
 from tokenfan.api.auth import Principal
-from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.edge import Edge
-from tokenfan.api.openapi import EVENTS, OBJECT, responses_doc
 from tokenfan.api.relay import relay, sse_response
 from tokenfan.api.streams import Follower, cancel_stream, seq_bound, start_stream
 from tokenfan.shared import events, keys
@@ -967,41 +964,3 @@ class ResponsesSurface:
                          ("redis_unavailable", "Redis is unreachable; resume with starting_after"))
         return local_error(self.w.sent, code, message)
 
-
-# --- the routes -----------------------------------------------------------------------------------
-
-def _flag(name: str, raw: str | None) -> bool:
-    if raw is None or raw in ("false", "0", ""):
-        return False
-    if raw in ("true", "1"):
-        return True
-    raise InvalidRequest(f"{name} must be true or false", code="invalid_value", param=name)
-
-
-def install(app: FastAPI) -> None:
-    @app.post("/v1/responses", response_model=None, responses=responses_doc({**OBJECT, **EVENTS}, 400, 404, 413, 429, 504))
-    async def create_response(req: ResponsesRequest, request: Request, who: Caller) -> Response:
-        return await create(edge_of(request), req, who)
-
-    @app.get("/v1/responses/{response_id}", response_model=None,
-             responses=responses_doc({**OBJECT, **EVENTS}, 400, 404))
-    async def retrieve_response(response_id: str, request: Request, who: Caller, stream: str | None = None,
-                                starting_after: str | None = None) -> Response:
-        edge = edge_of(request)
-        streamed = _flag("stream", stream)
-        after = parse_after(starting_after, request.headers.get("last-event-id"),
-                            (seq_bound(edge.settings) + 1) * SN_PER_EVENT)
-        return await retrieve(edge, response_id, who.owner, streamed, after)
-
-    @app.get("/v1/responses/{response_id}/input_items", responses=responses_doc(OBJECT, 400, 404))
-    async def list_input_items(response_id: str, request: Request, who: Caller, order: str = "desc",
-                               limit: int = INPUT_ITEMS_LIMIT, after: str | None = None) -> dict[str, Any]:
-        return await input_items(edge_of(request), response_id, who.owner, order, limit, after)
-
-    @app.post("/v1/responses/{response_id}/cancel", responses=responses_doc(OBJECT, 400, 404))
-    async def cancel_response(response_id: str, request: Request, who: Caller) -> dict[str, Any]:
-        return await cancel(edge_of(request), response_id, who.owner)
-
-    @app.delete("/v1/responses/{response_id}", responses=responses_doc(OBJECT, 404))
-    async def delete_response(response_id: str, request: Request, who: Caller) -> dict[str, Any]:
-        return await delete(edge_of(request), response_id, who.owner)
