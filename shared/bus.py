@@ -52,7 +52,7 @@ if #top > 0 then last = tonumber(string.match(top[1][1], '^(%%d+)')) end
 """
 
 # The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
-# with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
+# with (api/responses/record.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
 # (keys.response_log) when that outlives the log; a record without one goes with the log.
 PUBLISH_LUA = Template("""
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end

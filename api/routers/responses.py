@@ -1,4 +1,4 @@
-"""OpenAI's Responses API (`/v1/responses`): its routes; what they do is api/responses/."""
+"""OpenAI's Responses API (`/v1/responses`): its routes; what they do is api/responses/service.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from fastapi.responses import Response
 from tokenfan.api.bodies import CheckedBodyRoute
 from tokenfan.api.deps import Caller, edge_of
 from tokenfan.api.openapi import EVENTS, OBJECT, responses_doc
-from tokenfan.api.responses import (
+from tokenfan.api.responses.request import ResponsesRequest
+from tokenfan.api.responses.service import (
     INPUT_ITEMS_LIMIT,
     SN_PER_EVENT,
-    ResponsesRequest,
     cancel,
     create,
     delete,
