@@ -20,8 +20,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from tokenfan.api.app import create_app
-from tokenfan.api.routers import ROUTERS
 from tokenfan.api.metrics import ApiMetrics
+from tokenfan.api.routers import ROUTERS
 from tokenfan.shared import keys
 from tokenfan.shared.settings import ApiSettings
 from tokenfan.shared.state import JobOutcome
