@@ -1,5 +1,6 @@
 """The ops view: one snapshot of models, queues, workers, streams and errors,
-served as JSON, as a live SSE feed, and as the static page `/ops`.
+served as JSON, as a live SSE feed, and as the static page `/ops` (the
+routes are api/routers/ops.py).
 
 The feed is an sse-starlette response like the streams (api/sse.py), but it
 has nothing to hand over at shutdown: it ends as soon as the library sees

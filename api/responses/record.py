@@ -40,7 +40,6 @@ class Record(BaseModel):
     input_items: list[dict[str, Any]] = Field(default_factory=list)
 
 
-
 @dataclass(frozen=True, slots=True)
 class View:
     """One response: its ids and its record."""

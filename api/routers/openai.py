@@ -34,7 +34,6 @@ CHAT_DOC = {200: {"content": {"application/json": {"schema": {"type": "object"}}
             **errors_doc(400, 404, 413, 429, 504, 502, *COMMON_ERRORS)}
 
 
-
 @router.post("/v1/chat/completions", response_model=None, responses=CHAT_DOC)
 async def chat_completions(req: ChatRequest, request: Request, who: Caller) -> Response:
     t0 = time.time()
