@@ -302,7 +302,7 @@ class Follower:
         self.state = fresh
         caught_up = self._caught_up(await self.edge.bus.read_log(self.sid, self.last))
         if not caught_up and fresh.ended:  # ended, and nothing in its log after our id
-            raise self._ended_before(await self._last_seq())
+            raise self._ended_before(await self.edge.bus.last_seq(self.sid))
         if not caught_up and time.monotonic() - self._owner_checked >= LIVENESS_S:
             self._owner_checked = time.monotonic()
             await self._check_owner(fresh)
@@ -317,10 +317,6 @@ class Follower:
         elif state.status is StreamStatus.QUEUED and time.time() - state.created > JOB_LOST_AFTER_S:
             # a restart may have kept it but not its job
             await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
-
-    async def _last_seq(self) -> int:
-        last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)
-        return int(last[0][0].split(b"-")[0]) if last else 0
 
     def _ended_before(self, seq: int) -> InvalidRequest:
         """The stream ended at `seq`, at or before the client's id: it claimed events that never were."""

@@ -39,7 +39,7 @@ from tokenfan.shared.scripts import LAST_SEQ, STATE_NAMES, Script
 from tokenfan.shared.state import PublishResult, StreamState
 
 # The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
-# with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
+# with (api/responses/record.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
 # (keys.response_log) when that outlives the log; a record without one goes with the log. It ends the
 # lease (shared/leases.py) and expires the cancel flag and the viewer set with the log.
 PUBLISH = Script(
@@ -218,6 +218,11 @@ class AsyncBus:
         self.cfg = cfg
         self.leases = AsyncLeases(redis)
         self._publish = redis.register_script(PUBLISH.lua)
+        self._last_seq = redis.register_script(LAST_SEQ_SCRIPT.lua)
+
+    async def last_seq(self, stream_id: str) -> int:
+        """The seq of the log's last event (0: empty or gone), read as `SyncBus.last_seq` reads it."""
+        return int(await LAST_SEQ_SCRIPT.run(self._last_seq, stream_id))
 
     async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         start = f"({after}-0" if after else "-"
