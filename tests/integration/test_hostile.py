@@ -292,14 +292,14 @@ def test_docs_need_a_key_once_keys_exist_unless_public(cluster: Cluster, r: redi
 # --- 8. a request refused for concurrency counts toward rpm ---------------------------------------
 
 def test_a_request_refused_for_concurrency_uses_up_its_place_in_the_minute(cluster: Cluster, r: redis.Redis) -> None:
+    # The rate counts in minute windows. A run that straddles two of them proves nothing: it runs
+    # again with a key of its own (the sequence takes seconds, so a second straddle is all but
+    # impossible; a third attempt fails the test). The keys exist before the API starts.
+    tenants = [_add_key(r, f"five-a-minute-{attempt}", max_concurrent=2, rpm=5) for attempt in range(3)]
     api = cluster.api()
     cluster.worker(TOKENFAN_FAKE_RATE="5", TOKENFAN_FAKE_TOKENS="500")
     body = {**MSG, "max_tokens": 500}
-    # The rate counts in minute windows. A run that straddles two of them proves nothing: it runs
-    # again with a key of its own (the sequence takes seconds, so a second straddle is all but
-    # impossible; a third attempt fails the test).
-    for attempt in range(3):
-        key, owner = _add_key(r, f"five-a-minute-{attempt}", max_concurrent=2, rpm=5)
+    for key, owner in tenants:  # noqa: B007 (the owner of the run that counted is read below)
         minute = int(time.time() // 60)
 
         def post(key: str = key) -> httpx.Response:
