@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
 
 from tokenfan.shared import keys, registry
 from tokenfan.shared.defaults import API_ANNOUNCE_S, API_LIVE_S
@@ -47,18 +45,12 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 PATH = "/metrics/targets"
 
 
-def install(app: FastAPI) -> None:
-    @app.get(PATH, responses={200: {"content": {"application/json": {"schema": {"type": "array"}}}},
-                              **{s: {"description": "error, OpenAI's shape"} for s in (400, 401, 403, 503)}})
-    async def metrics_targets(request: Request, role: str | None = None) -> Response:
-        edge: Edge = request.app.state.edge
-        if await edge.auth.enabled():
-            await edge.auth.metrics_allowed(request)
-        if role is not None and role not in ROLES:
-            raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", code="invalid_value", param="role")
-        wanted = ROLES if role is None else (role,)
-        groups = [g for r in wanted for g in await (_apis(edge) if r == "api" else _workers(edge))]
-        return Response(orjson.dumps(groups), media_type="application/json")
+async def targets(edge: Edge, role: str | None) -> list[dict[str, Any]]:
+    """Every live process of `role` (None: both) as Prometheus' HTTP SD target groups."""
+    if role is not None and role not in ROLES:
+        raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", code="invalid_value", param="role")
+    wanted = ROLES if role is None else (role,)
+    return [g for r in wanted for g in await (_apis(edge) if r == "api" else _workers(edge))]
 
 
 def address(edge: Edge) -> str:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import secrets
 import socket
-import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -17,9 +16,9 @@ from tokenfan.api.admission import Admission
 from tokenfan.api.auth import Authenticator
 from tokenfan.api.hub import Hub, ShardedHub
 from tokenfan.api.metrics import ApiMetrics
-from tokenfan.shared import keys, registry
+from tokenfan.shared import registry, viewers
 from tokenfan.shared.bus import AsyncBus, BusConfig, SyncBus
-from tokenfan.shared.defaults import PARSE_THREADS, VIEWER_REFRESH_S, VIEWER_TTL_S
+from tokenfan.shared.defaults import PARSE_THREADS, VIEWER_REFRESH_S
 from tokenfan.shared.reaper import reap
 from tokenfan.shared.redisconn import async_client, sync_client
 from tokenfan.shared.settings import ApiSettings
@@ -99,10 +98,10 @@ class Edge:
             await asyncio.sleep(VIEWER_REFRESH_S)
             if not self.viewers:
                 continue
-            expiry = int((time.time() + VIEWER_TTL_S) * 1000)
+            expiry = viewers.expiry_ms()
             pipe = self.redis.pipeline(transaction=False)
             for sid, viewer in list(self.viewers):
-                pipe.zadd(keys.viewers(sid), {viewer: expiry})
+                viewers.queue_touch(pipe, sid, viewer, expiry)
             try:
                 await pipe.execute()
             except redis.RedisError as exc:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import orjson
 
 from tokenfan.api import sse
+from tokenfan.api.errors import openai_error_body
 from tokenfan.shared.events import Done, Error, Event, FinishReason, Meta, Token, ToolCallPiece
 
 
@@ -142,8 +143,7 @@ class Calls:
 
 def openai_error(code: str | None, message: str, seq: int | None = None) -> bytes:
     """How an OpenAI-format stream ends in error: an `error` object (OpenAI clients raise it), then [DONE]."""
-    err = {"error": {"message": message, "type": "server_error", "code": code, "param": None}}
-    return sse.data_frame(orjson.dumps(err), seq) + sse.DONE
+    return sse.data_frame(orjson.dumps(openai_error_body(message, "server_error", code)), seq) + sse.DONE
 
 
 def completion(stream_id: str, model: str, created: int, text: str, done: Done,

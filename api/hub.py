@@ -17,6 +17,11 @@ log, so a message published while disconnected is not lost. With Sentinel
 the address is the primary's as the Sentinels give it at each connect, and a
 `+switch-master` drops the connection at once (shared/redisconn.py says why
 waiting for the old primary to close it is not enough).
+
+One module past 400 lines on purpose: the wire (`_Wire`), the buffers
+(`Subscription`) and the supervisor (`Hub`) are one connection's state,
+each calling into the others, and `ShardedHub` is one `Hub` per Cluster
+shard; apart, each would reach into the others' internals.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import anyio
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenfan.api.errors import openai_error_body
 from tokenfan.shared.defaults import MAX_JSON_DEPTH
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -18,7 +19,7 @@ INLINE_JSON_BYTES = 64 * 1024
 
 def error_json(message: str, code: str, type: str = "invalid_request_error") -> bytes:
     """OpenAI's error body, for answers made below the app (its exception handlers are not reached)."""
-    return orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
+    return orjson.dumps(openai_error_body(message, type, code))
 
 
 class BodyLimit:

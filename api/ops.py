@@ -1,5 +1,6 @@
 """The ops view: one snapshot of models, queues, workers, streams and errors,
-served as JSON, as a live SSE feed, and as the static page `/ops`.
+served as JSON, as a live SSE feed, and as the static page `/ops` (the
+routes are api/routers/ops.py).
 
 The feed is an sse-starlette response like the streams (api/sse.py), but it
 has nothing to hand over at shutdown: it ends as soon as the library sees
@@ -13,14 +14,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 import redis
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
 from redis.asyncio import Redis as AsyncRedis
 
 from tokenfan.api import sse
@@ -42,45 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # The sampler's lease lasts this many feed intervals: a stopped sampler is replaced within it.
 SAMPLER_TTL_INTERVALS = 3
-STATIC = Path(__file__).parent / "static"
 
 
-def install(app: FastAPI) -> None:
-
-    @app.get("/ops", include_in_schema=False, response_model=None)
-    async def ops_page() -> Response:
-        return FileResponse(STATIC / "ops.html")
-
-    errors: dict[int | str, dict[str, Any]] = {s: {"description": "error, OpenAI's shape"} for s in (401, 403, 503)}
-
-    @app.get("/v1/ops/snapshot", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                                            **errors})
-    async def ops_snapshot(request: Request) -> Response:
-        await request.app.state.edge.auth.admin(request)
-        return Response(orjson.dumps(await snapshot(request.app.state.edge)), media_type="application/json")
-
-    @app.get("/v1/ops/history", include_in_schema=False)
-    async def ops_history(request: Request) -> Response:
-        """The charts' last 15 minutes; the feed's `snapshot` events carry each new sample."""
-        edge: Edge = request.app.state.edge
-        await edge.auth.admin(request)
-        raw = await edge.redis.lrange(keys.ops_history(), 0, -1)
-        samples = b",".join(reversed(raw))  # stored as JSON, newest first
-        body = b'{"interval_s":%s,"span_s":%s,"samples":[%s]}' % (
-            orjson.dumps(OPS_FEED_INTERVAL_S), orjson.dumps(OPS_HISTORY_S), samples)
-        return Response(body, media_type="application/json")
-
-    @app.get("/v1/ops/events", response_model=None, include_in_schema=False)
-    async def ops_events(request: Request) -> sse.SSEResponse:
-        edge: Edge = request.app.state.edge
-        await edge.auth.admin(request)
-        stop = anyio.Event()
-        return sse.SSEResponse(_feed(edge, stop), ping_s=edge.settings.heartbeat_s,
-                               send_timeout_s=edge.settings.send_timeout_s, grace_s=OPS_FEED_INTERVAL_S,
-                               shutdown_event=stop)
-
-
-async def _feed(edge: Edge, stop: anyio.Event) -> AsyncIterator[bytes]:
+async def feed(edge: Edge, stop: anyio.Event) -> AsyncIterator[bytes]:
     """A `snapshot` event a second until the server stops (sse-starlette sets `stop`)."""
     n = 0
     while not stop.is_set():

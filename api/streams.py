@@ -42,8 +42,8 @@ import redis
 from tokenfan.api.auth import Principal
 from tokenfan.api.edge import Edge
 from tokenfan.api.hub import Subscription
-from tokenfan.shared import events, keys
-from tokenfan.shared.defaults import JOB_LOST_AFTER_S, MAX_STREAM_ID_CHARS, SEQ_SLACK, VIEWER_TTL_S
+from tokenfan.shared import cancel, events, keys, viewers
+from tokenfan.shared.defaults import JOB_LOST_AFTER_S, MAX_STREAM_ID_CHARS, SEQ_SLACK
 from tokenfan.shared.errors import InvalidRequest, NotFound, Unavailable
 from tokenfan.shared.events import CancelReason, Done, Event, FinishReason
 from tokenfan.shared.jobs import enqueue
@@ -118,8 +118,7 @@ async def _create_state(edge: Edge, payload: JobPayload, owner: str, cancel_on_d
     )
     pipe = edge.redis.pipeline(transaction=False)
     state.create(pipe, sid, s.log_active_ttl_s)
-    pipe.zadd(keys.viewers(sid), {"created": int((time.time() + VIEWER_TTL_S) * 1000)})
-    pipe.expire(keys.viewers(sid), s.log_active_ttl_s)
+    viewers.queue_create(pipe, sid, s.log_active_ttl_s)
     pipe.zadd(keys.active(), {sid: int(payload.enqueued_at * 1000)})
     await pipe.execute()
     return state
@@ -140,7 +139,7 @@ async def cancel_stream(edge: Edge, sid: str, owner: str, reason: CancelReason =
     state = await load_state(edge, sid, owner)
     if state.status is StreamStatus.FINISHED:
         return StreamStatus.FINISHED.value
-    await edge.redis.set(keys.cancel(sid), reason, nx=True, ex=edge.settings.log_active_ttl_s)
+    await cancel.arequest(edge.redis, sid, reason, edge.settings.log_active_ttl_s)
     if state.status is StreamStatus.QUEUED:
         await _end_queued(edge, sid, reason)
     return "cancelling"
@@ -149,7 +148,7 @@ async def cancel_stream(edge: Edge, sid: str, owner: str, reason: CancelReason =
 async def _end_queued(edge: Edge, sid: str, reason: CancelReason) -> None:
     """A stream nobody generates yet is ended here; its job is skipped later."""
     owner = f"{edge.name}:cancel"
-    result, seq = await edge.bus.acquire(sid, owner, edge.settings.lease_ttl_s)
+    result, seq = await edge.bus.leases.claim_to_end(sid, owner, edge.settings.lease_ttl_s)
     if not result.claimed:  # claimed while "running" too: its worker's lease had lapsed
         return
     # the worker's constructor: no usage, no timings (no worker ever had it)
@@ -300,7 +299,7 @@ class Follower:
         self.state = fresh
         caught_up = self._caught_up(await self.edge.bus.read_log(self.sid, self.last))
         if not caught_up and fresh.ended:  # ended, and nothing in its log after our id
-            raise self._ended_before(await self._last_seq())
+            raise self._ended_before(await self.edge.bus.last_seq(self.sid))
         if not caught_up and time.monotonic() - self._owner_checked >= LIVENESS_S:
             self._owner_checked = time.monotonic()
             await self._check_owner(fresh)
@@ -309,21 +308,12 @@ class Follower:
     async def _check_owner(self, state: StreamState) -> None:
         """A silent stream must have someone on it: a running one a live lease, a handed-over one a
         deadline in the lease index. Otherwise the index gets the entry it lacks, and a reaper acts."""
-        r = self.edge.redis
-        if state.status is StreamStatus.RUNNING and not await r.exists(keys.lease(self.sid)):
-            if await r.zadd(keys.LEASES, {self.sid: int(time.time() * 1000)}, lt=True, ch=True):
-                log.warning("API %s: stream %s says running but has no lease and no due index entry; "
-                            "reaping it", self.edge.name, self.sid)
-        elif state.status is StreamStatus.QUEUED:
-            if state.attempt > 0:
-                deadline = int((time.time() + self.edge.settings.failover_wait_s) * 1000)
-                await r.zadd(keys.LEASES, {self.sid: deadline}, nx=True)
-            if time.time() - state.created > JOB_LOST_AFTER_S:  # a restart may have kept it but not its job
-                await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
-
-    async def _last_seq(self) -> int:
-        last = await self.edge.redis.xrevrange(keys.log(self.sid), "+", "-", count=1)
-        return int(last[0][0].split(b"-")[0]) if last else 0
+        if await self.edge.bus.leases.repair(self.sid, state, self.edge.settings.failover_wait_s):
+            log.warning("API %s: stream %s says running but has no lease and no due index entry; "
+                        "reaping it", self.edge.name, self.sid)
+        elif state.status is StreamStatus.QUEUED and time.time() - state.created > JOB_LOST_AFTER_S:
+            # a restart may have kept it but not its job
+            await asyncio.to_thread(requeue_lost, self.edge.sync_bus, self.edge.settings, self.sid)
 
     def _ended_before(self, seq: int) -> InvalidRequest:
         """The stream ended at `seq`, at or before the client's id: it claimed events that never were."""
@@ -336,8 +326,7 @@ class Follower:
         return max(0, self.state.ticket - int(served or 0) - 1)
 
     async def _touch_viewer(self) -> None:
-        expiry = int((time.time() + VIEWER_TTL_S) * 1000)
-        await self.edge.redis.zadd(keys.viewers(self.sid), {self.viewer: expiry})
+        await viewers.atouch(self.edge.redis, self.sid, self.viewer)
 
     async def leave(self) -> None:
         """The client went away: drop our viewer entry; maybe cancel."""
@@ -347,13 +336,10 @@ class Follower:
     async def _leave(self) -> None:
         try:
             r = self.edge.redis
-            # the placeholder made at creation covers only the wait for a first viewer
-            await r.zrem(keys.viewers(self.sid), self.viewer, "created")
+            await viewers.aleave(r, self.sid, self.viewer)
             if self.finished or not self.cancel_on_disconnect:
                 return
-            now_ms = int(time.time() * 1000)
-            if await r.zcount(keys.viewers(self.sid), now_ms, "+inf") == 0:
-                await r.set(keys.cancel(self.sid), CancelReason.DISCONNECT, nx=True,
-                            ex=self.edge.settings.log_active_ttl_s)
+            if await viewers.acount(r, self.sid) == 0:
+                await cancel.arequest(r, self.sid, CancelReason.DISCONNECT, self.edge.settings.log_active_ttl_s)
         except Exception as exc:  # the client is gone; nothing must escape a finally
             log.debug("API %s: leaving stream %s failed: %s", self.edge.name, self.sid, exc)

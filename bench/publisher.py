@@ -3,9 +3,9 @@
 A real worker serves one stream at a time, so a thousand concurrent
 streams would take a thousand worker processes on a two-core machine.
 This process does what those workers would do to Redis, through the same
-code: it takes each stream's lease with `SyncBus.acquire` (the stream was
+code: it takes each stream's lease with `Leases.claim` (the stream was
 created through the API, its RQ job removed by the bench), then writes
-every event with the worker's own publish script (`PUBLISH_LUA`, the keys
+every event with the worker's own publish script (`PUBLISH`, the keys
 and arguments of `SyncBus.publish`): `meta` and `disclosure`, tokens at a
 fixed rate per stream, then `done`.
 
@@ -30,7 +30,7 @@ import orjson
 
 from tokenfan.bench.client import emit
 from tokenfan.shared import defaults as d
-from tokenfan.shared.bus import PUBLISH_LUA, BusConfig, SyncBus, _publish_args
+from tokenfan.shared.bus import PUBLISH, BusConfig, SyncBus, _publish_args
 from tokenfan.shared.events import Disclosure, Done, Event, FinishReason, Meta, Timings, Token, Usage
 from tokenfan.shared.redisconn import sync_client
 
@@ -55,7 +55,7 @@ class Publisher:
         self.owner = f"{OWNER}-{job.get('index', 0)}"
         self.bus = SyncBus(sync_client(job["redis_url"]),
                            BusConfig(d.LOG_MAXLEN, d.LOG_ACTIVE_TTL_S, d.LOG_TTL_S))
-        self.sha = self.bus.redis.script_load(PUBLISH_LUA)
+        self.sha = self.bus.redis.script_load(PUBLISH.lua)
         self.seqs = dict.fromkeys(self.sids, 0)
         self.fenced = 0
         self.published = 0
@@ -64,7 +64,7 @@ class Publisher:
         """Take every lease and publish `meta` and `disclosure`; returns how many streams are ours."""
         mine = []
         for sid in self.sids:
-            status, seq = self.bus.acquire(sid, self.owner, LEASE_TTL_S, self.owner)
+            status, seq = self.bus.leases.claim(sid, self.owner, LEASE_TTL_S)
             if status.claimed:
                 mine.append(sid)
                 self.seqs[sid] = seq

@@ -1,9 +1,11 @@
-"""The Redis event bus: publish, log, lease, read back.
+"""The Redis event bus: publish, log, read back; the owner of a stream's log.
 
 Every write a worker makes for one event is one Lua script call, so the
 log append, the channel publish, the fencing check against the lease and
 the cancel check cost one round trip. Scripts touch only one stream's keys
-(one hash slot), so they run unchanged on Redis Cluster.
+(one hash slot), so they run unchanged on Redis Cluster; their keys and
+arguments are named (shared/scripts.py). The lease and the lease index are
+shared/leases.py's (`SyncBus.leases`, `AsyncBus.leases`).
 
 The log is a Redis Stream whose entry ids are `seq-0`: Redis itself refuses
 an id that does not grow, and "events after N" is `XRANGE log (N-0 +`.
@@ -14,8 +16,8 @@ a replica promoted with the last writes missing, cannot silently drop or
 double an event: an event already in the log is not written again (a retry
 after a lost reply), and one that would leave a hole is refused with GAP,
 upon which the worker re-sends from the log's end (docs/faults.md).
-`reclaim` lets the worker that was generating a stream take its lease back
-after such a restart, when nobody else has taken the stream on.
+`Leases.reclaim` lets the worker that was generating a stream take its
+lease back after such a restart, when nobody else has taken the stream on.
 """
 
 from __future__ import annotations
@@ -32,123 +34,55 @@ from redis.asyncio import Redis as AsyncRedis
 from tokenfan.shared import keys
 from tokenfan.shared.defaults import LOG_TTL_REFRESH_EVERY
 from tokenfan.shared.events import Event, decode
-from tokenfan.shared.state import AcquireResult, Field, PublishResult, StreamState, StreamStatus
-
-# The scripts are the only code that changes a stream's status: its field
-# names, status values and the replies they return come from shared/state.py.
-_NAMES = {
-    "status": Field.STATUS.value, "worker": Field.WORKER.value, "attempt": Field.ATTEMPT.value,
-    "queued": StreamStatus.QUEUED.value, "running": StreamStatus.RUNNING.value,
-    "finished": StreamStatus.FINISHED.value,
-    "missing": AcquireResult.MISSING.value, "taken": AcquireResult.TAKEN.value,
-    "fenced": int(PublishResult.FENCED), "gap": int(PublishResult.GAP), "refresh_every": LOG_TTL_REFRESH_EVERY,
-}
-
-# The log's last seq, as `last` (0 for an empty or missing log); KEYS[n] is the log.
-_LAST_SEQ = """
-local top = redis.call('XREVRANGE', KEYS[%d], '+', '-', 'COUNT', 1)
-local last = 0
-if #top > 0 then last = tonumber(string.match(top[1][1], '^(%%d+)')) end
-"""
+from tokenfan.shared.leases import AsyncLeases, Leases
+from tokenfan.shared.scripts import LAST_SEQ, STATE_NAMES, Script
+from tokenfan.shared.state import PublishResult, StreamState
 
 # The terminal event keeps a stored response's record (keys.response) for the `ttl_s` its JSON starts
-# with (api/responses.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
-# (keys.response_log) when that outlives the log; a record without one goes with the log.
-PUBLISH_LUA = Template("""
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return $fenced end
-""" + _LAST_SEQ % 1 + """
-local seq = tonumber(ARGV[2])
-if seq <= last then return redis.call('EXISTS', KEYS[5]) end
+# with (api/responses/record.py writes it first, from TOKENFAN_RESPONSE_TTL_S), and copies the log beside it
+# (keys.response_log) when that outlives the log; a record without one goes with the log. It ends the
+# lease (shared/leases.py) and expires the cancel flag and the viewer set with the log.
+PUBLISH = Script(
+    ("log", "channel", "lease", "state", "cancel", "viewers", "response", "response_log"),
+    ("owner", "seq", "event", "maxlen", "active_ttl_s", "terminal", "ttl_s", "sharded"),
+    Template("""
+if redis.call('GET', k_lease) ~= a_owner then return $fenced end
+""" + LAST_SEQ + """
+local seq = tonumber(a_seq)
+if seq <= last then return redis.call('EXISTS', k_cancel) end
 if seq > last + 1 then return $gap end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2] .. '-0', 'e', ARGV[3])
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[4], '$status', '$finished')
-  redis.call('DEL', KEYS[3])
-  for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[7]) end end
-  redis.call('EXPIRE', KEYS[6], ARGV[7])
-  local rec = redis.call('GET', KEYS[7])
+redis.call('XADD', k_log, 'MAXLEN', '~', a_maxlen, a_seq .. '-0', 'e', a_event)
+if a_terminal == '1' then
+  redis.call('HSET', k_state, '$status', '$finished')
+  redis.call('DEL', k_lease)
+  for _, k in ipairs({k_log, k_state, k_cancel, k_viewers}) do redis.call('EXPIRE', k, a_ttl_s) end
+  local rec = redis.call('GET', k_response)
   local kept = rec and tonumber(string.match(rec, '^{"ttl_s":(%d+)'))
   if kept and kept > 0 then
-    if kept > tonumber(ARGV[7]) then
-      redis.call('COPY', KEYS[1], KEYS[8], 'REPLACE')
-      redis.call('EXPIRE', KEYS[8], kept)
+    if kept > tonumber(a_ttl_s) then
+      redis.call('COPY', k_log, k_response_log, 'REPLACE')
+      redis.call('EXPIRE', k_response_log, kept)
     end
-    redis.call('EXPIRE', KEYS[7], kept)
+    redis.call('EXPIRE', k_response, kept)
   else
-    redis.call('EXPIRE', KEYS[7], ARGV[7])
+    redis.call('EXPIRE', k_response, a_ttl_s)
   end
-elseif tonumber(ARGV[2]) % $refresh_every == 1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+elseif tonumber(a_seq) % $refresh_every == 1 then
+  redis.call('EXPIRE', k_log, a_active_ttl_s)
 end
-if ARGV[8] == '1' then redis.call('SPUBLISH', KEYS[2], ARGV[3]) else redis.call('PUBLISH', KEYS[2], ARGV[3]) end
-return redis.call('EXISTS', KEYS[5])
-""").substitute(_NAMES)
+if a_sharded == '1' then redis.call('SPUBLISH', k_channel, a_event) else redis.call('PUBLISH', k_channel, a_event) end
+return redis.call('EXISTS', k_cancel)
+""").substitute(STATE_NAMES, fenced=int(PublishResult.FENCED), gap=int(PublishResult.GAP),
+                refresh_every=LOG_TTL_REFRESH_EVERY))
 
-# ARGV[4] and ARGV[5], a reaper's: claim only if the stream is still as the reaper saw it (that status
-# and attempt), so one that another reaper handed over a moment ago is not taken for one nobody took.
-ACQUIRE_LUA = Template("""
-local st = redis.call('HMGET', KEYS[2], '$status', '$attempt')
-local status = st[1]
-if not status then return {'$missing', 0} end
-if status == '$finished' then return {'$finished', 0} end
-if ARGV[4] and (status ~= ARGV[4] or (tonumber(st[2] or '0') or 0) ~= tonumber(ARGV[5])) then
-  return {'$taken', 0}
-end
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {'$taken', 0} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
-""" + _LAST_SEQ % 3 + """
-return {status, last}
-""").substitute(_NAMES)
+LAST_SEQ_SCRIPT = Script(("log",), (), LAST_SEQ + "return last")
 
-# The worker that was generating a stream takes its lease back (after Redis restarted, failed over, or
-# was out of reach past the lease): only while nobody else has taken the stream on, and only while the
-# log ends inside what this worker generated (ARGV[5] <= last seq <= ARGV[6]), so it can re-send the rest.
-# A stream still `queued` is ours only when its attempt is ours (the restart lost our claim, and our job
-# may be back in the queue: it will find the stream taken and skip it); one a reaper handed over is not,
-# even if no worker took it yet: once anyone has taken a worker for lost, it stays fenced. The log's
-# last seq comes back with every answer: `finished` with our terminal event in it is our own success.
-RECLAIM_LUA = Template("""
-""" + _LAST_SEQ % 3 + """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {'$taken', last} end
-local st = redis.call('HMGET', KEYS[2], '$status', '$worker', '$attempt')
-if not st[1] then return {'$missing', last} end
-if st[1] == '$finished' then return {'$finished', last} end
-local mine, attempt = tonumber(ARGV[4]), tonumber(st[3] or '0') or 0
-if not cur then
-  if st[1] == '$running' and (st[2] ~= ARGV[3] or attempt ~= mine) then return {'$taken', last} end
-  if st[1] == '$queued' and attempt ~= mine then return {'$taken', last} end
-end
--- a log past our last seq was written by someone else, unless we hold the lease already: then our
--- other thread (keeper or main loop) took it back first and sent on past the seq this caller read
-if last < tonumber(ARGV[5]) or (last > tonumber(ARGV[6]) and cur ~= ARGV[1]) then return {'$taken', last} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], '$status', '$running', '$worker', ARGV[3])
-return {st[1], last}
-""").substitute(_NAMES)
-
-LAST_SEQ_LUA = _LAST_SEQ % 1 + "return last"
-
-RENEW_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# Raise a model's served mark to `ticket` (never lower it).
+MAX_SET = Script(("queue_served",), ("ticket",), """
+local cur = tonumber(redis.call('GET', k_queue_served) or '0')
+if tonumber(a_ticket) > cur then redis.call('SET', k_queue_served, a_ticket) end
 return 1
-"""
-
-HANDBACK_LUA = Template("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], '$status', '$queued', '$worker', '', '$attempt', ARGV[2])
-return 1
-""").substitute(_NAMES)
-
-MAX_SET_LUA = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
-return 1
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,28 +95,11 @@ class BusConfig:
     sharded: bool = False
 
 
-def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[list[str], list[Any]]:
-    ks = [
-        keys.log(stream_id),
-        keys.channel(stream_id),
-        keys.lease(stream_id),
-        keys.state(stream_id),
-        keys.cancel(stream_id),
-        keys.viewers(stream_id),
-        keys.response(stream_id),
-        keys.response_log(stream_id),
-    ]
-    args = [
-        owner,
-        event.seq,
-        event.encode(),
-        cfg.log_maxlen,
-        cfg.log_active_ttl_s,
-        "1" if event.terminal else "0",
-        cfg.log_ttl_s,
-        "1" if cfg.sharded else "0",
-    ]
-    return ks, args
+def _publish_args(stream_id: str, owner: str, event: Event, cfg: BusConfig) -> tuple[tuple[str, ...], list[Any]]:
+    """The publish script's KEYS and ARGV for one event (bench/publisher.py sends them too)."""
+    return PUBLISH.keys_for(stream_id), PUBLISH.args_for(
+        owner=owner, seq=event.seq, event=event.encode(), maxlen=cfg.log_maxlen, active_ttl_s=cfg.log_active_ttl_s,
+        terminal="1" if event.terminal else "0", ttl_s=cfg.log_ttl_s, sharded="1" if cfg.sharded else "0")
 
 
 def _entries_to_events(entries: list[Any]) -> list[Event]:
@@ -194,18 +111,9 @@ def _entries_to_events(entries: list[Any]) -> list[Event]:
     return out
 
 
-def _as_str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _published(reply: Any) -> PublishResult:
     """The publish script's integer reply, as the enum (the one place it is converted)."""
     return PublishResult(int(reply))
-
-
-def _acquired(reply: Any) -> tuple[AcquireResult, int]:
-    status, seq = reply
-    return AcquireResult(_as_str(status)), int(seq)
 
 
 class SyncBus:
@@ -215,13 +123,10 @@ class SyncBus:
         self.redis = redis
         self.queue = queue if queue is not None else redis  # where RQ's queues live
         self.cfg = cfg
-        self._publish = redis.register_script(PUBLISH_LUA)
-        self._acquire = redis.register_script(ACQUIRE_LUA)
-        self._reclaim = redis.register_script(RECLAIM_LUA)
-        self._last_seq = redis.register_script(LAST_SEQ_LUA)
-        self._renew = redis.register_script(RENEW_LUA)
-        self._handback = redis.register_script(HANDBACK_LUA)
-        self._max_set = redis.register_script(MAX_SET_LUA)
+        self.leases = Leases(redis)
+        self._publish = redis.register_script(PUBLISH.lua)
+        self._last_seq = redis.register_script(LAST_SEQ_SCRIPT.lua)
+        self._max_set = redis.register_script(MAX_SET.lua)
         self._server: str | None = None  # what back_since() saw last: the run_id, when it came back, the
         self._back_at = float("-inf")  # last failure
         self._unreachable_at = float("-inf")
@@ -243,7 +148,7 @@ class SyncBus:
             ks, args = _publish_args(sid, owner, event, self.cfg)
             client = self.redis
             if hasattr(client, "get_node_from_key"):  # Redis Cluster: the node that owns the stream's slot
-                client = client.get_node_from_key(ks[0]).redis_connection
+                client = client.get_node_from_key(keys.log(sid)).redis_connection
             if id(client) not in pipes:
                 pipes[id(client)] = (client.pipeline(transaction=False), [])
             pipe, rows = pipes[id(client)]
@@ -254,16 +159,6 @@ class SyncBus:
                 replies[i] = reply
         return [self.publish(sid, owner, event) if isinstance(reply, Exception) else _published(reply)
                 for (sid, owner, event), reply in zip(items, replies, strict=True)]
-
-    def acquire(self, stream_id: str, owner: str, ttl_s: float, worker: str = "",
-                seen: StreamState | None = None) -> tuple[AcquireResult, int]:
-        """Claim the stream's lease (a reaper: only while its status and attempt are still those it
-        `seen`, else TAKEN); the result, and the last seq in its log."""
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        args: list[Any] = [owner, int(ttl_s * 1000), worker or owner]
-        if seen is not None:
-            args += [seen.status.value, seen.attempt]
-        return _acquired(self._acquire(keys=ks, args=args))
 
     def back_since(self, stall_s: float = math.inf) -> float:
         """How long Redis has answered this process without a break: seconds since its run_id changed
@@ -294,19 +189,9 @@ class SyncBus:
     def mark_unreachable(self) -> None:
         self._unreachable_at = time.monotonic()
 
-    def reclaim(self, stream_id: str, owner: str, ttl_s: float, worker: str, attempt: int, first: int,
-                last: int) -> tuple[AcquireResult, int]:
-        """Take back the lease of a stream this worker was generating (RECLAIM_LUA says when it may);
-        the result, and the log's last seq, from which the worker re-sends. The lease index entry is
-        written first, so a claim that lands is always one a reaper can find (never moved earlier: a
-        stream handed over keeps its deadline when the claim is refused)."""
-        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + ttl_s) * 1000)}, gt=True)
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        return _acquired(self._reclaim(keys=ks, args=[owner, int(ttl_s * 1000), worker, attempt, first, last]))
-
     def last_seq(self, stream_id: str) -> int:
         """The seq of the log's last event (0: empty or gone)."""
-        return int(self._last_seq(keys=[keys.log(stream_id)]))
+        return int(LAST_SEQ_SCRIPT.run(self._last_seq, stream_id))
 
     def server_id(self) -> str:
         """Which Redis process answers (its run_id): it changes when Redis restarts or fails over.
@@ -315,22 +200,8 @@ class SyncBus:
             return ""
         return str(self.redis.info("server").get("run_id", ""))
 
-    def renew(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        ok = self._renew(keys=[keys.lease(stream_id)], args=[owner, int(ttl_s * 1000)])
-        if ok:
-            self.set_deadline(stream_id, ttl_s)
-        return bool(ok)
-
-    def set_deadline(self, stream_id: str, seconds: float) -> None:
-        """When reapers should look at this stream again (the lease set's score)."""
-        self.redis.zadd(keys.LEASES, {stream_id: int((time.time() + seconds) * 1000)})
-
-    def handback(self, stream_id: str, owner: str, attempt: int) -> bool:
-        ks = [keys.lease(stream_id), keys.state(stream_id)]
-        return bool(self._handback(keys=ks, args=[owner, attempt]))
-
     def mark_served(self, model: str, ticket: int) -> None:
-        self._max_set(keys=[keys.queue_served(model)], args=[ticket])
+        MAX_SET.run(self._max_set, model, ticket=ticket)
 
     def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         return _entries_to_events(self.redis.xrange(keys.log(stream_id), f"({after}-0" if after else "-", "+"))
@@ -345,8 +216,13 @@ class AsyncBus:
     def __init__(self, redis: AsyncRedis, cfg: BusConfig) -> None:
         self.redis = redis
         self.cfg = cfg
-        self._acquire = redis.register_script(ACQUIRE_LUA)
-        self._publish = redis.register_script(PUBLISH_LUA)
+        self.leases = AsyncLeases(redis)
+        self._publish = redis.register_script(PUBLISH.lua)
+        self._last_seq = redis.register_script(LAST_SEQ_SCRIPT.lua)
+
+    async def last_seq(self, stream_id: str) -> int:
+        """The seq of the log's last event (0: empty or gone), read as `SyncBus.last_seq` reads it."""
+        return int(await LAST_SEQ_SCRIPT.run(self._last_seq, stream_id))
 
     async def read_log(self, stream_id: str, after: int = 0) -> list[Event]:
         start = f"({after}-0" if after else "-"
@@ -354,10 +230,6 @@ class AsyncBus:
 
     async def state(self, stream_id: str, *, with_request: bool = True) -> StreamState | None:
         return await StreamState.aload(self.redis, stream_id, with_request=with_request)
-
-    async def acquire(self, stream_id: str, owner: str, ttl_s: float) -> tuple[AcquireResult, int]:
-        ks = [keys.lease(stream_id), keys.state(stream_id), keys.log(stream_id)]
-        return _acquired(await self._acquire(keys=ks, args=[owner, int(ttl_s * 1000), owner]))
 
     async def publish(self, stream_id: str, owner: str, event: Event) -> PublishResult:
         ks, args = _publish_args(stream_id, owner, event, self.cfg)

@@ -149,6 +149,10 @@ MAX_STREAM_ID_CHARS = 64
 # A running stream's log TTL is refreshed once every this many events: often enough
 # that LOG_ACTIVE_TTL_S never lapses mid-stream, rarely enough to cost nothing per token.
 LOG_TTL_REFRESH_EVERY = 64
+# Streams whose script keys a process keeps built (shared/scripts.py): a worker publishes for a few
+# at a time and the bench's publisher for a few thousand; building them costs more per token than
+# the rest of the call's arguments together. A few MB at most.
+SCRIPT_KEYS_CACHED = 4096
 
 # Streams a reaper looks at per pass: bounded so one pass stays short.
 REAP_BATCH = 100

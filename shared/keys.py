@@ -43,7 +43,7 @@ def viewers(stream_id: str) -> str:
 
 
 def response(stream_id: str) -> str:
-    """The record of a Responses API response (api/responses.py): what it was asked with."""
+    """The record of a Responses API response (api/responses/record.py): what it was asked with."""
     return f"{stream_tag(stream_id)}:response"
 
 

@@ -10,18 +10,15 @@ times (each died or let the lease lapse while serving it; a hand-back on
 SIGTERM is not a loss) is a poison job: it would take the next worker down
 the same way, so it ends with a non-retryable `error` `poison_stream`.
 
-Reapers find streams through the lease index (`tf:leases`, stream id ->
-deadline). The index is a second record beside each stream's own state, so
-it is kept in an order that survives any crash: an entry is written before
-the claim it covers and removed only once its stream is finished, never
-between a claim and a hand-over. A Redis that restarts from an append-only
-file holds a prefix of what was written, so it holds the entry of every
-stream it says is running. What can still lose an entry (a rolled back
-cluster node, an eviction, a hand) is repaired by `sweep`: every
-`sweep_interval_s` one process walks the stream records and puts each
-running stream without a lease back into the index, due now (issue 16:
-a stream left `running` with no entry was never reaped), and enqueues
-again each queued stream whose job is gone (`requeue_lost`).
+Reapers find streams through the lease index, whose entries
+shared/leases.py keeps in an order that survives any crash (`cover` before
+a reaper's claim, `retire` only once a stream is finished). What can still
+lose an entry (a rolled back cluster node, an eviction, a hand) is
+repaired by `sweep`: every `sweep_interval_s` one process walks the stream
+records and puts each running stream without a lease back into the index,
+due now (issue 16: a stream left `running` with no entry was never
+reaped), and enqueues again each queued stream whose job is gone
+(`requeue_lost`).
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from tokenfan.shared import events, keys, registry
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.defaults import ERRORS_KEPT, JOB_LOST_AFTER_S, REAP_BATCH, SWEEP_SCAN_COUNT
 from tokenfan.shared.jobs import enqueue, stream_job_id
+from tokenfan.shared.leases import Leases
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import CommonSettings
 from tokenfan.shared.state import AcquireResult, PublishResult, StreamState, StreamStatus
@@ -55,8 +53,7 @@ def reap(bus: SyncBus, settings: CommonSettings, reaper: str) -> int:
             return 0  # Redis just came back: no lease could be renewed meanwhile, and their workers go first
         sweep(bus, settings, reaper)
         now_ms = int(time.time() * 1000)
-        due = bus.redis.zrangebyscore(keys.LEASES, 0, now_ms, start=0, num=REAP_BATCH)
-        return sum(reap_one(bus, settings, reaper, raw.decode()) for raw in due)
+        return sum(reap_one(bus, settings, reaper, sid) for sid in bus.leases.due(now_ms, REAP_BATCH))
     except redis.RedisError:
         bus.mark_unreachable()
         raise
@@ -74,18 +71,18 @@ def reap_one(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str) -> b
     False when it needs nothing (a live lease, finished, gone)."""
     state = bus.state(sid)  # read before the claim, which overwrites its worker
     now_ms = int(time.time() * 1000)
-    # the index entry before the claim (a no-op when the stream was found there): whatever this
+    # the index entry before the claim (kept when the stream was found there): whatever this
     # process does next, a claim it leaves behind is one the next reaper finds
-    bus.redis.zadd(keys.LEASES, {sid: now_ms + int(settings.lease_ttl_s * 1000)}, nx=True)
-    if state is not None and state.status is StreamStatus.QUEUED and (bus.redis.zscore(keys.LEASES, sid) or 0) > now_ms:
+    covered = bus.leases.cover(sid, settings.lease_ttl_s, now_ms)
+    if state is not None and state.status is StreamStatus.QUEUED and covered.deadline_ms > now_ms:
         return False  # handed over a moment ago (its deadline is ahead): not ours to end yet
     if bus.stalled(stall_limit(settings)):
         return False  # Redis paused in this pass: its leases may have lapsed under live workers
-    result, seq = bus.acquire(sid, reaper, settings.lease_ttl_s, seen=state)
+    result, seq = bus.leases.take_over(covered, reaper, settings.lease_ttl_s, seen=state)
     if result is AcquireResult.TAKEN:
         return False
     if not result.claimed or state is None:
-        bus.redis.zrem(keys.LEASES, sid)
+        bus.leases.retire(sid)
         return False
     if result is AcquireResult.QUEUED:  # handed over, but no worker took it in time
         msg = f"no worker took the stream over within {settings.failover_wait_s:g}s"
@@ -119,21 +116,21 @@ def _sweep_batch(bus: SyncBus, settings: CommonSettings, sids: list[str]) -> int
     pipe = bus.redis.pipeline(transaction=False)
     for sid in sids:
         StreamState.queue_summary(pipe, sid)
-        pipe.exists(keys.lease(sid))
-        pipe.zscore(keys.LEASES, sid)
+        Leases.queue_watch(pipe, sid)
     replies = pipe.execute()
     now = time.time()
-    lost: dict[str, int] = {}
+    lost: list[str] = []
     for i, sid in enumerate(sids):
-        state, leased, indexed = StreamState.parse_summary(replies[3 * i]), replies[3 * i + 1], replies[3 * i + 2]
+        summary, leased, indexed = replies[3 * i:3 * i + 3]
+        state = StreamState.parse_summary(summary)
         if state is None:
             continue
-        if state.status is StreamStatus.RUNNING and not leased and indexed is None:
-            lost[sid] = int(now * 1000)
+        if state.status is StreamStatus.RUNNING and Leases.unwatched(leased, indexed):
+            lost.append(sid)
         elif state.status is StreamStatus.QUEUED and now - state.created > JOB_LOST_AFTER_S:
             requeue_lost(bus, settings, sid)
     if lost:
-        bus.redis.zadd(keys.LEASES, lost, nx=True)
+        bus.leases.index_now(lost, int(now * 1000))
     return len(lost)
 
 
@@ -160,12 +157,11 @@ def requeue_lost(bus: SyncBus, settings: CommonSettings, sid: str) -> bool:
 def hand_over(bus: SyncBus, settings: CommonSettings, owner: str, payload: JobPayload) -> bool:
     """Put a stream back at the front of its queue for another worker to continue.
 
-    It stays in the lease set with a deadline: if no worker takes it within
+    It stays in the lease index with a deadline: if no worker takes it within
     `failover_wait_s`, a reaper ends it with an error instead of leaving it hanging.
     """
-    if not bus.handback(payload.stream_id, owner, payload.attempt):
+    if not bus.leases.hand_back(payload.stream_id, owner, payload.attempt, settings.failover_wait_s):
         return False
-    bus.set_deadline(payload.stream_id, settings.failover_wait_s)
     enqueue(bus.queue, payload, timeout_s=settings.job_timeout_s, at_front=True)
     return True
 
@@ -198,7 +194,7 @@ def end_with_error(bus: SyncBus, sid: str, owner: str, seq: int, code: str, mess
     result = bus.publish(sid, owner, events.Error(seq + 1, code, message, retryable))
     record_error(bus, sid, code, message)
     if result is not PublishResult.FENCED:
-        bus.redis.zrem(keys.LEASES, sid)  # finished: only now may its index entry go
+        bus.leases.retire(sid)  # finished: only now may its index entry go
     return result
 
 

@@ -22,8 +22,9 @@ from types import TracebackType
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.procs import LOG_DIR, wait_for
-from tokenfan.ops.embedded import free_port, stop_process
+from tokenfan.ops.embedded import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_TEMPLATE = ROOT / "ops/nginx/nginx.conf.template"

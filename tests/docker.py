@@ -32,14 +32,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tests.procs import LOG_DIR
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+# tests/procs.py's: this module runs on the standard library alone (`bases`, before the venv exists).
+LOG_DIR = ROOT / "test-artifacts" / "logs"
 STANDINS = Path(__file__).resolve().parent / "compose"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenfan-test"
 MIRROR = "http://deb.debian.org/debian"
@@ -59,6 +62,8 @@ IMAGES = {"api": f"tokenfan-api:{TAG}", "worker": f"tokenfan-worker:{TAG}"}
 # What the product's images COPY (the Dockerfiles' context, as .dockerignore leaves it).
 CONTEXT = ["pyproject.toml", "README.md", ".dockerignore", "shared", "api", "worker"]
 BUILD_TIMEOUT_S = 3600
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Unavailable(Exception):
@@ -361,11 +366,9 @@ def build(docker: Docker, image: str, context: Path, dockerfile: Path, args: dic
     """`docker build`, skipped where this image was built from exactly these inputs and is still
     there: a build that hits the layer cache still sends its whole context to the daemon (about
     30 s for the worker's, under vfs)."""
-    stamps_path = CACHE / "built.json"
-    stamps: dict[str, list[str]] = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
     inputs = _inputs(docker, context, dockerfile, args)
     current = image_id(docker, image)
-    if current and stamps.get(image) == [inputs, current]:
+    if current and _stamps().get(image) == [inputs, current]:
         docker.timings[f"build {image}"] = 0.0
         return
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -379,24 +382,51 @@ def build(docker: Docker, image: str, context: Path, dockerfile: Path, args: dic
     if out.returncode != 0:
         raise AssertionError(f"building {image} failed; see {log_path}:\n{(out.stdout + out.stderr)[-3000:]}")
     docker.timings[f"build {image}"] = time.monotonic() - t0
-    stamps[image] = [inputs, image_id(docker, image)]
-    stamps_path.write_text(json.dumps(stamps, indent=1))
+    built = image_id(docker, image)
+    with _STAMPS_LOCK:  # builds run side by side (prepare)
+        stamps = _stamps()
+        stamps[image] = [inputs, built]
+        (CACHE / "built.json").write_text(json.dumps(stamps, indent=1))
+
+
+_STAMPS_LOCK = threading.Lock()
+
+
+def _stamps() -> dict[str, list[str]]:
+    path = CACHE / "built.json"
+    found: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
+    return found
 
 
 def prepare(docker: Docker) -> dict[str, str]:
     """Every image the compose test runs, built (from the layer cache where nothing changed);
     returns compose.yaml's image variables for them."""
-    bases = {which: base_image(docker, which) for which in BASES}
+    bases = base_images(docker)
     house = wheelhouse(docker, bases["python"])
     ctx = build_context(house)
     pip = {"PYTHON_IMAGE": bases["python"], "PIP_NO_INDEX": "1"}
-    build(docker, IMAGES["api"], ctx, ctx / "ops/docker/Dockerfile.api", pip)
-    build(docker, IMAGES["worker"], ctx, ctx / "ops/docker/Dockerfile.worker", pip)
+    # Side by side: the worker's compile of llama.cpp takes minutes on its own, while the other builds
+    # mostly wait on apt and the disk.
+    jobs = [(IMAGES["worker"], ctx, ctx / "ops/docker/Dockerfile.worker", pip),
+            (IMAGES["api"], ctx, ctx / "ops/docker/Dockerfile.api", pip)]
     variables = {"TOKENFAN_TAG": TAG}
     for var, image, dockerfile, base in STANDIN_IMAGES:
-        build(docker, image, STANDINS, STANDINS / dockerfile, {"BASE_IMAGE": bases[base]})
+        jobs.append((image, STANDINS, STANDINS / dockerfile, {"BASE_IMAGE": bases[base]}))
         variables[var] = image
+    _all(lambda job: build(docker, *job), jobs)
     return variables
+
+
+def base_images(docker: Docker) -> dict[str, str]:
+    """Every base image, the debootstraps side by side (they wait on the mirror and the disk)."""
+    return dict(zip(BASES, _all(lambda which: base_image(docker, which), list(BASES)), strict=True))
+
+
+def _all(fn: Callable[[T], R], args: list[T]) -> list[R]:
+    """`fn` over `args` in threads; the first failure is raised once every call has ended."""
+    with ThreadPoolExecutor(max_workers=len(args)) as pool:
+        futures = [pool.submit(fn, a) for a in args]
+    return [f.result() for f in futures]
 
 
 def image_size_mb(docker: Docker, image: str) -> float:
@@ -404,12 +434,16 @@ def image_size_mb(docker: Docker, image: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    if argv != ["prepare"]:
-        print("usage: python3 -m tests.docker prepare", file=sys.stderr)
+    if argv not in (["prepare"], ["bases"]):
+        print("usage: python3 -m tests.docker prepare|bases", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     try:
         with daemon() as docker:
+            if argv == ["bases"]:  # the standard library alone: scripts/test runs it while pip installs
+                base_images(docker)
+                log(f"base images ready in {time.monotonic() - t0:.0f} s")
+                return 0
             prepare(docker)
             for what, seconds in docker.timings.items():
                 log(f"{what}: {seconds:.0f} s")

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.ports import free_port
 from tests.procs import SSE, sse_events
-from tokenfan.ops.embedded import EmbeddedRedis, free_port
+from tokenfan.ops.embedded import EmbeddedRedis
 
 AOF_DIR = "appendonlydir"
 # How long a client waits before it reconnects (EventSource's default `retry` is a few seconds;

@@ -4,6 +4,7 @@ of tests/node/ that prints what it got as JSON."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -28,10 +29,14 @@ def node_modules() -> Path:
         pytest.skip("Node.js and npm are not installed")
     modules = CACHE / "node_modules"
     manifest = modules / "openai" / "package.json"
-    if not manifest.exists() or json.loads(manifest.read_text())["version"] != OPENAI_NODE:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", "--no-save",
-                        f"openai@{OPENAI_NODE}"], check=True, timeout=INSTALL_TIMEOUT_S, capture_output=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # One install at a time: parallel pytest workers share the cache, and two npm runs in one prefix
+    # corrupt it. A worker that waited finds it done.
+    with (CACHE / "install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.exists() or json.loads(manifest.read_text())["version"] != OPENAI_NODE:
+            subprocess.run(["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", "--no-save",
+                            f"openai@{OPENAI_NODE}"], check=True, timeout=INSTALL_TIMEOUT_S, capture_output=True)
     return modules
 
 

@@ -10,6 +10,7 @@ multi-host test (tests/netns.py) runs each tier on a host of its own.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,8 @@ import pytest
 import redis
 from httpx_sse import EventSource, ServerSentEvent
 
-from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
+from tests.ports import free_port
+from tokenfan.ops.embedded import find_redis_server, stop_process
 from tokenfan.shared import keys
 from tokenfan.shared.jobs import queue
 from tokenfan.shared.redisconn import sync_client
@@ -34,6 +36,12 @@ from tokenfan.shared.state import StreamState, StreamStatus
 from tokenfan.worker.engines import fake_tokens
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
+
+
+def log_name(request: pytest.FixtureRequest) -> str:
+    """A test's name for its log files, unique across modules (parallel workers write side by side)."""
+    module = Path(str(request.node.path)).stem
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{module}.{request.node.name}")
 
 
 def stream_status(r: redis.Redis, sid: str) -> StreamStatus | None:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.deploy import NGINX_TEMPLATE, PROMETHEUS_RULES, PROMETHEUS_TEMPLATE, Nginx, binary, render, variables
-from tokenfan.ops.embedded import free_port
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"

@@ -31,7 +31,7 @@ def test_ruff_is_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.procs  # mypy in a process of its own: half a minute
 def test_mypy_strict_is_clean() -> None:
     proc = habits.run_mypy()
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ over is fenced.
 
 A lease that could not be renewed (Redis was unreachable past its TTL, or
 restarted without it) is taken back when nobody else took the stream on
-(`SyncBus.reclaim`); only when that is refused is the stream lost.
+(`Leases.reclaim`); only when that is refused is the stream lost.
 
 It also holds the events of streams that finished in the last
 `DURABLE_AFTER_S` (`hold`): when Redis answers with another run_id than
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from tokenfan.shared import keys, registry
+from tokenfan.shared import cancel, registry, viewers
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.defaults import DURABLE_AFTER_S
 from tokenfan.shared.events import CancelReason, Event
@@ -192,8 +192,8 @@ class Keeper(threading.Thread):
 
     def _resend(self, h: Held) -> None:
         """Send again what Redis lost of a finished stream (its end included), if it is still ours."""
-        result, last = self.bus.reclaim(h.stream_id, self.worker, self.settings.lease_ttl_s, self.worker,
-                                        h.attempt, h.base, h.last)
+        result, last = self.bus.leases.reclaim(h.stream_id, self.worker, self.settings.lease_ttl_s, self.worker,
+                                               h.attempt, h.base, h.last)
         if result is AcquireResult.FINISHED and last >= h.last:
             return
         if not result.claimed:
@@ -205,7 +205,7 @@ class Keeper(threading.Thread):
         for ev in h.history[last - h.base:]:
             if self.bus.publish(h.stream_id, self.worker, ev) in (PublishResult.FENCED, PublishResult.GAP):
                 return
-        self.bus.redis.zrem(keys.LEASES, h.stream_id)
+        self.bus.leases.retire(h.stream_id)  # its terminal event is in again
 
     def beat(self) -> None:
         streams = list(self.watches)
@@ -218,27 +218,28 @@ class Keeper(threading.Thread):
         ))
 
     def _renew(self, watch: Watch) -> None:
-        if not self.bus.renew(watch.stream_id, watch.owner, self.settings.lease_ttl_s) and not self._reclaim(watch):
+        renewed = self.bus.leases.renew(watch.stream_id, watch.owner, self.settings.lease_ttl_s)
+        if not renewed and not self._reclaim(watch):
             watch.lost = True
             return
         r = self.bus.redis
         now = time.time()
         pipe = r.pipeline(transaction=False)
-        pipe.get(keys.cancel(watch.stream_id))
-        pipe.zcount(keys.viewers(watch.stream_id), int(now * 1000), "+inf")
-        reason, viewers = pipe.execute()
+        cancel.queue_reason(pipe, watch.stream_id)
+        viewers.queue_count(pipe, watch.stream_id, now)
+        reason, watching = pipe.execute()
         if reason:
-            watch.cancel = CancelReason.of_flag(reason)
-        elif viewers:
+            watch.cancel = cancel.parse_reason(reason)
+        elif watching:
             watch.no_viewer_since = now
         elif now - watch.no_viewer_since >= self.settings.abandon_grace_s:
-            r.set(keys.cancel(watch.stream_id), CancelReason.ABANDONED, nx=True, ex=self.settings.log_active_ttl_s)
+            cancel.request(r, watch.stream_id, CancelReason.ABANDONED, self.settings.log_active_ttl_s)
             watch.cancel = CancelReason.ABANDONED
 
     def _reclaim(self, watch: Watch) -> bool:
         """Our lease lapsed or Redis lost it: take it back unless the stream went on without us."""
-        result, last = self.bus.reclaim(watch.stream_id, watch.owner, self.settings.lease_ttl_s, self.worker,
-                                        watch.attempt, watch.base, watch.last)
+        result, last = self.bus.leases.reclaim(watch.stream_id, watch.owner, self.settings.lease_ttl_s,
+                                               self.worker, watch.attempt, watch.base, watch.last)
         if result.claimed:
             log.warning("Worker %s: took back the lease of stream %s (its log ends at %d)", self.worker,
                         watch.stream_id, last)

@@ -19,14 +19,14 @@ says the log lacks events before this one (GAP: Redis restarted from an
 append-only file without its last second, or a replica took over without
 the last writes), or that our lease is gone (FENCED: it lapsed while Redis
 was away, or the restart lost it), makes the stream `resync`: take the
-lease back if nobody else took the stream on (`SyncBus.reclaim`), and send
+lease back if nobody else took the stream on (`Leases.reclaim`), and send
 again from the log's last seq. A stream's job ends once its terminal event
 is confirmed (`settled`); the keeper then holds its history for
 `DURABLE_AFTER_S`, in case Redis restarts without it (worker/keeper.py).
 
 What does write to Redis here:
 `Runner.reject` (claims an invalid job's stream and publishes its `error`
-directly), `StreamJob.resync` (takes the lease back: `SyncBus.reclaim`),
+directly), `StreamJob.resync` (takes the lease back: `Leases.reclaim`),
 `StreamJob.mark_served` (the queue's served mark), `StreamJob.hand_back`
 (hands the stream back to the queue: `hand_over`) and `StreamJob.settle`
 (the error record, the stream's active and lease index entries).
@@ -48,7 +48,7 @@ import redis
 from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
-from tokenfan.shared import events, keys, tools
+from tokenfan.shared import cancel, events, keys, tools
 from tokenfan.shared.bus import SyncBus
 from tokenfan.shared.errors import ContextLengthExceeded, InvalidRequest, TokenfanError
 from tokenfan.shared.events import (
@@ -64,6 +64,7 @@ from tokenfan.shared.events import (
     ToolCallPiece,
     Usage,
 )
+from tokenfan.shared.leases import Leases
 from tokenfan.shared.reaper import hand_over, record_error
 from tokenfan.shared.schema import JobPayload
 from tokenfan.shared.settings import WorkerSettings
@@ -102,7 +103,7 @@ class Runner:
         log.error("Worker %s: rejected an invalid job for stream %r: %s", self.name, sid, exc.errors()[:3])
         if not isinstance(sid, str) or not sid.replace("-", "").replace("_", "").isalnum() or len(sid) > 64:
             return
-        result, seq = self.bus.acquire(sid, self.name, self.settings.lease_ttl_s, self.name)
+        result, seq = self.bus.leases.claim_to_end(sid, self.name, self.settings.lease_ttl_s)
         if result.claimed:
             msg = "the job's payload is not valid; it was not executed"
             self.bus.publish(sid, self.name, Error(seq + 1, "invalid_job", msg, False))
@@ -184,8 +185,8 @@ class StreamJob:
     def resync(self) -> None:
         """Redis lost our lease or the log's end: take the stream back and send again from the log's end."""
         r = self.r
-        result, last = r.bus.reclaim(self.sid, r.name, r.settings.lease_ttl_s, r.name, self.p.attempt,
-                                     self.base, self.seq)
+        result, last = r.bus.leases.reclaim(self.sid, r.name, r.settings.lease_ttl_s, r.name, self.p.attempt,
+                                            self.base, self.seq)
         if result is AcquireResult.FINISHED and self.outcome is not None and last == self.seq:
             self.confirmed = self.seq  # our terminal event is in: the reply to it was lost
             return
@@ -399,7 +400,8 @@ class StreamJob:
     def _cancel_reason(self) -> CancelReason:
         if self.watch.cancel is not None:
             return self.watch.cancel
-        return CancelReason.of_flag(self.r.bus.redis.get(keys.cancel(self.sid)))
+        got = cancel.reason(self.r.bus.redis, self.sid)
+        return CancelReason.CLIENT if got is None else got
 
     def finish(self, reason: FinishReason) -> None:
         """Queue the `done` event (once); the job ends when Redis confirms it."""
@@ -422,7 +424,7 @@ class StreamJob:
                 record_error(bus, self.sid, *self.error)
             pipe = bus.redis.pipeline(transaction=False)
             pipe.zrem(keys.active(), self.sid)
-            pipe.zrem(keys.LEASES, self.sid)
+            Leases.queue_retire(pipe, self.sid)
             pipe.execute()
         except redis.RedisError:
             log.warning("Worker %s: could not clear the records of finished stream %s", self.r.name, self.sid)

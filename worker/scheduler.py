@@ -203,9 +203,7 @@ class Scheduler:
         sid = payload.stream_id
         if sid in self.active:  # a second job for a stream this worker serves
             return JobOutcome.SKIPPED_TAKEN
-        # The lease index entry before the claim: a claim that lands is always one a reaper can find.
-        self.r.bus.set_deadline(sid, self.r.settings.lease_ttl_s)
-        result, seq = self.r.bus.acquire(sid, self.r.name, self.r.settings.lease_ttl_s, self.r.name)
+        result, seq = self.r.bus.leases.claim(sid, self.r.name, self.r.settings.lease_ttl_s)
         if not result.claimed:
             log.info("Worker %s: stream %s is %s; skipping its job", self.r.name, sid, result)
             return JobOutcome.skipped(result)

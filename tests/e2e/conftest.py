@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import signal
 import time
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.procs import Cluster, Proc, wait_for
+from tests.procs import Cluster, Proc, log_name, wait_for
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Playwright
@@ -96,7 +95,7 @@ def page(browser: Browser, page_log: PageLog, request: pytest.FixtureRequest) ->
     if rep is not None and rep.failed:
         out = ARTIFACTS / "e2e"
         out.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+        name = log_name(request)
         try:
             pg.screenshot(path=str(out / f"{name}.png"), full_page=True)
         except Exception:  # the page may be gone; the failure itself matters more

@@ -28,8 +28,8 @@ import httpx
 import pytest
 
 from tests import docker as dk
+from tests.ports import free_port
 from tests.procs import LOG_DIR, SSE, assert_whole, create_stream, read_stream, sse_events, token_text, wait_for
-from tokenfan.ops.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["redis", "api", "proxy", "worker-cpu", "prometheus"]
@@ -128,6 +128,8 @@ class Stack:
                   if n.startswith(f"{self.project}_")]
         return found
 
+
+pytestmark = pytest.mark.docker
 
 @pytest.fixture(scope="module")
 def docker() -> Iterator[dk.Docker]:

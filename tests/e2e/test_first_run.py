@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from tests.integration.test_ops_cli import Output, _as_in_a_terminal
+from tests.ports import free_port
 from tests.procs import wait_for
-from tokenfan.ops.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # pip's own wait for a cold build of llama-cpp-python (about 4 minutes here) and everything else: a hang guard.
@@ -47,7 +47,7 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.model
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
 def test_pip_install_then_tokenfan_up_answers_a_chat_and_stops_on_ctrl_c(tmp_path: Path) -> None:

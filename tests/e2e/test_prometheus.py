@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from tests.deploy import PROMETHEUS_RULES, Prometheus
+from tests.ports import free_port
 from tests.procs import Cluster, Proc, create_stream, read_stream, wait_for
-from tokenfan.ops.embedded import free_port
 from tokenfan.shared.apikeys import make_record
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "ops/grafana/dashboards"

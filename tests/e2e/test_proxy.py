@@ -230,7 +230,7 @@ def test_a_body_over_the_limit_gets_nginx_s_413(stack: Stack) -> None:
     assert "x-request-id" in resp.headers, "the replica answered"
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_a_slow_body_is_cut_off_by_nginx(stack: Stack) -> None:
     """client_body_timeout: a body that stops arriving ends with nginx's 408 in its log, the
     connection closed, and no replica ever sees the request."""

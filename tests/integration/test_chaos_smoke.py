@@ -20,7 +20,7 @@ FAULTS = ["worker-kill", "worker-term", "api-kill", "api-term", "redis-restart"]
 DURATION_S = 45
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_chaos_soak_smoke(tmp_path: Path) -> None:
     js = tmp_path / "results.json"

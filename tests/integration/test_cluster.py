@@ -14,9 +14,10 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 
 from tests.integration.test_hub import until
+from tests.ports import free_port
 from tests.procs import Cluster, create_stream, logged, read_stream, wait_for
 from tokenfan.api.hub import ShardedHub
-from tokenfan.ops.embedded import EmbeddedRedis, find_redis_server, free_port
+from tokenfan.ops.embedded import EmbeddedRedis, find_redis_server
 from tokenfan.shared import keys
 from tokenfan.worker.engines import fake_tokens
 

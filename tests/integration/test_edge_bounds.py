@@ -12,8 +12,9 @@ import httpx
 
 from tests import hostile
 from tests.integration.test_ops_cli import clean_env
+from tests.ports import free_port
 from tests.procs import Cluster, create_stream, read_stream
-from tokenfan.ops.embedded import EmbeddedRedis, free_port
+from tokenfan.ops.embedded import EmbeddedRedis
 from tokenfan.shared import apikeys
 from tokenfan.shared.defaults import MAX_HEADER_BYTES
 

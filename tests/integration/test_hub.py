@@ -154,13 +154,13 @@ async def test_reconnects_after_restart_and_marks_gaps(servers: Callable[..., Em
 async def test_subscribe_while_redis_is_down_is_unavailable(monkeypatch: pytest.MonkeyPatch,
                                                             servers: Callable[..., EmbeddedRedis]) -> None:
     monkeypatch.setattr(hubmod, "SUBSCRIBE_TIMEOUT_S", 0.5)
+    # A refused connection does not hold the API's start-up for the whole connect timeout: made longer
+    # than the test's own timeout, a start-up that waited it out fails the test (no clock bound here).
+    monkeypatch.setattr(hubmod, "CONNECT_TIMEOUT_S", 3600.0)
     down = servers()
     port = down.port
     down.stop()  # a port where nothing answers
-    began = time.monotonic()
     async with hub_on(f"redis://127.0.0.1:{port}/0") as (hub, client):
-        # A refused connection does not hold the API's start-up for the whole connect timeout.
-        assert time.monotonic() - began < hubmod.CONNECT_TIMEOUT_S / 2
         with pytest.raises(Unavailable):
             await hub.subscribe(keys.channel("test-down"))
         assert hub.subscriptions() == []

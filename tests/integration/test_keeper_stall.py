@@ -27,7 +27,7 @@ def keeper(r: redis.Redis, redis_url: str) -> Iterator[Keeper]:
     bus = SyncBus(client, BusConfig(d.LOG_MAXLEN, d.LOG_ACTIVE_TTL_S, d.LOG_TTL_S))
     settings = WorkerSettings(redis_url=redis_url, loop_stall_s=STALL_S, lease_ttl_s=LEASE_S)
     StreamState(model=settings.model, owner="k", ticket=1, request=b"{}").create(client, "s1", d.LOG_ACTIVE_TTL_S)
-    assert bus.acquire("s1", "w1", LEASE_S, "w1") == (AcquireResult.QUEUED, 0)
+    assert bus.leases.claim("s1", "w1", LEASE_S) == (AcquireResult.QUEUED, 0)
     yield Keeper(bus, settings, "w1", WorkerMetrics(settings.model))
     client.close()
 

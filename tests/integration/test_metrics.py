@@ -12,8 +12,8 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import free_port
 from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, read_stream, sse_events, wait_for
-from tokenfan.ops.embedded import free_port
 
 MODEL = "smollm2"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

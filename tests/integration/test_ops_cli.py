@@ -16,8 +16,9 @@ import psutil
 import pytest
 import redis
 
+from tests.ports import free_port
 from tests.procs import Cluster, create_stream, expected_text, wait_for
-from tokenfan.ops.embedded import free_port, stop_process
+from tokenfan.ops.embedded import stop_process
 from tokenfan.shared import keys
 
 MODEL = "smollm2"

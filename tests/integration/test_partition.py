@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 import redis
 
 from tests import netns
-from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, logged, sse_events, wait_for
+from tests.procs import SSE, Cluster, Proc, create_stream, expected_text, log_name, logged, sse_events, wait_for
 from tokenfan.shared import keys, registry
 from tokenfan.shared.events import Event, Token, decode
 from tokenfan.shared.state import StreamState
@@ -58,7 +57,7 @@ def net() -> Iterator[netns.Network]:
 @pytest.fixture
 def hosts(net: netns.Network, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A cluster whose Redis, APIs and workers each run on their own host (the test starts the latter)."""
-    c = Cluster("", env=dict(ENV), test_name=re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
+    c = Cluster("", env=dict(ENV), test_name=log_name(request))
     try:
         c.redis_url = c.redis_server(net.host("redis")).redis_url
         yield c
@@ -117,7 +116,7 @@ def _idle_and_live(r: redis.Redis, w: Proc) -> bool:
 LONG_CUT_S = 30.0
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("hold_s", [0.0, LONG_CUT_S], ids=["blip", "long"])
 def test_partitioned_worker_streams_go_on_elsewhere_fenced_and_it_rejoins(

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.ports import free_port
 from tests.procs import Cluster, create_stream, logged, read_stream, wait_for
-from tokenfan.ops.embedded import find_redis_server, free_port
+from tokenfan.ops.embedded import find_redis_server
 
 PASSWORD = "s3cret-Pa55word-never-logged"
 

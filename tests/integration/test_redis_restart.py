@@ -222,7 +222,7 @@ def _running(bus: SyncBus, worker: str = "w1") -> None:
     payload = JobPayload(stream_id=SID, model="m", messages=[JobMessage(role="user", content="hi")], max_tokens=5,
                          enqueued_at=time.time())
     StreamState(model="m", owner="k", request=orjson.dumps(payload.dump())).create(bus.redis, SID, 3600)
-    assert bus.acquire(SID, worker, 5.0, worker)[0] is AcquireResult.QUEUED
+    assert bus.leases.claim(SID, worker, 5.0)[0] is AcquireResult.QUEUED
 
 
 def _tok(seq: int) -> events.Token:
@@ -242,11 +242,11 @@ def test_reclaim_takes_back_only_a_stream_nobody_else_took_on(bus: SyncBus) -> N
     for n in (1, 2, 3):
         bus.publish(SID, "w1", _tok(n))
     bus.redis.delete(keys.lease(SID))  # lapsed while Redis was away
-    assert bus.reclaim(SID, "w1", 5.0, "w1", 0, 0, 2) == (AcquireResult.TAKEN, 3)  # the log has more than ours
-    assert bus.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9) == (AcquireResult.TAKEN, 3)  # not w2's stream
-    assert bus.reclaim(SID, "w1", 5.0, "w1", 0, 0, 9) == (AcquireResult.RUNNING, 3)  # ours: re-send from 4
+    assert bus.leases.reclaim(SID, "w1", 5.0, "w1", 0, 0, 2) == (AcquireResult.TAKEN, 3)  # the log has more than ours
+    assert bus.leases.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9) == (AcquireResult.TAKEN, 3)  # not w2's stream
+    assert bus.leases.reclaim(SID, "w1", 5.0, "w1", 0, 0, 9) == (AcquireResult.RUNNING, 3)  # ours: re-send from 4
     assert bus.publish(SID, "w1", _tok(4)) is PublishResult.PUBLISHED
-    assert bus.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9)[0] is AcquireResult.TAKEN  # w1 holds it again
+    assert bus.leases.reclaim(SID, "w2", 5.0, "w2", 0, 0, 9)[0] is AcquireResult.TAKEN  # w1 holds it again
 
 
 def test_a_stream_handed_over_a_moment_ago_is_not_ended_by_a_second_reaper(bus: SyncBus) -> None:
@@ -259,7 +259,8 @@ def test_a_stream_handed_over_a_moment_ago_is_not_ended_by_a_second_reaper(bus: 
     assert reap_one(bus, settings, "reaper-a", SID) is True
     assert stream_status(bus.redis, SID) is StreamStatus.QUEUED  # handed over, its deadline ahead
     assert reap_one(bus, settings, "reaper-b", SID) is False
-    assert bus.acquire(SID, "reaper-b", 5.0, seen=seen)[0] is AcquireResult.TAKEN  # it changed since
+    covered = bus.leases.cover(SID, 5.0, int(time.time() * 1000))
+    assert bus.leases.take_over(covered, "reaper-b", 5.0, seen=seen)[0] is AcquireResult.TAKEN  # it changed since
     assert stream_status(bus.redis, SID) is StreamStatus.QUEUED and bus.last_seq(SID) == 0
 
 

@@ -37,8 +37,9 @@ import pytest
 import redis
 
 from tests.integration.test_redis_auth_tls import _certs
-from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, sse_events, token_text, wait_for
-from tokenfan.ops.embedded import find_redis_server, free_port, stop_process
+from tests.ports import free_port
+from tests.procs import LOG_DIR, SSE, Cluster, create_stream, expected_text, log_name, sse_events, token_text, wait_for
+from tokenfan.ops.embedded import find_redis_server, stop_process
 from tokenfan.shared import keys
 from tokenfan.shared.errors import ConfigError
 from tokenfan.shared.redisconn import SENTINEL_PORT, require_url, sentinel_target, sync_client
@@ -344,7 +345,7 @@ def _start_tokenfan(cluster: Cluster, s: SentinelSet) -> list[str]:
 
 @pytest.fixture
 def tf(sentinel_set: SentinelSet, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(sentinel_set.url, test_name=request.node.name.replace("[", ".").replace("]", ""))
+    c = Cluster(sentinel_set.url, test_name=log_name(request))
     yield c
     c.stop_all()
 
@@ -399,7 +400,7 @@ def _sigkill_with_a_gap(s: SentinelSet, sids: list[str]) -> dict[str, int]:
     return {sid: at_kill[sid] - int(kept[sid]) for sid in sids}
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("how", ["sentinel_failover", "sigkill_primary"])
 def test_failover_mid_stream(tf: Cluster, sentinel_set: SentinelSet, how: str) -> None:
     s = sentinel_set

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from tests.integration.test_ops_cli import Output, _as_in_a_terminal, clean_env, tokenfan
+from tests.ports import free_port
 from tests.procs import Cluster, assert_whole, create_stream, expected_text, read_stream, token_text, wait_for
 from tokenfan.ops import up as up_module
-from tokenfan.ops.embedded import free_port
 
 
 class Up:

@@ -5,7 +5,8 @@ import orjson
 from tests.procs import SSE, parse_sse
 from tokenfan.api.completions import text_completion
 from tokenfan.api.formats import NativeWriter, OpenAIWriter, completion
-from tokenfan.api.responses import Record, View, response_object
+from tokenfan.api.responses.record import Record, View
+from tokenfan.api.responses.render import response_object
 from tokenfan.shared.events import Disclosure, Done, Error, Event, FinishReason, Meta, Token, Usage
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}

@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from tokenfan.api.app import _field_path, create_app
+from tokenfan.api.app import create_app
+from tokenfan.api.errors import _field_path
 from tokenfan.shared.errors import MethodNotAllowed, NotFound, TokenfanError
 from tokenfan.shared.schema import ChatRequest
 from tokenfan.shared.settings import ApiSettings

@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 
 from tests.procs import parse_sse
-from tokenfan.api.app import relay
-from tokenfan.api.formats import NativeWriter, OpenAIWriter
+from tokenfan.api.formats import OpenAIWriter
 from tokenfan.api.metrics import ApiMetrics
+from tokenfan.api.relay import ChunkSurface, NativeSurface, relay
 from tokenfan.shared import events
 from tokenfan.shared.events import Event, Token
 from tokenfan.shared.state import StreamStatus
@@ -51,8 +51,8 @@ def _tokens(first: int, n: int) -> list[Event]:
 async def _run(native: bool) -> tuple[bytes, _Follower]:
     edge = SimpleNamespace(metrics=ApiMetrics(), draining=False, closing=asyncio.Event())
     follower = _Follower(edge, [_tokens(1, 2), _tokens(3, 3), _tokens(6, 2)], drain_before=1)
-    writer = NativeWriter() if native else OpenAIWriter("sid", "m", 1, include_usage=False)
-    out = b"".join([chunk async for chunk in relay(edge, follower, writer, t0=0.0, native=native)])  # type: ignore[arg-type]
+    surface = NativeSurface() if native else ChunkSurface(OpenAIWriter("sid", "m", 1, include_usage=False))
+    out = b"".join([chunk async for chunk in relay(edge, follower, surface, t0=0.0)])  # type: ignore[arg-type]
     return out, follower
 
 

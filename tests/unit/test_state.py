@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from tokenfan.shared import bus, errors
+from tokenfan.shared import bus, errors, leases
 from tokenfan.shared.state import AcquireResult, Field, JobOutcome, PublishResult, StreamState, StreamStatus
 
 
@@ -41,11 +41,11 @@ def test_acquire_results_say_whether_the_lease_was_claimed() -> None:
 
 
 def test_the_scripts_are_formatted_from_the_state_names() -> None:
-    for script in (bus.PUBLISH_LUA, bus.ACQUIRE_LUA, bus.HANDBACK_LUA):
+    for script in (bus.PUBLISH.lua, leases.ACQUIRE.lua, leases.RECLAIM.lua, leases.HANDBACK.lua):
         assert "$" not in script
-    assert f"'{Field.STATUS}', '{StreamStatus.FINISHED}'" in bus.PUBLISH_LUA
-    assert f"return {int(PublishResult.FENCED)} end" in bus.PUBLISH_LUA
-    assert f"'{Field.STATUS}', '{StreamStatus.QUEUED}', '{Field.WORKER}', '', '{Field.ATTEMPT}'" in bus.HANDBACK_LUA
+    assert f"'{Field.STATUS}', '{StreamStatus.FINISHED}'" in bus.PUBLISH.lua
+    assert f"return {int(PublishResult.FENCED)} end" in bus.PUBLISH.lua
+    assert f"'{Field.STATUS}', '{StreamStatus.QUEUED}', '{Field.WORKER}', '', '{Field.ATTEMPT}'" in leases.HANDBACK.lua
 
 
 @pytest.mark.parametrize(("code", "cls", "status"), [
