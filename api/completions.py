@@ -132,7 +132,8 @@ class CompletionWriter(ChunkWriter):
 
 
 def text_completion(echo: str, logprobs: bool) -> Any:
-    """How the collected events of a `stream: false` completion become its answer (app._collect)."""
+    """How the collected events of a `stream: false` completion become its answer (`_collect` in
+    api/routers/openai.py)."""
     def build(stream_id: str, model: str, created: int, texts: dict[int, str], done: Done,
               lps: dict[int, list[Any]], calls: dict[int, Calls]) -> dict[str, Any]:
         return {

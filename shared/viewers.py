@@ -9,7 +9,7 @@ Two members are not viewers:
 
 - `PLACEHOLDER`, written with the stream, covers the wait for a first
   viewer; the first viewer to leave takes it away with its own entry;
-- `BACKGROUND`, a background response's (api/responses.py): nobody watches
+- `BACKGROUND`, a background response's (api/responses/): nobody watches
   it, and it must run on, so it holds an entry as long as the log lives.
 
 The publish script (shared/bus.py) expires the set with the log at the
