@@ -8,8 +8,10 @@
   imported (Debian 12 with Python for tokenfan, Redis and Prometheus; Debian unstable for nginx, whose
   `server ... resolve` needs nginx 1.27.3 or newer). Python packages come from a wheelhouse made on
   this machine by a Python of the image's own version (environment markers such as
-  `python_full_version < "3.11.3"` must read the same), pinned to the versions installed here, with
-  llama-cpp-python as its sdist: the worker image compiles llama.cpp itself. Builds run with
+  `python_full_version < "3.11.3"` must read the same), pinned to the versions installed here. For
+  llama-cpp-python the worker image takes the wheel pip built for the suite's own environment
+  (`PIP_NO_BINARY=:none:`), so llama.cpp is compiled once per machine; where pip kept no such wheel
+  the wheelhouse holds its sdist and the image compiles it, as a user's build does. Builds run with
   `--network host` (apt inside a build reaches the mirror; pip is never asked to).
 - Everything lasting sits under the cache folder ($XDG_CACHE_HOME or ~/.cache, then tokenfan-test):
   the base image tarballs, the wheelhouse, the daemon's data root, the build context, and
@@ -314,6 +316,17 @@ def wheelhouse(docker: Docker, base: str) -> Path:
     return house
 
 
+def llama_wheel() -> Path | None:
+    """The llama-cpp-python wheel pip built for this suite's environment (pip's own cache), of the
+    version installed here: the worker image takes it instead of compiling llama.cpp a second time.
+    None where pip kept none (a cache turned off, or a wheel that came from an index)."""
+    version = importlib.metadata.version("llama-cpp-python")
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format=abspath"],
+                         capture_output=True, text=True, timeout=60)
+    found = [Path(line) for line in out.stdout.split() if Path(line).name.startswith(f"llama_cpp_python-{version}-")]
+    return max(found, key=lambda p: p.stat().st_mtime) if out.returncode == 0 and found else None
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -335,12 +348,20 @@ def build_context(house: Path) -> Path:
     for src in ROOT.joinpath("ops/docker").iterdir():
         if src.is_file():
             shutil.copy2(src, ctx / "ops/docker" / src.name)
-    wheels = ctx / "ops/docker/wheels"
+    _wheels_into(ctx / "ops/docker/wheels", house)
+    return ctx
+
+
+def _wheels_into(wheels: Path, house: Path) -> None:
     wheels.mkdir()
+    built = llama_wheel()
     for whl in house.iterdir():
+        if built is not None and whl.name.startswith("llama_cpp_python-"):
+            continue  # the sdist: the wheel below stands in for it
         if not whl.name.startswith("."):
             os.link(whl, wheels / whl.name)
-    return ctx
+    if built is not None:
+        shutil.copy2(built, wheels / built.name)
 
 
 def image_id(docker: Docker, image: str) -> str:
@@ -405,9 +426,12 @@ def prepare(docker: Docker) -> dict[str, str]:
     house = wheelhouse(docker, bases["python"])
     ctx = build_context(house)
     pip = {"PYTHON_IMAGE": bases["python"], "PIP_NO_INDEX": "1"}
+    # The worker takes the wheel of llama-cpp-python that pip built for this suite's environment where
+    # there is one (build_context): llama.cpp is compiled once per machine, not again in the image.
+    worker = {**pip, "PIP_NO_BINARY": ":none:"} if any(ctx.glob("ops/docker/wheels/llama_cpp_python-*.whl")) else pip
     # Side by side: the worker's compile of llama.cpp takes minutes on its own, while the other builds
     # mostly wait on apt and the disk.
-    jobs = [(IMAGES["worker"], ctx, ctx / "ops/docker/Dockerfile.worker", pip),
+    jobs = [(IMAGES["worker"], ctx, ctx / "ops/docker/Dockerfile.worker", worker),
             (IMAGES["api"], ctx, ctx / "ops/docker/Dockerfile.api", pip)]
     variables = {"TOKENFAN_TAG": TAG}
     for var, image, dockerfile, base in STANDIN_IMAGES:

@@ -451,6 +451,15 @@ def test_dockerfile_installs_and_runs_tokenfan(name: str) -> None:
     assert users and users[-1] not in ("root", "0"), f"{name}: runs as root"
 
 
+def test_the_cpu_worker_image_compiles_llama_cpp_unless_told_otherwise() -> None:
+    # A user's build compiles llama.cpp for any AVX2 host; only a build argument lets a wheel stand in
+    # (the test suite's images take the one pip built here: tests/docker.py).
+    df = Dockerfile.read(DOCKERFILES["worker"])
+    assert "PIP_NO_BINARY=llama-cpp-python" in df.all("ARG")
+    assert any("-DGGML_NATIVE=OFF" in arg for arg in df.all("ARG"))
+    assert not any("--no-binary" in run or "PIP_NO_BINARY" in run for run in df.all("RUN"))
+
+
 def test_api_image_listens_on_all_interfaces() -> None:
     env = " ".join(Dockerfile.read(DOCKERFILES["api"]).all("ENV"))
     assert "TOKENFAN_HOST=0.0.0.0" in env

@@ -14,6 +14,7 @@ compose file's own check skips with one line naming why.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import secrets
 import shutil
@@ -219,11 +220,15 @@ def test_images_build_offline_and_hold_only_their_tier(docker: dk.Docker, images
         assert out[1] == f"{has_llama} []", f"{image}: llama_cpp, compilers: {out[1]}"
         if has_llama:
             assert int(out[2]) > 50_000_000, "the bundled model"
-    # llama.cpp was compiled in the worker's build: the wheelhouse holds its sdist and no wheel of it.
-    houses = sorted((dk.CACHE / "wheels").glob("*/.complete"), key=lambda p: p.stat().st_mtime)
-    names = [p.name for p in houses[-1].parent.iterdir()]
-    assert any(n.startswith("llama_cpp_python-") and n.endswith(".tar.gz") for n in names)
-    assert not any(n.startswith("llama_cpp_python-") and n.endswith(".whl") for n in names)
+    # The worker's llama-cpp-python is the one this suite runs: the wheel pip built for this environment
+    # where pip kept it (tests/docker.py), else compiled in the image from the one sdist in its context.
+    version = importlib.metadata.version("llama-cpp-python")
+    got = docker.run("run", "--rm", "--network", "none", "--entrypoint", "python", worker, "-c",
+                     "import importlib.metadata as m; print(m.version('llama-cpp-python'))").stdout.strip()
+    assert got == version
+    shipped = [p.name for p in (dk.CACHE / "context/ops/docker/wheels").glob("llama_cpp_python-*")]
+    wheel = dk.llama_wheel()
+    assert shipped == ([wheel.name] if wheel else [f"llama_cpp_python-{version}.tar.gz"]), shipped
 
 
 # --------------------------------------------------------------------------- the stack

@@ -19,7 +19,7 @@ from rq.job import Job
 from tests.faults import PersistentRedis, follow
 from tests.procs import SSE, Cluster, assert_whole, create_stream, expected_text, stream_status, token_text, wait_for
 from tokenfan.shared import defaults as d
-from tokenfan.shared import events, keys
+from tokenfan.shared import events, keys, viewers
 from tokenfan.shared.bus import BusConfig, SyncBus
 from tokenfan.shared.reaper import reap_one, sweep
 from tokenfan.shared.schema import JobMessage, JobPayload
@@ -65,6 +65,11 @@ class Clients:
             t.join(150)
         assert not self.errors, self.errors
         return self.got
+
+
+def _followed(r: redis.Redis, sid: str) -> bool:
+    """A client's viewer entry is in (not only the placeholder the stream was made with)."""
+    return any(m.decode() != viewers.PLACEHOLDER for m in r.zrange(keys.viewers(sid), 0, -1))
 
 
 def _start(cluster: Cluster, server: PersistentRedis, **worker_env: str) -> list[str]:
@@ -137,7 +142,10 @@ def test_redis_back_empty_every_stream_ends_with_one_retryable_error(cluster: Cl
         sids = _streams(apis[0], 3, 200, "empty")
         clients = Clients(apis, list(sids))
         r = redis.Redis.from_url(server.url)
-        wait_for(lambda: all(_logged(r, s) >= 5 for s in sids), timeout=30, what="every stream generating")
+        # Every client following before Redis loses everything (the API's viewer entry says so): one that
+        # came after the wipe would find no stream at all, which is another test's case.
+        wait_for(lambda: all(_logged(r, s) >= 5 and _followed(r, s) for s in sids), timeout=30,
+                 what="every stream generating and followed")
         r.close()
         server.kill()
         server.wipe()
