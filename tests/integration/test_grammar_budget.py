@@ -81,6 +81,8 @@ def test_a_costly_grammar_ends_its_own_stream_and_the_batch_goes_on(engine: Llam
                 if out.error is not None:
                     assert isinstance(out.error, GrammarTooSlow), out
                     costly_error = out.error
+                elif out.finish == "length":  # served in budget, cut by max_tokens: a string still open
+                    assert re.fullmatch('"' + re.sub(r"\{\d+,\}$", "*", same), costly), costly
                 elif out.finish is not None:
                     assert out.finish == "stop" and re.fullmatch(same, json.loads(costly)), costly
             else:
