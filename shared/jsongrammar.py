@@ -23,6 +23,9 @@ Changed from the original, and nothing else:
 - a stray `]` or `}` in a pattern is refused: the original's loop never
   moved past it (a request that spun the API for ever);
 - `json_schema_to_gbnf` says it returns a str; `pattern_to_gbnf` (at the end) is ours.
+
+Past 400 lines as upstream's converter is: the copy stays whole so it can be
+compared with the installed llama-cpp-python's.
 """
 
 

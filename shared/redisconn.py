@@ -33,6 +33,10 @@ switch takes a Sentinel's answer only if it names the primary announced, else
 asks them all and believes the highest config epoch (the newest failover),
 so a Sentinel that has not heard of the switch yet cannot send it back to the
 old primary. What is still lost and when is in docs/faults.md.
+
+One module past 400 lines on purpose: every client the processes make and the
+Sentinel handling they share, including the redis-py internals it overrides (this
+module is redis-py's adapter; tests/unit/test_library_internals.py checks them).
 """
 
 from __future__ import annotations

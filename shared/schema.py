@@ -8,6 +8,9 @@ Booleans, integers and numbers are strict, as OpenAI's are: pydantic's lax
 mode would take `"max_tokens": true` as 1 and `"stream": "yes"` as true. A
 number field still takes an integer (`"temperature": 1`): JSON has one
 number type.
+
+One module past 400 lines on purpose: the request models and the job payload are
+validated by the same rules at the edge and again in the worker, so they live together.
 """
 
 from __future__ import annotations

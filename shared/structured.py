@@ -46,6 +46,9 @@ refuses: refused here first.
 
 What no check here can bound exactly, the worker bounds while sampling: a
 per-token time budget for the grammar (worker/batch.py).
+
+One module past 400 lines on purpose: every bound on what a schema may cost is
+checked in one walk over the schema; split, its rules would sit in files that must agree.
 """
 
 from __future__ import annotations

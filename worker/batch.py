@@ -54,6 +54,10 @@ All calls come from one thread (the worker's main loop): llama.cpp contexts
 are not thread-safe, and nothing here locks. The one exception is a grammar's
 own calls, on the grammar thread while the main loop waits for them: they
 touch the grammar, its candidates and the vocabulary, never the context.
+
+One module past 400 lines on purpose: the slots, the step, the samplers and the
+grammar thread share one llama.cpp context and batch, which only this module
+touches through the low-level bindings.
 """
 
 from __future__ import annotations
