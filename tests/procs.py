@@ -29,7 +29,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from tests.ports import free_port
 from tokenfan.ops.embedded import find_redis_server, stop_process
-from tokenfan.shared import keys
+from tokenfan.shared import keys, viewers
 from tokenfan.shared.jobs import queue
 from tokenfan.shared.redisconn import sync_client
 from tokenfan.shared.state import StreamState, StreamStatus
@@ -42,6 +42,11 @@ def log_name(request: pytest.FixtureRequest) -> str:
     """A test's name for its log files, unique across modules (parallel workers write side by side)."""
     module = Path(str(request.node.path)).stem
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{module}.{request.node.name}")
+
+
+def stream_viewers(r: redis.Redis, sid: str) -> set[bytes]:
+    """The viewer entries of a stream's followers: its viewer set but the placeholder it was made with."""
+    return {m for m in r.zrange(keys.viewers(sid), 0, -1) if m != viewers.PLACEHOLDER.encode()}
 
 
 def stream_status(r: redis.Redis, sid: str) -> StreamStatus | None:

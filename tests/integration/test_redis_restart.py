@@ -17,9 +17,19 @@ import redis
 from rq.job import Job
 
 from tests.faults import PersistentRedis, follow
-from tests.procs import SSE, Cluster, assert_whole, create_stream, expected_text, stream_status, token_text, wait_for
+from tests.procs import (
+    SSE,
+    Cluster,
+    assert_whole,
+    create_stream,
+    expected_text,
+    stream_status,
+    stream_viewers,
+    token_text,
+    wait_for,
+)
 from tokenfan.shared import defaults as d
-from tokenfan.shared import events, keys, viewers
+from tokenfan.shared import events, keys
 from tokenfan.shared.bus import BusConfig, SyncBus
 from tokenfan.shared.reaper import reap_one, sweep
 from tokenfan.shared.schema import JobMessage, JobPayload
@@ -67,11 +77,6 @@ class Clients:
         return self.got
 
 
-def _followed(r: redis.Redis, sid: str) -> bool:
-    """A client's viewer entry is in (not only the placeholder the stream was made with)."""
-    return any(m.decode() != viewers.PLACEHOLDER for m in r.zrange(keys.viewers(sid), 0, -1))
-
-
 def _start(cluster: Cluster, server: PersistentRedis, **worker_env: str) -> list[str]:
     cluster.redis_url = server.url
     cluster.env.update(FAST)
@@ -98,7 +103,7 @@ def test_redis_killed_and_restarted_from_its_aof_every_stream_completes_exactly(
     r = redis.Redis.from_url(aof_redis.url)
     # Every client following before Redis goes (its viewer entry says so): one that came during the
     # outage would meet it first and read only an error, which is another test's case.
-    wait_for(lambda: all(_logged(r, s) >= 6 and _followed(r, s) for s in sids), timeout=30,
+    wait_for(lambda: all(_logged(r, s) >= 6 and stream_viewers(r, s) for s in sids), timeout=30,
              what="every stream generating and followed")
     r.close()
     aof_redis.kill()
@@ -147,7 +152,7 @@ def test_redis_back_empty_every_stream_ends_with_one_retryable_error(cluster: Cl
         r = redis.Redis.from_url(server.url)
         # Every client following before Redis loses everything (the API's viewer entry says so): one that
         # came after the wipe would find no stream at all, which is another test's case.
-        wait_for(lambda: all(_logged(r, s) >= 5 and _followed(r, s) for s in sids), timeout=30,
+        wait_for(lambda: all(_logged(r, s) >= 5 and stream_viewers(r, s) for s in sids), timeout=30,
                  what="every stream generating and followed")
         r.close()
         server.kill()

@@ -14,15 +14,9 @@ import httpx
 import orjson
 import redis
 
-from tests.procs import SSE, Cluster, create_stream, expected_text, sse_events, stream_status, wait_for
+from tests.procs import SSE, Cluster, create_stream, expected_text, sse_events, stream_status, stream_viewers, wait_for
 from tokenfan.shared import keys
 from tokenfan.shared.state import StreamStatus
-
-PLACEHOLDER = b"created"  # the entry a new stream holds until its first viewer leaves
-
-
-def _viewers(r: redis.Redis, sid: str) -> set[bytes]:
-    return {m for m in r.zrange(keys.viewers(sid), 0, -1) if m != PLACEHOLDER}
 
 
 class Reader(threading.Thread):
@@ -66,9 +60,9 @@ def test_a_client_that_stops_reading_is_cut_and_frees_its_viewer_while_another_g
     try:
         stuck.sendall(f"GET /v1/streams/{sid} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
         healthy.start()
-        wait_for(lambda: len(_viewers(r, sid)) == 2, what="both viewers attached")
+        wait_for(lambda: len(stream_viewers(r, sid)) == 2, what="both viewers attached")
         wait_for(lambda: "took in nothing" in api.log(), timeout=60, what=f"the send timeout\n{api.log()}")
-        wait_for(lambda: len(_viewers(r, sid)) == 1, what="the stuck viewer's entry removed")
+        wait_for(lambda: len(stream_viewers(r, sid)) == 1, what="the stuck viewer's entry removed")
         assert stream_status(r, sid) is StreamStatus.RUNNING
         seen = healthy.tokens()
         wait_for(lambda: healthy.tokens() > seen + 5, what="the healthy viewer still served")
@@ -90,7 +84,7 @@ def test_a_client_that_leaves_removes_its_viewer_entry(cluster: Cluster, r: redi
         events = sse_events(resp)
         while next(events).event != "token":
             pass
-        (viewer,) = _viewers(r, sid)
+        (viewer,) = stream_viewers(r, sid)
     # Removed by the relay's clean-up: an entry left to expire would still be in the set.
     wait_for(lambda: r.zscore(keys.viewers(sid), viewer) is None, what="the viewer entry removed")
     assert stream_status(r, sid) is StreamStatus.RUNNING
