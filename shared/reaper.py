@@ -3,9 +3,9 @@
 Every worker and every API process runs `reap` about once a second; the
 acquire script makes the claim atomic, so two reapers never both act on a
 stream. A reaped stream is continued by another worker (its payload goes
-back to the front of its model's queue with `attempt + 1`) or, when
-failover is `error` or no live worker serves the model, ended with a
-retryable `error` event. A stream whose worker was lost `max_attempts`
+back to the front of its model's queue with `attempt + 1`, where it waits
+up to `failover_wait_s` for a worker, a restarted one included) or, when
+failover is `error`, ended with a retryable `error` event. A stream whose worker was lost `max_attempts`
 times (each died or let the lease lapse while serving it; a hand-back on
 SIGTERM is not a loss) is a poison job: it would take the next worker down
 the same way, so it ends with a non-retryable `error` `poison_stream`.
@@ -178,13 +178,15 @@ def _recover(bus: SyncBus, settings: CommonSettings, reaper: str, sid: str, seq:
         return
     payload = JobPayload.model_validate(orjson.loads(state.request))
     attempt = max(state.attempt, payload.attempt) + 1
-    others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]
-    can_continue = settings.failover == "continue" and others
     payload.attempt = attempt
-    if can_continue and hand_over(bus, settings, reaper, payload):
-        log.warning("Reaper %s: stream %s lost its worker; continuing it (attempt %d)", reaper, sid, attempt)
+    # Handed over even when no other worker is live now: a supervisor (tokenfan up, Kubernetes, systemd)
+    # restarts a dead worker within seconds, and `failover_wait_s` bounds the wait for one.
+    if settings.failover == "continue" and hand_over(bus, settings, reaper, payload):
+        others = [w for w in registry.live_workers(bus.redis, payload.model) if w != dead]
+        log.warning("Reaper %s: stream %s lost its worker %s; continuing it (attempt %d, %d other live workers)",
+                    reaper, sid, dead, attempt, len(others))
         return
-    why = "no live worker can take it over" if settings.failover == "continue" else "failover is set to error"
+    why = "failover is set to error" if settings.failover == "error" else "it could not be handed over"
     end_with_error(bus, sid, reaper, seq, "worker_lost", f"the worker serving this stream stopped; {why}", True)
     log.warning("Reaper %s: stream %s lost its worker; ended it (%s)", reaper, sid, why)
 

@@ -98,9 +98,9 @@ def test_sigkill_with_several_slots_busy_every_stream_continues_on_another(clust
     first = cluster.worker(TOKENFAN_SLOTS="3", TOKENFAN_FAKE_RATE="20")
     sids = _streams(api.url, 3, 30, "survive")
     wait_for(lambda: all(_tokens_logged(r, s) >= 3 for s in sids), what="three tokens of each stream")
-    # the spare is live before the kill, so no reaper can find the model without a worker
-    second = cluster.worker(TOKENFAN_SLOTS="3", TOKENFAN_FAKE_RATE="50")
     first.signal(signal.SIGKILL)
+    # started after the kill, as a supervisor would: the handed-over streams wait for it
+    second = cluster.worker(TOKENFAN_SLOTS="3", TOKENFAN_FAKE_RATE="50")
     got = _read_all(api.url, sids)
     for sid, content in sids.items():
         evs = got[sid]

@@ -62,8 +62,8 @@ def test_sigkill_worker_stream_continues_on_another(cluster: Cluster) -> None:
     assert evs[-1].json()["usage"]["completion_tokens"] == 30
 
 
-def test_sigkill_only_worker_ends_stream_with_retryable_error(cluster: Cluster) -> None:
-    cluster.env.update(FAST_LEASE)
+def test_sigkill_only_worker_ends_stream_once_no_worker_comes_within_the_failover_wait(cluster: Cluster) -> None:
+    cluster.env.update({**FAST_LEASE, "TOKENFAN_FAILOVER_WAIT_S": "2"})
     api = cluster.api()
     only = cluster.worker(TOKENFAN_FAKE_RATE="20")
     sid = create_stream(api.url, "nobody left", max_tokens=100)
@@ -74,6 +74,25 @@ def test_sigkill_only_worker_ends_stream_with_retryable_error(cluster: Cluster) 
     _one_terminal(evs)
     err = evs[-1].json()
     assert evs[-1].event == "error" and err["code"] == "worker_lost" and err["retryable"] is True
+    assert err["message"] == "no worker took the stream over within 2s", err
+
+
+def test_sigkill_only_worker_stream_goes_on_on_the_worker_started_after(cluster: Cluster) -> None:
+    # what a supervisor does: the only worker dies, a new one starts seconds later and takes the stream
+    cluster.env.update(FAST_LEASE)
+    api = cluster.api()
+    only = cluster.worker(TOKENFAN_FAKE_RATE="20")
+    sid = create_stream(api.url, "a restart", max_tokens=40)
+    _follow_until(api.url, sid, 3)
+    only.signal(signal.SIGKILL)
+    only.popen.wait(10)
+    restarted = cluster.worker(TOKENFAN_FAKE_RATE="50")
+    evs = logged(read_stream(api.url, sid, timeout=30)[1])
+    _one_terminal(evs)
+    assert evs[-1].event == "done", evs[-1].data
+    metas = [e.json() for e in evs if e.event == "meta"]
+    assert len(metas) == 2 and metas[1]["resumed"] is True and metas[1]["worker"] == restarted.name, metas
+    assert token_text(evs) == expected_text("a restart", 40)
 
 
 def test_failover_error_mode_ends_with_error_even_with_a_spare_worker(cluster: Cluster) -> None:
