@@ -18,6 +18,9 @@ Scenarios (docs/benchmarks.md says how each is measured and why):
 9. `repack`   TOKENFAN_CPU_REPACK on against off, each side a process of its own, in alternating pairs:
               weights per buffer type, load time, prefill and decode tokens/s, on the bundled Q4_1 and
               a Q4_0 made from it (the quant llama.cpp repacks). Runs only when named.
+10. `hub`     the API's pub/sub client (`api/hub.py`) against redis-py's own asyncio PubSub, each in a
+              subscriber process of its own at 100 and 1,000 channels, in alternating pairs: events/s flat
+              out, subscriber CPU per 1,000 events, latency p50/p99 at a fixed rate. Runs only when named.
 
 Every scenario starts its own Redis and processes and stops them at its
 end; progress goes to stderr; the figures go to a JSON file, Markdown
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenfan.bench.batch import Plan
 
-SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos", "versus", "repack")
+SCENARIOS = ("relay", "capacity", "ttft", "e2e", "server", "batch", "chaos", "versus", "repack", "hub")
 # What a run with no scenario named runs: the soak takes ten minutes and measures no speed.
 DEFAULT_SCENARIOS = SCENARIOS[:6]
 ALIASES = {str(i): name for i, name in enumerate(SCENARIOS, start=1)}
@@ -152,7 +155,7 @@ def add_parser(sub: Any) -> None:
                        "worker-kill, worker-term, api-kill, api-term, redis-restart)")
     vs = p.add_argument_group("versus")
     vs.add_argument("--against", type=Path, help="versus: a checkout of the commit to compare with (its root)")
-    vs.add_argument("--pairs", type=int, help="versus, repack: alternating pairs of runs (default 3; --quick 1)")
+    vs.add_argument("--pairs", type=int, help="versus, repack, hub: alternating pairs of runs (default 3; --quick 1)")
 
 
 def default_threads() -> int:
@@ -314,9 +317,15 @@ def _repack(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any
     return repack_cost(args.threads, pairs, 8 if args.quick else 64)
 
 
+def _hub(stack: Any, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    from tokenfan.bench.pubsub import hub_versus_redis_py, plan
+
+    return hub_versus_redis_py(stack, plan(args.quick, args.pairs))
+
+
 RUNNERS: dict[str, Callable[[Any, Sizes, argparse.Namespace], dict[str, Any]]] = {
     "relay": _relay, "capacity": _capacity, "ttft": _ttft, "e2e": _e2e, "server": _server, "batch": _batch,
-    "chaos": _chaos, "versus": _versus, "repack": _repack,
+    "chaos": _chaos, "versus": _versus, "repack": _repack, "hub": _hub,
 }
 
 

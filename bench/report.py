@@ -31,6 +31,7 @@ TITLES = {
     "chaos": "7. Chaos soak: workers, API processes and Redis killed under load",
     "versus": "8. This API against another commit's, side by side",
     "repack": "9. CPU weight repacking on and off (TOKENFAN_CPU_REPACK)",
+    "hub": "10. The API's pub/sub client against redis-py's own",
 }
 
 
@@ -293,6 +294,12 @@ def _repack_table(r: dict[str, Any]) -> list[str]:
     return repack_table(r)
 
 
+def _hub_table(r: dict[str, Any]) -> list[str]:
+    from tokenfan.bench.pubsub import hub_table
+
+    return hub_table(r)
+
+
 def _chaos_table(r: dict[str, Any]) -> list[str]:
     from tokenfan.bench.chaos import chaos_table
 
@@ -301,7 +308,7 @@ def _chaos_table(r: dict[str, Any]) -> list[str]:
 
 TABLES = {"relay": _relay_table, "capacity": _capacity_table, "ttft": _ttft_table, "e2e": _e2e_table,
           "server": _server_table, "batch": _batch_table, "chaos": _chaos_table,
-          "versus": _versus_table, "repack": _repack_table}
+          "versus": _versus_table, "repack": _repack_table, "hub": _hub_table}
 
 
 # --- the chart --------------------------------------------------------------

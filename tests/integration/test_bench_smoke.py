@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tokenfan.bench import main as bench
-from tokenfan.bench import versus
+from tokenfan.bench import pubsub, versus
 from tokenfan.bench.procs import BenchError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +109,21 @@ def test_versus_another_checkout_smoke(tmp_path: Path) -> None:
         assert run["relay_p50_ms"] > 0 and run["flat_out_per_s"] > 0 and run["idle_kb_per_stream"] is not None
     assert [f["key"] for f in result["figures"]] == [k for k, *_ in versus.FIGURES]
     assert len(result["targets"]) == len(versus.FIGURES)
+
+
+def test_hub_against_redis_py_smoke(tmp_path: Path) -> None:
+    result = _run(tmp_path, "hub")
+    (level,) = result["levels"]
+    for side in ("hub", "redis-py"):
+        (run,) = level["runs"][side]
+        assert run["lost"] == 0, run
+        assert run["flat_out_per_s"] > 0 and run["flat_out_cpu_ms_per_1000"] > 0 and run["rate_cpu_ms_per_1000"] > 0
+        assert 0 < run["rate_p50_ms"] <= run["rate_p99_ms"]
+        _ordered(run["rate_lag_ms"])
+    assert "Hiredis" in level["runs"]["redis-py"][0]["parser"]  # redis-py parses with hiredis too
+    assert all(level["ratio_redis_py_over_hub"][key] > 0 for key, *_ in pubsub.FIGURES)
+    assert len(result["targets"]) == 2
+    assert "10. The API's pub/sub client against redis-py's own" in (tmp_path / "benchmarks.md").read_text()
 
 
 def test_versus_refuses_a_folder_that_is_no_checkout(tmp_path: Path) -> None:
