@@ -27,6 +27,7 @@ import pytest
 import redis
 from httpx_sse import EventSource, ServerSentEvent
 
+from tests import zygote
 from tests.ports import free_port
 from tokenfan.ops.embedded import find_redis_server, stop_process
 from tokenfan.shared import keys, viewers
@@ -141,18 +142,28 @@ class Cluster:
         return env
 
     def _spawn(self, kind: str, args: list[str], extra: dict[str, str], host: Host = LOCAL) -> Proc:
-        return self.program(kind, [sys.executable, "-m", "tokenfan.ops", kind, *args], self._env(extra), host)
+        env = self._env(extra)
+        if host == LOCAL and env.get("TOKENFAN_ENGINE") == "fake" and zygote.enabled():
+            log_path = self._log_path(kind)
+            return self._keep(Proc(kind, zygote.zygote().spawn([kind, *args], env, log_path), log_path))
+        return self.program(kind, [sys.executable, "-m", "tokenfan.ops", kind, *args], env, host)
 
     def program(self, kind: str, argv: list[str], env: dict[str, str] | None = None, host: Host = LOCAL) -> Proc:
         """Any program on `host`, its output in the test's log, stopped with the rest at the end."""
+        log_path = self._log_path(kind)
+        with log_path.open("ab") as fh:
+            popen = subprocess.Popen(host.argv(argv), env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self._keep(Proc(kind, popen, log_path, host=host))
+
+    def _log_path(self, kind: str) -> Path:
+        """The next process's log, made empty."""
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        n = len(self.procs)
-        log_path = LOG_DIR / f"{self.test_name}.{kind}{n}.log"
-        fh = log_path.open("wb")
-        popen = subprocess.Popen(host.argv(argv), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        fh.close()
-        proc = Proc(kind, popen, log_path, host=host)
+        log_path = LOG_DIR / f"{self.test_name}.{kind}{len(self.procs)}.log"
+        log_path.write_bytes(b"")
+        return log_path
+
+    def _keep(self, proc: Proc) -> Proc:
         self.procs.append(proc)
         return proc
 
@@ -204,11 +215,18 @@ class Cluster:
 
     def stop_all(self) -> None:
         """The end of a test: a worker is asked twice (SIGINT and SIGTERM, two signals that cannot merge
-        into one), so it hands back what still runs at once instead of waiting out its grace."""
-        for p in reversed(self.procs):
-            if p.kind == "worker":
-                p.signal(signal.SIGINT)
-            p.stop()
+        into one), so it hands back what still runs at once instead of waiting out its grace. Every
+        tokenfan process is signalled before any is waited for (an idle worker takes up to a second, its
+        queue read), then the rest (Redis, nginx, …) the same way."""
+        tokenfan = [p for p in reversed(self.procs) if p.kind in ("api", "worker")]
+        others = [p for p in reversed(self.procs) if p.kind not in ("api", "worker")]
+        for group in (tokenfan, others):  # tokenfan's first, side by side: then what they talk to
+            for p in group:
+                if p.kind == "worker":
+                    p.signal(signal.SIGINT)
+                p.signal(signal.SIGTERM)
+            for p in group:
+                p.stop()
 
 
 def _healthy(proc: Proc) -> bool:
