@@ -363,7 +363,7 @@ def test_screenshot_of_a_finished_answer(cluster: Cluster, page: Page) -> None:
 @pytest.mark.model
 def test_real_model_answer_matches_its_token_events(cluster: Cluster, page: Page, page_log: PageLog) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1")
     open_chat(page, api)
     send(page, "Say hello in five words.")
     wait_reports(page, timeout_ms=120_000)

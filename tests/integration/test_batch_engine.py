@@ -25,7 +25,7 @@ MAX_STEPS = 2000
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaBatchEngine]:
-    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=N_CTX, slots=SLOTS, threads=2, n_gpu_layers=0)
+    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=N_CTX, slots=SLOTS, threads=1, n_gpu_layers=0)
     yield eng
     eng.close()
 

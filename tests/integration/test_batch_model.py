@@ -12,7 +12,7 @@ pytestmark = pytest.mark.model
 
 def test_real_model_worker_serves_several_streams_and_a_too_long_prompt_fails_alone(cluster: Cluster) -> None:
     api = cluster.api()
-    w = cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="256", TOKENFAN_SLOTS="3")
+    w = cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="256", TOKENFAN_SLOTS="3")
     good = [create_stream(api.url, q, max_tokens=16, temperature=0)
             for q in ("Write one sentence about the sea.", "Name three colours.")]
     huge = create_stream(api.url, "sea " * 400, max_tokens=8)

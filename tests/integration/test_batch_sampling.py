@@ -28,7 +28,7 @@ POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaBatchEngine]:
-    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=N_CTX, slots=3, threads=2, n_gpu_layers=0)
+    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=N_CTX, slots=3, threads=1, n_gpu_layers=0)
     yield eng
     eng.close()
 

@@ -42,7 +42,7 @@ def _fmt(schema: dict[str, Any]) -> dict[str, Any]:
 
 def test_costly_patterns_are_refused_beside_a_running_stream_and_a_tree_is_served(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     plain: dict[str, Any] = {}
     runner = threading.Thread(target=_plain, args=(client, plain))

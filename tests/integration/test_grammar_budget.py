@@ -36,7 +36,7 @@ COSTLY = [("^((((a{0,256}){0,256}){0,256}){0,256})$", "a*"), ("^((a{0,256}){0,25
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaBatchEngine]:
-    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=512, slots=2, threads=2, n_gpu_layers=0,
+    eng = LlamaBatchEngine(bundled_model_path(), n_ctx=512, slots=2, threads=1, n_gpu_layers=0,
                            grammar_budget_s=BUDGET_S)
     yield eng
     eng.close()

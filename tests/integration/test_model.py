@@ -19,7 +19,7 @@ def test_bundled_model_is_found_without_importing_its_package() -> None:
 
 def test_real_model_streams_text_as_several_token_events(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1")
     sid = create_stream(api.url, "Write one sentence about the sea.", max_tokens=24, temperature=0)
     status, got = read_stream(api.url, sid, timeout=120)
     assert status == 200
@@ -37,7 +37,7 @@ def test_real_model_streams_text_as_several_token_events(cluster: Cluster) -> No
 
 def test_real_model_prompt_over_context_is_an_error_event(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="128")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="128")
     sid = create_stream(api.url, "sea " * 400, max_tokens=8)
     evs = logged(read_stream(api.url, sid, timeout=120)[1])
     assert evs[-1].event == "error" and evs[-1].json()["code"] == "context_length_exceeded"
@@ -45,7 +45,7 @@ def test_real_model_prompt_over_context_is_an_error_event(cluster: Cluster) -> N
 
 def test_the_next_turn_reports_the_prompt_tokens_its_slot_had_cached(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     turn: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about lighthouses. " * 8}]
     first = client.chat.completions.create(model="smollm2", messages=turn, max_tokens=16, temperature=0)

@@ -20,7 +20,7 @@ ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength":
 
 def test_real_model_json_schema_and_logprobs_through_the_openai_sdk(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM}}
     chunks = list(client.chat.completions.create(
@@ -73,7 +73,7 @@ def test_real_model_tool_calls_streamed_valid_then_auto_and_the_tool_result(clus
     left to it, calls the same tool again and again); with "auto" the answer is either a whole call or
     text; the conversation goes on with the tool's result."""
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="1024", TOKENFAN_SLOTS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="1024", TOKENFAN_SLOTS="2")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     chunks = list(client.chat.completions.create(
@@ -119,7 +119,7 @@ def test_real_model_text_completion_goes_on_from_the_raw_prompt(cluster: Cluster
     """/v1/completions feeds the prompt as it is (no chat template): greedy text is the same streamed and
     not, and never holds the template's markers."""
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1", TOKENFAN_N_CTX="512", TOKENFAN_SLOTS="2")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     prompt = "The three primary colors are red,"
     full = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.model
 
 def test_real_model_answers_a_plain_response_with_text(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     resp = client.responses.create(input="Write one sentence about the sea.", instructions="Answer in English.",
                                    max_output_tokens=24, temperature=0)
@@ -28,7 +28,7 @@ def test_real_model_answers_a_plain_response_with_text(cluster: Cluster) -> None
 
 def test_real_model_calls_a_required_tool_with_arguments_that_match_its_schema(cluster: Cluster) -> None:
     api = cluster.api()
-    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="2")
+    cluster.worker(TOKENFAN_ENGINE="llama", TOKENFAN_THREADS="1")
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=120)
     weather = {"type": "object", "properties": {"city": {"type": "string", "minLength": 2, "maxLength": 20},
                                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}},
