@@ -4,7 +4,8 @@
 and the build has AMX kernels (worker/cpu.py); everywhere else it is `on`. This measures what `off` would
 cost a CPU without AMX, and shows what `on` does to one with it (a side that crashes is reported as such).
 
-Each side is a process of its own (`python -m tokenfan.bench.repack MODEL on|off THREADS`), so a crash
+Each side is a process of its own (`python -m tokenfan.bench.repack MODEL on|off THREADS`), as is the
+quantizer (`... quantize SOURCE OUT`), so a crash
 ends that side, not the run, and neither side inherits the other's page cache warmth more than the file's.
 A side loads the model into the worker's own batch engine, then measures prefill (one long prompt) and
 decode (four streams at once, end-of-text biased away so every stream decodes its full length).
@@ -43,22 +44,31 @@ def cache_dir() -> Path:
 
 
 def q4_0_model(source: Path) -> Path:
-    """The bundled model requantized to Q4_0 (once; kept in the cache)."""
+    """The bundled model requantized to Q4_0 (once; kept in the cache), in a process of its own: the
+    quantizer shares llama.cpp's process-wide state with whatever else the caller runs on llama.cpp
+    (a test process's engines, their threads), and a crash there must end this step, not the caller."""
     out = cache_dir() / f"{source.stem}.requant-Q4_0.gguf"
     if out.is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    argv = [sys.executable, "-m", "tokenfan.bench.repack", "quantize", str(source), str(tmp)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise BenchError(f"llama_model_quantize could not make a Q4_0 of {source} (exit {done.returncode}): "
+                         f"{done.stderr[-400:]}")
+    tmp.rename(out)
+    return out
+
+
+def _quantize(source: Path, out: Path) -> int:
     import llama_cpp
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPE_Q4_0
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
-    tmp = out.with_suffix(".tmp")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
-        raise BenchError(f"llama_model_quantize could not make a Q4_0 of {source}")
-    tmp.rename(out)
-    return out
+    return int(llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params))
 
 
 def _side(model: Path, setting: str, threads: int, tokens: int) -> dict[str, Any]:
@@ -165,5 +175,7 @@ def _measure(model: Path, setting: str, threads: int, tokens: int) -> dict[str, 
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "quantize":
+        sys.exit(_quantize(Path(sys.argv[2]), Path(sys.argv[3])))
     model_arg, setting_arg, threads_arg, tokens_arg = sys.argv[1:5]
     print(json.dumps(_measure(Path(model_arg), setting_arg, int(threads_arg), int(tokens_arg))))
