@@ -244,3 +244,6 @@ GRAMMAR_RULES = 4096
 # the bounds above let through takes well under 0.05 s a token on 256 candidates, 0.4 s at worst on a
 # whole 49k vocabulary.
 GRAMMAR_TOKEN_BUDGET_S = 1.0
+# The nice value of a thread left running a grammar call past its budget (the lowest priority there is):
+# it may run for minutes, and must not take CPU from the threads that decode every other stream.
+LEFTOVER_NICE = 19

@@ -68,6 +68,7 @@ import functools
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -77,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenfan.shared import structured, tools
-from tokenfan.shared.defaults import GRAMMAR_TOKEN_BUDGET_S
+from tokenfan.shared.defaults import GRAMMAR_TOKEN_BUDGET_S, LEFTOVER_NICE
 from tokenfan.shared.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest
 from tokenfan.shared.events import FinishReason
 from tokenfan.worker import cpu
@@ -222,10 +223,13 @@ class GrammarThread:
     call uses (the stream's grammar) is freed by that thread when the call returns (`cleanup`), never
     while it runs. A grammar call reads only its grammar, its candidates and the model's vocabulary
     (which stays loaded while any call runs), never the context the main thread decodes with. The
-    price of a call left running is a CPU core until it ends; `running` counts them."""
+    price of a call left running is a CPU core until it ends, which may be minutes: its thread drops
+    to the lowest CPU priority (`LEFTOVER_NICE`), so it gets only what the decoding threads leave
+    idle; `running` counts them."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Call | None] | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.running = 0  # calls left running past their budget
 
@@ -235,7 +239,9 @@ class GrammarThread:
         `cleanup(result)` runs on the thread when it does return."""
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._serve, args=(self._jobs,), name="tokenfan-grammar", daemon=True).start()
+            self._thread = threading.Thread(target=self._serve, args=(self._jobs,), name="tokenfan-grammar",
+                                            daemon=True)
+            self._thread.start()
         job = _Call(fn)
         self._jobs.put(job)
         job.done.wait(max(0.0, timeout))
@@ -246,6 +252,7 @@ class GrammarThread:
                     self.running += 1
                 self._jobs.put(None)  # that thread ends after this call; the next call gets a new one
                 self._jobs = None
+                _demote(self._thread)
                 return False, None
         if job.error is not None:
             raise job.error
@@ -265,6 +272,17 @@ class GrammarThread:
                 late(job.result)
                 with self._lock:
                     self.running -= 1
+
+
+def _demote(thread: threading.Thread | None) -> None:
+    """The lowest CPU priority for a thread left running a grammar call (Linux keeps a nice value per
+    thread; raising it needs no privilege). Where that fails, the call still ends on its own."""
+    if thread is None or thread.native_id is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread.native_id, LEFTOVER_NICE)
+    except OSError as exc:
+        log.debug("Batch engine: could not lower the priority of a grammar call left running: %s", exc)
 
 
 class LlamaBatchEngine:
