@@ -32,7 +32,7 @@ from typing import Any
 
 from tokenfan.bench.listener import SIDES
 from tokenfan.bench.procs import START_TIMEOUT_S, BenchError, LineChild, Stack, pin, progress
-from tokenfan.bench.stats import median
+from tokenfan.bench.stats import alternating_pairs, median, pair_cells, side_medians
 from tokenfan.shared import keys
 
 # redis-py's reader on its side: `listen()`, which measured faster than a `get_message(timeout=1.0)`
@@ -84,12 +84,12 @@ def hub_versus_redis_py(stack: Stack, p: HubPlan) -> dict[str, Any]:
     levels = []
     for n in p.channels:
         channels = channel_names(n)
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
-        for i in range(p.pairs):
-            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-                progress(f"hub: {n:,} channels, pair {i + 1}/{p.pairs}, {side}")
-                runs[side].append(_one(stack, hose, side, channels, p))
-        levels.append(_level(n, runs))
+
+        def one(side: str, i: int, n: int = n, channels: list[str] = channels) -> dict[str, Any]:
+            progress(f"hub: {n:,} channels, pair {i + 1}/{p.pairs}, {side}")
+            return _one(stack, hose, side, channels, p)
+
+        levels.append(_level(n, alternating_pairs(SIDES, p.pairs, one)))
     hose.send("quit")
     return {"pairs": p.pairs, "rate_per_s": p.rate_per_s, "rate_seconds": p.rate_seconds,
             "flat_events": p.flat_events, "redis_py_read": REDIS_PY_READ, "levels": levels,
@@ -144,7 +144,7 @@ def _phase(sub: LineChild, hose: LineChild, channels: list[str], rate: float, co
 
 
 def _level(n: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    medians = {side: {key: median([r[key] for r in runs[side]]) for key, *_ in FIGURES} for side in SIDES}
+    medians = side_medians(runs, (key for key, *_ in FIGURES))
     ratios = {}
     for key, *_ in FIGURES:
         pair = [b[key] / a[key] for a, b in zip(runs["hub"], runs["redis-py"], strict=True) if a[key]]
@@ -190,6 +190,6 @@ def hub_table(r: dict[str, Any]) -> list[str]:
              "|---:|---:|" + "---:|" * (len(FIGURES) + 1)]
     for lv in r["levels"]:
         for i, (a, b) in enumerate(zip(lv["runs"]["hub"], lv["runs"]["redis-py"], strict=True), start=1):
-            rows.append(f"| {lv['channels']:,} | {i} | " + " | ".join(f"{a[k]:,} / {b[k]:,}" for k, *_ in FIGURES)
-                        + f" | {a['lost']} / {b['lost']} |")
+            rows.append(f"| {lv['channels']:,} | {i} | {pair_cells(a, b, (k for k, *_ in FIGURES))} "
+                        f"| {a['lost']} / {b['lost']} |")
     return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenfan.bench.procs import BenchError, progress
+from tokenfan.bench.stats import alternating_pairs
 
 SLOTS = 4
 N_CTX = 2048
@@ -89,11 +90,12 @@ def repack_cost(threads: int, pairs: int, tokens: int) -> dict[str, Any]:
     models = [bundled, q4_0_model(bundled)]
     rows = []
     for model in models:
-        sides: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-        for i in range(pairs):
-            for setting in (("on", "off") if i % 2 == 0 else ("off", "on")):
-                progress(f"repack: {model.name} {setting} (pair {i + 1} of {pairs})")
-                sides[setting].append(_side(model, setting, threads, tokens))
+
+        def one(setting: str, i: int, model: Path = model) -> dict[str, Any]:
+            progress(f"repack: {model.name} {setting} (pair {i + 1} of {pairs})")
+            return _side(model, setting, threads, tokens)
+
+        sides = alternating_pairs(("on", "off"), pairs, one)
         rows.append({"model": model.name, "on": sides["on"], "off": sides["off"], "ratios": _ratios(sides)})
     return {"threads": threads, "pairs": pairs, "tokens": tokens, "cpu_features": shown(read_cpu_flags()),
             "models": rows}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 # Percentiles every latency summary carries.
@@ -42,3 +42,25 @@ def rate(count: int, seconds: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return percentile(sorted(values), 50)
+
+
+def alternating_pairs(sides: Sequence[str], pairs: int,
+                      run: Callable[[str, int], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`run(side, pair)` for every side, `pairs` times, the order reversed every other pair so that
+    neither side always goes first on a noisy machine; each side's results in order."""
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for i in range(pairs):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            runs[side].append(run(side, i))
+    return runs
+
+
+def side_medians(runs: dict[str, list[dict[str, Any]]], keys: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Each side's median of each figure over its runs."""
+    keys = list(keys)
+    return {side: {key: median([r[key] for r in rows]) for key in keys} for side, rows in runs.items()}
+
+
+def pair_cells(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> str:
+    """One pair's figures as table cells, `a / b`."""
+    return " | ".join(f"{a[k]:,} / {b[k]:,}" for k in keys)

@@ -24,7 +24,7 @@ from typing import Any
 
 from tokenfan.bench.procs import BenchError, Stack, child_env, progress
 from tokenfan.bench.relay import API_ENV, RelayPlan, idle_level, relay_run, warm_up
-from tokenfan.bench.stats import median
+from tokenfan.bench.stats import alternating_pairs, pair_cells, side_medians
 
 SIDES = ("baseline", "this")
 # A checkout's tiers after the layout change (issue 15), installed as tokenfan.<tier>.
@@ -94,13 +94,13 @@ def check_checkout(path: Path, scratch: Path) -> Path:
 def versus(stack: Stack, against: Path, p: VersusPlan) -> dict[str, Any]:
     root = against.expanduser().resolve()
     paths: dict[str, Path | None] = {"baseline": check_checkout(against, stack.logs), "this": None}
-    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
-    for i in range(p.pairs):
-        order = SIDES if i % 2 == 0 else SIDES[::-1]
-        for side in order:
-            progress(f"versus: pair {i + 1}/{p.pairs}, {side} API")
-            runs[side].append(_one(stack, paths[side], p))
-    medians = {side: {key: median([r[key] for r in runs[side]]) for key, *_ in FIGURES} for side in SIDES}
+
+    def one(side: str, i: int) -> dict[str, Any]:
+        progress(f"versus: pair {i + 1}/{p.pairs}, {side} API")
+        return _one(stack, paths[side], p)
+
+    runs = alternating_pairs(SIDES, p.pairs, one)
+    medians = side_medians(runs, (key for key, *_ in FIGURES))
     rows = []
     for key, what, unit, higher_better in FIGURES:
         before, after = medians["baseline"][key], medians["this"][key]
@@ -153,5 +153,5 @@ def versus_table(r: dict[str, Any]) -> list[str]:
              "| pair | " + " | ".join(f"{what}" for _, what, _, _ in FIGURES) + " |",
              "|---:|" + "---:|" * len(FIGURES)]
     for i, (a, b) in enumerate(zip(r["runs"]["baseline"], r["runs"]["this"], strict=True), start=1):
-        rows.append(f"| {i} | " + " | ".join(f"{a[k]:,} / {b[k]:,}" for k, *_ in FIGURES) + " |")
+        rows.append(f"| {i} | {pair_cells(a, b, (k for k, *_ in FIGURES))} |")
     return rows
